@@ -1,0 +1,225 @@
+"""The admin API on the unix socket (CONTRACT §8); the CLI is its thin client."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from webhookd import __version__
+from webhookd.config import redact_url
+from webhookd.listener import error_response
+from webhookd.logs import get_logger
+from webhookd.payloads import rfc3339
+
+if TYPE_CHECKING:
+    from webhookd.daemon import Daemon
+
+log = get_logger("webhookd.admin")
+
+DELIVERY_STATUSES = ("pending", "held", "delivered", "dead")
+_encoder = msgspec.json.Encoder()
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_encoder.encode(body), content_type="application/json")
+
+
+def _time(ts: float | None) -> str | None:
+    return None if ts is None else rfc3339(ts)
+
+
+class AdminAPI:
+    def __init__(self, daemon: Daemon, metrics: Callable[[], Awaitable[bytes]] | None = None) -> None:
+        self.d = daemon
+        self.metrics_text = metrics
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=1024 * 1024)
+        r = app.router
+        r.add_get("/v1/status", self.status)
+        r.add_get("/v1/devices", self.devices)
+        r.add_get("/v1/devices/{id}", self.device)
+        r.add_get("/v1/endpoints", self.endpoints)
+        r.add_post("/v1/endpoints/{name}/enable", self.enable)
+        r.add_post("/v1/endpoints/{name}/disable", self.disable)
+        r.add_post("/v1/endpoints/{name}/test", self.test)
+        r.add_get("/v1/deliveries", self.deliveries)
+        r.add_post("/v1/deliveries/replay", self.replay)
+        r.add_get("/metrics", self.metrics)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            return error_response(e.status, "not found" if e.status == 404 else e.reason)
+        except Exception:
+            log.exception("admin_request_failed", path=request.path)
+            return error_response(500, "internal error")
+
+    async def status(self, request: web.Request) -> web.Response:
+        counts = await self.d.store.delivery_counts()
+        totals = dict.fromkeys(DELIVERY_STATUSES, 0)
+        for per in counts.values():
+            for status, n in per.items():
+                totals[status] = totals.get(status, 0) + n
+        devices = self.d.engine.counts()
+        devices["total"] = sum(devices.values())
+        eps = self.d.dispatcher.endpoints.values()
+        return _json(
+            {
+                "version": __version__,
+                "pid": os.getpid(),
+                "started_at": rfc3339(self.d.started_wall),
+                "uptime_s": round(time.monotonic() - self.d.started_mono, 3),
+                "devices": devices,
+                "endpoints": {
+                    "enabled": sum(1 for rt in eps if not rt.row.disabled),
+                    "disabled": sum(1 for rt in eps if rt.row.disabled),
+                },
+                "deliveries": totals,
+                "store": {"healthy": self.d.store.healthy},
+            }
+        )
+
+    def _device(self, dev_id: str) -> dict[str, Any] | None:
+        dev = self.d.engine.devices.get(dev_id)
+        if dev is None:
+            return None
+        return {
+            "id": dev.id,
+            "name": dev.name,
+            "state": dev.state,
+            "address": dev.address,
+            "owner": dev.owner,
+            "last_seen": _time(dev.last_seen),
+        }
+
+    async def devices(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        ids = sorted(self.d.engine.devices)
+        out = [self._device(i) for i in ids]
+        return _json([d for d in out if d is not None and (state is None or d["state"] == state)])
+
+    async def device(self, request: web.Request) -> web.Response:
+        dev = self._device(request.match_info["id"])
+        if dev is None:
+            return error_response(404, "unknown device")
+        return _json(dev)
+
+    async def _endpoint_list(self) -> list[dict[str, Any]]:
+        counts = await self.d.store.delivery_counts()
+        rows = await self.d.store.load_endpoints()
+        out = []
+        names = list(self.d.dispatcher.endpoints)
+        names += sorted(n for n in set(rows) | set(counts) if n not in self.d.dispatcher.endpoints)
+        for name in names:
+            rt = self.d.dispatcher.endpoints.get(name)
+            row = rt.row if rt is not None else rows.get(name)
+            per = counts.get(name, {})
+            reason = row.disabled_reason if row is not None and row.disabled else None
+            if rt is None:
+                reason = "not in config"
+            out.append(
+                {
+                    "name": name,
+                    "url": redact_url(rt.cfg.url) if rt is not None else "",
+                    "enabled": rt is not None and not rt.row.disabled,
+                    "disabled_reason": reason,
+                    "consecutive_failures": row.consecutive_failures if row is not None else 0,
+                    **{s: per.get(s, 0) for s in DELIVERY_STATUSES},
+                    "last_error": row.last_error if row is not None else None,
+                }
+            )
+        return out
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        return _json(await self._endpoint_list())
+
+    async def _one_endpoint(self, name: str) -> web.Response:
+        for ep in await self._endpoint_list():
+            if ep["name"] == name:
+                return _json(ep)
+        return error_response(404, f"unknown endpoint {name!r}")
+
+    async def enable(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if await self.d.dispatcher.enable(name) is None:
+            return error_response(404, f"unknown endpoint {name!r}")
+        return await self._one_endpoint(name)
+
+    async def disable(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if await self.d.dispatcher.disable(name, "operator") is None:
+            return error_response(404, f"unknown endpoint {name!r}")
+        return await self._one_endpoint(name)
+
+    async def test(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        result = await self.d.dispatcher.test(name)
+        if result is None:
+            return error_response(404, f"unknown endpoint {name!r}")
+        return _json(
+            {
+                "endpoint": name,
+                "ok": result.ok,
+                "status": result.status,
+                "latency_ms": round(result.latency * 1000, 3),
+                "error": result.error,
+            }
+        )
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        status = request.query.get("status") or None
+        if status is not None and status not in DELIVERY_STATUSES:
+            return error_response(400, "status must be one of " + ", ".join(DELIVERY_STATUSES))
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return error_response(400, "limit must be an integer")
+        if not 1 <= limit <= 100_000:
+            return error_response(400, "limit must be between 1 and 100000")
+        rows = await self.d.store.list_deliveries(status, request.query.get("endpoint") or None, limit)
+        for row in rows:
+            row["next_attempt_at"] = _time(row["next_attempt_at"]) if row["status"] == "pending" else None
+            row["created_at"] = _time(row["created_at"])
+        return _json(rows)
+
+    async def replay(self, request: web.Request) -> web.Response:
+        try:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError:
+            return error_response(400, "malformed JSON")
+        if not isinstance(body, dict):
+            return error_response(400, "expected a JSON object")
+        ids = body.get("ids")
+        if ids is not None:
+            if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+                return error_response(400, "ids must be a non-empty list of integers")
+            n = await self.d.dispatcher.replay(ids, None, None)
+        else:
+            endpoint, status = body.get("endpoint"), body.get("status", "dead")
+            if not isinstance(endpoint, str) or not endpoint:
+                return error_response(400, "give ids, or an endpoint (and a status)")
+            if status not in DELIVERY_STATUSES:
+                return error_response(400, "status must be one of " + ", ".join(DELIVERY_STATUSES))
+            n = await self.d.dispatcher.replay(None, endpoint, status)
+        log.info("deliveries_replayed", count=n)
+        return _json({"replayed": n})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            return error_response(404, "metrics are not enabled")
+        return web.Response(
+            body=await self.metrics_text(),
+            content_type="text/plain",
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )

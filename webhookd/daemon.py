@@ -1,0 +1,299 @@
+"""The composition root: wires store, presence, dispatcher and listeners; owns signals and the lifecycle.
+
+startup (store open, state loaded, listeners bound, READY=1) -> main loop (a TaskGroup: any task that crashes
+takes the daemon down with a non-zero exit, and systemd restarts it) -> shutdown (STOPPING=1, listeners
+closed, a timed drain of in-flight deliveries, then cancel; what did not finish stays queued in the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from webhookd import __version__, sdnotify
+from webhookd.admin import AdminAPI
+from webhookd.config import Config, ConfigError, load_config
+from webhookd.dispatch import Dispatcher
+from webhookd.listener import HeartbeatAPI
+from webhookd.logs import configure_logging, get_logger
+from webhookd.presence import DeviceDefaults, PresenceEngine
+from webhookd.store import Store, StoreError
+from webhookd.tracker import Tracker
+
+log = get_logger("webhookd.daemon")
+
+DRAIN_MAX = 10.0  # seconds in-flight deliveries get at shutdown
+FLUSH_INTERVAL = 5.0
+STATUS_INTERVAL = 10.0
+
+
+def defaults_for(cfg: Config) -> Callable[[str], DeviceDefaults]:
+    def lookup(device_id: str) -> DeviceDefaults:
+        rule = cfg.device_rule(device_id)
+        timeout = cfg.silence_timeout_for(device_id)
+        if rule is None:
+            return DeviceDefaults(timeout)
+        return DeviceDefaults(timeout, rule.name, rule.owner)
+
+    return lookup
+
+
+class StartupError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self.store = Store(cfg.state_dir / "webhookd.db")
+        self.engine = PresenceEngine(defaults_for(cfg), cfg.presence.notify_online_after_utilizing)
+        self.dispatcher = Dispatcher(cfg, self.store)
+        self.tracker = Tracker(self.engine, self.store, self.dispatcher)
+        self.api = HeartbeatAPI(
+            self.tracker, cfg.listen.tokens, cfg.listen.max_body, lambda: self.store.healthy
+        )
+        self.admin = AdminAPI(self)
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
+
+    # --- startup -----------------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        try:
+            await self.store.open()
+        except StoreError as e:
+            raise StartupError(str(e)) from e
+        except OSError as e:
+            raise StartupError(f"cannot open the store in {self.cfg.state_dir}: {e.strerror or e}") from e
+        self.engine.load(await self.store.load_devices(), time.monotonic())
+        await self.dispatcher.start()
+        listen = self.cfg.listen
+        if listen.http is not None:
+            await self._serve_tcp(self.api.app(), listen.http.host, listen.http.port, "heartbeat API")
+        await self._serve_admin()
+        log.info(
+            "daemon_started",
+            version=__version__,
+            pid=os.getpid(),
+            devices=len(self.engine.devices),
+            endpoints=len(self.dispatcher.endpoints),
+            pending=self._pending(),
+            http=str(listen.http) if listen.http else None,
+            admin_socket=str(self.cfg.admin.socket),
+        )
+
+    async def _serve_tcp(self, app: web.Application, host: str, port: int, what: str) -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port} for the {what}: {e.strerror or e}") from e
+
+    async def _serve_admin(self) -> None:
+        path = self.cfg.admin.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if _socket_answers(path):
+                raise StartupError(f"another webhookd is running (admin socket {path} answers)")
+            path.unlink()
+        runner = web.AppRunner(self.admin.app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        except OSError as e:
+            raise StartupError(f"cannot create the admin socket {path}: {e.strerror or e}") from e
+        os.chmod(path, 0o660)
+
+    # --- the main loop -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+        except StartupError as e:
+            log.error("startup_failed", error=str(e))
+            await self._close()
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        sdnotify.ready(self._status_line())
+        crashed = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.dispatcher.run(), name="dispatcher"),
+                    tg.create_task(self.tracker.sweep_loop(), name="presence-sweep"),
+                    tg.create_task(self.tracker.flush_loop(FLUSH_INTERVAL), name="liveness-flush"),
+                    tg.create_task(self._status_loop(), name="sd-status"),
+                ]
+                interval = sdnotify.watchdog_interval()
+                if interval is not None:
+                    tasks.append(tg.create_task(self._watchdog_loop(interval), name="sd-watchdog"))
+                await self._stop.wait()
+                await self._shutdown(tasks)
+        except* Exception as eg:
+            for exc in eg.exceptions:
+                log.critical("daemon_crashed", error=repr(exc), exc_info=exc)
+            crashed = True
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        await self._close()
+        if crashed:
+            return 1
+        log.info("daemon_stopped")
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        sdnotify.stopping()
+        log.info("daemon_stopping", inflight=self.dispatcher.inflight)
+        for runner in self._runners:
+            await runner.cleanup()  # no new heartbeats, no admin calls
+        self._runners.clear()
+        for t in tasks:
+            if t.get_name() != "dispatcher":
+                t.cancel()
+        await self.tracker.flush()
+        drain = min(
+            DRAIN_MAX, max((e.timeout for e in self.cfg.endpoints), default=self.cfg.delivery.timeout)
+        )
+        await self.dispatcher.stop(drain)
+        for t in tasks:
+            t.cancel()
+
+    async def _close(self) -> None:
+        for runner in self._runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        with contextlib.suppress(Exception):
+            await self.dispatcher.stop(0)
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        with contextlib.suppress(OSError):
+            if _socket_path_is_ours(self.cfg.admin.socket):
+                self.cfg.admin.socket.unlink()
+
+    def _pending(self) -> int:
+        return sum(len(rt.known) for rt in self.dispatcher.endpoints.values())
+
+    def _status_line(self) -> str:
+        c = self.engine.counts()
+        return (
+            f"{c['online']} online, {c['utilizing']} utilizing, {c['unplugged']} unplugged, "
+            f"{c['offline']} offline; {self._pending()} deliveries pending"
+        )
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            sdnotify.status(self._status_line())
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # Pinged from inside the event loop: a blocked loop stops the pings and systemd notices.
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
+    # --- reload ------------------------------------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("config_reload_skipped", reason="a reload is already running")
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+
+    async def reload(self) -> None:
+        sdnotify.reloading()
+        try:
+            path = self.cfg.path
+            if path is None:
+                raise ConfigError(["config: the daemon was started without a config file"])
+            try:
+                new = await asyncio.to_thread(load_config, path)
+            except ConfigError as e:
+                log.error("config_reload_failed", problems=e.problems)
+                return
+            restart = [
+                key
+                for key, old_v, new_v in (
+                    ("listen.http", self.cfg.listen.http, new.listen.http),
+                    ("listen.udp", self.cfg.listen.udp, new.listen.udp),
+                    ("listen.max_body", self.cfg.listen.max_body, new.listen.max_body),
+                    ("admin.socket", self.cfg.admin.socket, new.admin.socket),
+                    ("state_dir", self.cfg.state_dir, new.state_dir),
+                )
+                if old_v != new_v
+            ]
+            if restart:
+                log.warning(
+                    "config_restart_required",
+                    keys=restart,
+                    detail="these keys take effect at the next restart",
+                )
+            configure_logging(new.logging.format, new.logging.level)
+            self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
+            await self.dispatcher.reconfigure(new)
+            self.api.configure(new.listen.tokens, self.cfg.listen.max_body)
+            self.cfg = new
+            log.info(
+                "config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices)
+            )
+        except Exception as e:
+            log.exception("config_reload_failed", error=str(e))
+        finally:
+            sdnotify.ready(self._status_line())
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def _socket_path_is_ours(path: Path) -> bool:
+    try:
+        return path.is_socket() and not _socket_answers(path)
+    except OSError:
+        return False
+
+
+def run(config_path: str | Path) -> int:
+    """`webhookd run`: load the config, run until SIGTERM/SIGINT; the process exit code."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        configure_logging("auto", "info")
+        log.error("config_invalid", problems=e.problems)
+        return 1
+    configure_logging(cfg.logging.format, cfg.logging.level)
+
+    async def main() -> int:
+        return await Daemon(cfg).run()
+
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]  # optional extra webhookd[speed]
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        return int(uvloop.run(main()))
+    return asyncio.run(main())

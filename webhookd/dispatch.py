@@ -1,0 +1,596 @@
+"""Delivery: scheduling, attempts, retries, per-endpoint failure counters and disabling (CONTRACT §7).
+
+Memory holds every pending delivery, grouped per endpoint into *lanes*, one lane per device: only a lane's
+head may be in flight, which keeps per-(endpoint, device) order. Each idle lane has one entry in its
+endpoint's ready-heap, keyed by when its head is due. One scheduler task moves due heads to a fixed pool of
+worker tasks, within the global and per-endpoint concurrency. A failing endpoint pauses for its
+retry-schedule step and then gets a single probe; only a success reopens it. A lane moves on only once the
+outcome of its head is persisted, so a crash can repeat a delivery but never reorder one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import heapq
+import ipaddress
+import random
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from multidict import CIMultiDict
+
+from webhookd import __version__
+from webhookd.config import Config, EndpointConfig, redact_url
+from webhookd.logs import get_logger
+from webhookd.payloads import EventData, make_test_event, render
+from webhookd.signing import signature_headers
+from webhookd.store import DeliveryRow, EndpointRow, Outcome, Store, StoreError
+
+log = get_logger("webhookd.dispatch")
+
+USER_AGENT = f"webhookd/{__version__}"
+MAX_RESPONSE_READ = 64 * 1024  # read at most this much of a response body, whatever its size
+
+
+@dataclass(slots=True)
+class Delivery:
+    id: int
+    event: EventData
+    endpoint: str
+    attempts: int
+    due: float  # monotonic
+    body: bytes = b""
+    body_for: EndpointConfig | None = None  # the endpoint config the cached body was rendered for
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    ok: bool
+    status: int | None
+    error: str | None
+    latency: float
+    retry_after: float | None = None
+
+
+@dataclass(eq=False)
+class EndpointRuntime:
+    cfg: EndpointConfig
+    row: EndpointRow
+    lanes: dict[str, deque[Delivery]] = field(default_factory=dict)
+    ready: list[tuple[float, int, str]] = field(default_factory=list)  # (due, seq, device) of idle lanes
+    known: set[int] = field(default_factory=set)  # delivery ids held in lanes
+    inflight: int = 0
+    paused_until: float = 0.0
+    pause_step: int = 0
+    last_failure_mono: float = -1.0
+    generation: int = 0  # bumped when lanes are thrown away; stale in-flight results then only persist
+    device_patterns: re.Pattern[str] | None = None
+    ssl: ssl.SSLContext | bool | None = None
+
+    def configure(self, cfg: EndpointConfig) -> None:
+        self.cfg = cfg
+        self.device_patterns = re.compile("|".join(fnmatch.translate(p) for p in cfg.devices) or "(?!)")
+        if not cfg.tls_verify:
+            self.ssl = False
+        elif cfg.ca_file is not None:
+            self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
+        else:
+            self.ssl = None
+
+    def wants(self, event: EventData) -> bool:
+        kind = event.type.removeprefix("device.")
+        if kind not in self.cfg.events:
+            return False
+        return self.device_patterns is not None and self.device_patterns.match(event.device_id) is not None
+
+    def clear(self) -> None:
+        self.lanes.clear()
+        self.ready.clear()
+        self.known.clear()
+        self.generation += 1
+
+
+def _blocked(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_link_local
+
+
+class GuardedResolver(AbstractResolver):
+    """Drops link-local answers (cloud metadata lives there) unless the host belongs to an opted-in endpoint."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self.allowed_hosts: set[str] = set()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if host.lower() in self.allowed_hosts:
+            return results
+        kept = [r for r in results if not _blocked(r["host"])]
+        if not kept:
+            raise OSError(f"{host} resolves only to link-local addresses (blocked; allow_link_local: true)")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._clock = clock
+        self._wall = wall
+        self._rng = rng
+        self.endpoints: dict[str, EndpointRuntime] = {}
+        self.inflight = 0
+        self._jobs: asyncio.Queue[tuple[EndpointRuntime, int, Delivery]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._session: aiohttp.ClientSession | None = None
+        self._resolver = GuardedResolver()
+        self._workers: list[asyncio.Task[None]] = []
+        self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
+
+    # --- startup and config ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0, resolver=self._resolver, ttl_dns_cache=60, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.cfg.delivery.timeout),
+            headers={"User-Agent": USER_AGENT},
+            auto_decompress=False,
+            trust_env=False,
+        )
+        rows = await self.store.load_endpoints()
+        await self._apply_endpoints(self.cfg, rows)
+
+    async def _apply_endpoints(self, cfg: Config, rows: dict[str, EndpointRow]) -> None:
+        """Reconcile runtime and store with the endpoints of `cfg` (startup and reload)."""
+        self.cfg = cfg
+        self._resolver.allowed_hosts = {
+            (urlsplit(e.url).hostname or "").lower() for e in cfg.endpoints if e.allow_link_local
+        }
+        wanted = {e.name: e for e in cfg.endpoints}
+        for name in list(self.endpoints):
+            if name not in wanted:
+                rt = self.endpoints.pop(name)
+                rt.clear()
+                held = await self.store.hold(name)
+                log.info("endpoint_removed", endpoint=name, held=held)
+        for name, ecfg in wanted.items():
+            existing = self.endpoints.get(name)
+            if existing is not None:
+                if existing.cfg != ecfg:
+                    existing.configure(ecfg)
+                continue
+            row = rows.get(name) or EndpointRow(name)
+            rt = EndpointRuntime(cfg=ecfg, row=row)
+            rt.configure(ecfg)
+            self.endpoints[name] = rt
+            if row.disabled:
+                await self.store.hold(row)
+            else:
+                # Rows held while the endpoint was absent from the config resume with it.
+                await self.store.release(row)
+                self._add(rt, await self.store.load_pending(name))
+        for name in rows:
+            if name not in wanted:
+                await self.store.hold(name)
+        self._wake.set()
+
+    async def reconfigure(self, cfg: Config) -> None:
+        rows = {name: rt.row for name, rt in self.endpoints.items()}
+        rows.update({k: v for k, v in (await self.store.load_endpoints()).items() if k not in rows})
+        await self._apply_endpoints(cfg, rows)
+
+    # --- the outbox side ---------------------------------------------------------------------------------
+
+    def targets(self, event: EventData) -> list[tuple[str, str]]:
+        """(endpoint, initial status) for every endpoint subscribed to `event`."""
+        return [
+            (name, "held" if rt.row.disabled else "pending")
+            for name, rt in self.endpoints.items()
+            if rt.wants(event)
+        ]
+
+    def enqueue(self, rows: Iterable[DeliveryRow]) -> None:
+        by_endpoint: dict[str, list[DeliveryRow]] = {}
+        for r in rows:
+            by_endpoint.setdefault(r.endpoint, []).append(r)
+        for name, group in by_endpoint.items():
+            rt = self.endpoints.get(name)
+            if rt is not None and not rt.row.disabled:
+                self._add(rt, group)
+        self._wake.set()
+
+    def _add(self, rt: EndpointRuntime, rows: Sequence[DeliveryRow]) -> None:
+        now, wall = self._clock(), self._wall()
+        for r in rows:
+            if r.id in rt.known:
+                continue
+            rt.known.add(r.id)
+            due = now + max(0.0, (r.next_attempt_at or wall) - wall)
+            d = Delivery(r.id, r.event, r.endpoint, r.attempts, due)
+            lane = rt.lanes.get(r.event.device_id)
+            if lane is None:
+                rt.lanes[r.event.device_id] = deque((d,))
+                heapq.heappush(rt.ready, (due, d.id, r.event.device_id))
+            elif lane[-1].id < d.id:
+                lane.append(d)
+            else:
+                # Rare: rows arriving out of id order (enable racing new events). Keep the lane sorted.
+                items = sorted([*lane, d], key=lambda x: x.id)
+                lane.clear()
+                lane.extend(items)
+
+    # --- scheduling --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Scheduler loop; returns when stop() is called. Workers are started here."""
+        self._ensure_workers()
+        while not self._stopping:
+            self._wake.clear()
+            delay = self._dispatch_due()
+            if self._stopping:
+                break
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+
+    def _ensure_workers(self) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self._workers) < self.cfg.delivery.concurrency:
+            self._workers.append(
+                loop.create_task(self._worker(), name=f"delivery-worker-{len(self._workers)}")
+            )
+
+    def _dispatch_due(self) -> float | None:
+        now = self._clock()
+        next_due = float("inf")
+        limit = self.cfg.delivery.concurrency
+        for rt in list(self.endpoints.values()):
+            if rt.row.disabled or not rt.ready:
+                continue
+            while rt.ready and self.inflight < limit:
+                cap = rt.cfg.concurrency
+                if rt.row.consecutive_failures > 0:
+                    if now < rt.paused_until:
+                        next_due = min(next_due, rt.paused_until)
+                        break
+                    cap = 1  # one probe at a time until a success
+                if rt.inflight >= cap:
+                    break
+                due, _, device = rt.ready[0]
+                if due > now:
+                    next_due = min(next_due, due)
+                    break
+                heapq.heappop(rt.ready)
+                lane = rt.lanes.get(device)
+                if not lane:
+                    continue
+                rt.inflight += 1
+                self.inflight += 1
+                self._idle.clear()
+                self._jobs.put_nowait((rt, rt.generation, lane[0]))
+        if next_due == float("inf"):
+            return None
+        return max(0.0, next_due - now)
+
+    async def _worker(self) -> None:
+        while True:
+            rt, generation, d = await self._jobs.get()
+            try:
+                await self._deliver(rt, generation, d)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery_worker_error", endpoint=rt.cfg.name, delivery_id=d.id)
+            finally:
+                rt.inflight -= 1
+                self.inflight -= 1
+                if self.inflight == 0:
+                    self._idle.set()
+                self._wake.set()
+
+    # --- one attempt -------------------------------------------------------------------------------------
+
+    def _body(self, cfg: EndpointConfig, d: Delivery) -> bytes:
+        if d.body_for is not cfg:
+            d.body = render(d.event, cfg)
+            d.body_for = cfg
+        return d.body
+
+    async def attempt(self, cfg: EndpointConfig, rt_ssl: Any, event_id: str, body: bytes, n: int) -> Result:
+        assert self._session is not None
+        # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
+        headers = CIMultiDict(cfg.headers)
+        headers["Content-Type"] = "application/json"
+        headers["Webhook-Id"] = event_id
+        headers["Webhook-Attempt"] = str(n)
+        headers.update(signature_headers(cfg, event_id, body, int(self._wall())))
+        started = time.perf_counter()
+        host = urlsplit(cfg.url).hostname or ""
+        if not cfg.allow_link_local and _blocked(host.strip("[]")):
+            return Result(False, None, "link-local address blocked (allow_link_local: false)", 0.0)
+        try:
+            async with self._session.post(
+                cfg.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+                ssl=rt_ssl if rt_ssl is not None else True,
+            ) as resp:
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"), self._wall())
+                if resp.content_length is None or resp.content_length <= MAX_RESPONSE_READ:
+                    # Draining a small body lets the connection be reused; a large one is dropped.
+                    await resp.content.read(MAX_RESPONSE_READ)
+        except TimeoutError:
+            return Result(False, None, f"timeout after {cfg.timeout:g}s", time.perf_counter() - started)
+        except aiohttp.ClientSSLError as e:
+            return Result(False, None, f"tls error: {_short(e)}", time.perf_counter() - started)
+        except (aiohttp.ClientError, OSError) as e:
+            return Result(False, None, _short(e) or type(e).__name__, time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        if 200 <= status < 300:
+            return Result(True, status, None, latency)
+        return Result(False, status, f"HTTP {status}", latency, retry_after)
+
+    async def _deliver(self, rt: EndpointRuntime, generation: int, d: Delivery) -> None:
+        cfg = rt.cfg
+        started_mono = self._clock()
+        result = await self.attempt(cfg, rt.ssl, d.event.id, self._body(cfg, d), d.attempts + 1)
+        if self.on_result is not None:
+            self.on_result(cfg.name, result)
+        d.attempts += 1
+        now = self._clock()
+        stale = generation != rt.generation or self.endpoints.get(rt.cfg.name) is not rt
+        ctx = {
+            "endpoint": cfg.name,
+            "delivery_id": d.id,
+            "device": d.event.device_id,
+            "attempt": d.attempts,
+            "status": result.status,
+            "duration_ms": round(result.latency * 1000, 1),
+        }
+        if result.ok:
+            log.info("delivery_succeeded", **ctx)
+            outcome = Outcome(d.id, "delivered", d.attempts, None, result.status, None)
+            if not stale:
+                rt.row.consecutive_failures = 0
+                rt.pause_step = 0
+                rt.paused_until = 0.0
+            await self._persist(outcome, rt)
+            if not stale:
+                self._advance(rt, d, now)
+            return
+
+        schedule = self.cfg.delivery.retry_schedule
+        row = rt.row
+        if stale:
+            # The endpoint was disabled or removed while this attempt was in flight: it stays held.
+            log.warning("delivery_failed", error=result.error, next="held", **ctx)
+            await self._persist(Outcome(d.id, "held", d.attempts, None, result.status, result.error), rt)
+            return
+        row.consecutive_failures += 1
+        row.last_error = result.error
+        # Attempts that were already in flight when the endpoint started failing do not lengthen its pause:
+        # the pause steps forward once per probe, i.e. at the retry pace.
+        if rt.pause_step == 0 or started_mono >= rt.last_failure_mono:
+            rt.pause_step += 1
+            step = schedule[min(rt.pause_step, len(schedule)) - 1]
+            rt.paused_until = max(rt.paused_until, now + step)
+        rt.last_failure_mono = now
+
+        disable_after = self.cfg.delivery.disable_after
+        if result.status == 410 or (disable_after and row.consecutive_failures >= disable_after):
+            reason = (
+                "gone (HTTP 410)"
+                if result.status == 410
+                else f"{row.consecutive_failures} consecutive failures"
+            )
+            log.warning("delivery_failed", error=result.error, next="held", **ctx)
+            await self._persist(Outcome(d.id, "held", d.attempts, None, result.status, result.error), rt)
+            await self.disable(cfg.name, reason)
+            return
+        if d.attempts > len(schedule):
+            log.warning("delivery_dead", error=result.error, **ctx)
+            await self._persist(Outcome(d.id, "dead", d.attempts, None, result.status, result.error), rt)
+            self._advance(rt, d, now)
+            return
+        step = schedule[d.attempts - 1]
+        delay = step * (0.8 + 0.4 * self._rng())
+        if result.retry_after is not None and result.status in (429, 503):
+            delay = min(max(result.retry_after, step), 2 * step)
+            rt.paused_until = max(rt.paused_until, now + delay)
+        d.due = now + delay
+        log.warning("delivery_failed", error=result.error, retry_in_s=round(delay, 3), **ctx)
+        await self._persist(
+            Outcome(d.id, "pending", d.attempts, self._wall() + delay, result.status, result.error), rt
+        )
+        if generation == rt.generation and self.endpoints.get(cfg.name) is rt:
+            heapq.heappush(rt.ready, (d.due, d.id, d.event.device_id))
+
+    def _advance(self, rt: EndpointRuntime, d: Delivery, now: float) -> None:
+        """The lane's head is done: the next delivery of that device becomes due."""
+        device = d.event.device_id
+        lane = rt.lanes.get(device)
+        rt.known.discard(d.id)
+        if not lane or lane[0] is not d:
+            return
+        lane.popleft()
+        if lane:
+            head = lane[0]
+            heapq.heappush(rt.ready, (max(head.due, now), head.id, device))
+        else:
+            del rt.lanes[device]
+
+    async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> None:
+        try:
+            await self.store.save_outcomes([outcome], [EndpointRow(**_row_fields(rt.row))])
+        except StoreError as e:
+            # The row stays pending in the store: a restart would deliver it again (at-least-once).
+            log.error("delivery_outcome_not_saved", delivery_id=outcome.delivery_id, error=str(e))
+
+    # --- operator actions --------------------------------------------------------------------------------
+
+    async def disable(self, name: str, reason: str) -> EndpointRuntime | None:
+        rt = self.endpoints.get(name)
+        if rt is None:
+            return None
+        already = rt.row.disabled
+        rt.row.disabled = True
+        rt.row.disabled_reason = reason
+        rt.clear()
+        held = await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+        if not already:
+            log.warning(
+                "endpoint_disabled",
+                endpoint=name,
+                reason=reason,
+                held=held,
+                consecutive_failures=rt.row.consecutive_failures,
+            )
+        return rt
+
+    async def enable(self, name: str) -> EndpointRuntime | None:
+        rt = self.endpoints.get(name)
+        if rt is None:
+            return None
+        rt.row.disabled = False
+        rt.row.disabled_reason = None
+        rt.row.consecutive_failures = 0
+        rt.pause_step = 0
+        rt.paused_until = 0.0
+        rt.clear()
+        released = await self.store.release(EndpointRow(**_row_fields(rt.row)))
+        self._add(rt, await self.store.load_pending(name))
+        log.info("endpoint_enabled", endpoint=name, released=released)
+        self._wake.set()
+        return rt
+
+    async def replay(self, ids: Sequence[int] | None, endpoint: str | None, status: str | None) -> int:
+        """Queue deliveries again with a fresh budget; those of disabled or removed endpoints become held."""
+        unavailable = {n for n in await self.store.endpoint_names() if n not in self.endpoints}
+        unavailable |= {n for n, rt in self.endpoints.items() if rt.row.disabled}
+        queued, total = await self.store.replay(ids, endpoint, status, unavailable)
+        rows = await self.store.rows_by_id(queued)
+        fresh = {r.id for r in rows}
+        for rt in self.endpoints.values():
+            # A replayed row may still sit in a lane (e.g. waiting for a retry): give it the fresh budget.
+            for lane in rt.lanes.values():
+                for d in lane:
+                    if d.id in fresh:
+                        d.attempts = 0
+        self.enqueue(rows)
+        return total
+
+    async def test(self, name: str) -> Result | None:
+        rt = self.endpoints.get(name)
+        if rt is None:
+            return None
+        event = make_test_event(self._wall())
+        body = render(event, rt.cfg)
+        result = await self.attempt(rt.cfg, rt.ssl, event.id, body, 1)
+        log.info(
+            "endpoint_tested",
+            endpoint=name,
+            status=result.status,
+            error=result.error,
+            duration_ms=round(result.latency * 1000, 1),
+        )
+        return result
+
+    # --- shutdown ----------------------------------------------------------------------------------------
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop scheduling; give in-flight attempts `drain_timeout` seconds; cancel the rest (they stay pending)."""
+        self._stopping = True
+        self._wake.set()
+        if self.inflight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_timeout):
+                    await self._idle.wait()
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            name: {"inflight": rt.inflight, "queued": len(rt.known)} for name, rt in self.endpoints.items()
+        }
+
+    def public_url(self, name: str) -> str:
+        rt = self.endpoints.get(name)
+        return redact_url(rt.cfg.url) if rt else ""
+
+
+def _row_fields(row: EndpointRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "disabled": row.disabled,
+        "disabled_reason": row.disabled_reason,
+        "consecutive_failures": row.consecutive_failures,
+        "last_error": row.last_error,
+    }
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+def _retry_after(value: str | None, wall: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - wall)

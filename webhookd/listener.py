@@ -1,0 +1,235 @@
+"""The heartbeat API (CONTRACT §4): validation, auth and answers; the state logic lives in the Tracker.
+
+Every bad input is answered with a 4xx JSON error before anything is recorded. A batch is validated whole
+before any of it is applied.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from webhookd.logs import get_logger
+from webhookd.presence import REPORTED_STATES, Heartbeat
+from webhookd.store import StoreError
+from webhookd.tracker import Tracker
+
+log = get_logger("webhookd.listener")
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+MAX_BATCH = 1000
+MAX_TEXT = 256
+FIELDS = frozenset(("device", "name", "state", "address", "owner"))
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.field = field
+
+
+def _json(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=_encoder.encode(body), content_type="application/json")
+
+
+def error_response(status: int, error: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": error}
+    if field is not None:
+        body["field"] = field
+    return _json(status, body)
+
+
+def _text(obj: dict[str, Any], key: str, prefix: str, limit: int = MAX_TEXT) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(400, f"{key} must be a string", prefix + key)
+    if len(value) > limit:
+        raise BadInput(400, f"{key} is longer than {limit} characters", prefix + key)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise BadInput(400, f"{key} contains control characters", prefix + key)
+    return value
+
+
+def parse_device_id(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise BadInput(400, "device must be a string", field)
+    if DEVICE_ID.fullmatch(value) is None:
+        raise BadInput(400, "device must match ^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$", field)
+    return value
+
+
+def parse_state(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in REPORTED_STATES:
+        raise BadInput(400, "state must be one of " + ", ".join(sorted(REPORTED_STATES)), field)
+    return value
+
+
+def parse_address(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise BadInput(400, "address must be an IP address", field)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise BadInput(400, "address must be an IP address", field) from None
+
+
+def parse_heartbeat(obj: object, peer: str | None, prefix: str = "", device: str | None = None) -> Heartbeat:
+    if not isinstance(obj, dict):
+        raise BadInput(400, "a heartbeat must be a JSON object", prefix.rstrip(".") or None)
+    for key in obj:
+        if key not in FIELDS:
+            raise BadInput(400, f"unknown field {str(key)[:64]!r}", prefix + str(key)[:64])
+    if device is None:
+        if "device" not in obj:
+            raise BadInput(400, "device is required", prefix + "device")
+        device = parse_device_id(obj["device"], prefix + "device")
+    elif "device" in obj and obj["device"] != device:
+        raise BadInput(400, "device in the body differs from the path", prefix + "device")
+    return Heartbeat(
+        device=device,
+        state=parse_state(obj.get("state"), prefix + "state"),
+        name=_text(obj, "name", prefix),
+        address=parse_address(obj.get("address"), prefix + "address") or peer,
+        owner=_text(obj, "owner", prefix),
+    )
+
+
+def _peer(request: web.Request) -> str | None:
+    remote = request.remote
+    if not remote:
+        return None
+    try:
+        return str(ipaddress.ip_address(remote))
+    except ValueError:
+        return None
+
+
+class HeartbeatAPI:
+    def __init__(
+        self, tracker: Tracker, tokens: Sequence[str], max_body: int, healthy: Callable[[], bool]
+    ) -> None:
+        self.tracker = tracker
+        self.tokens = [t.encode() for t in tokens]
+        self.max_body = max_body
+        self.healthy = healthy
+
+    def configure(self, tokens: Sequence[str], max_body: int) -> None:
+        self.tokens = [t.encode() for t in tokens]
+        self.max_body = max_body
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._errors])
+        app.router.add_post("/v1/heartbeat", self.single)
+        app.router.add_route("GET", "/v1/heartbeat/{device}", self.by_path)
+        app.router.add_route("POST", "/v1/heartbeat/{device}", self.by_path)
+        app.router.add_post("/v1/heartbeats", self.batch)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadInput as e:
+            return error_response(e.status, e.error, e.field)
+        except StoreError:
+            return error_response(503, "store unavailable")
+        except web.HTTPException as e:
+            if e.status == 413:
+                return error_response(413, f"request body larger than {self.max_body} bytes")
+            if e.status == 405:
+                return error_response(405, "method not allowed")
+            if e.status == 404:
+                return error_response(404, "not found")
+            return error_response(e.status, e.reason)
+        except Exception:
+            log.exception("request_failed", path=request.path)
+            return error_response(500, "internal error")
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self.tokens:
+            return
+        given = b""
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip().encode()
+        elif request.method == "GET":
+            given = request.query.get("token", "").encode()
+        ok = False
+        for token in self.tokens:
+            # Compare with every token, always: the time taken says nothing about which one nearly matched.
+            ok |= hmac.compare_digest(given, token)
+        if not ok:
+            raise BadInput(401, "missing or invalid token")
+
+    async def _json_body(self, request: web.Request, required: bool) -> object:
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise BadInput(413, f"request body larger than {self.max_body} bytes")
+        raw = await request.read()
+        if not raw and not required:
+            return None
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise BadInput(415, "Content-Type must be application/json")
+        if not raw:
+            raise BadInput(400, "empty body")
+        try:
+            return _decoder.decode(raw)
+        except (msgspec.DecodeError, RecursionError):
+            raise BadInput(400, "malformed JSON") from None
+
+    @staticmethod
+    def _answer(results: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
+        return [{"device": d, "state": s, "changed": c} for d, s, c in results]
+
+    async def single(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        hb = parse_heartbeat(await self._json_body(request, True), _peer(request))
+        return _json(200, self._answer(await self.tracker.heartbeats([hb]))[0])
+
+    async def by_path(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        device = parse_device_id(request.match_info["device"], "device")
+        body = await self._json_body(request, False) if request.method == "POST" else None
+        obj: dict[str, Any] = dict(body) if isinstance(body, dict) else {}
+        if body is not None and not isinstance(body, dict):
+            raise BadInput(400, "a heartbeat must be a JSON object")
+        if "state" in request.query:
+            obj["state"] = request.query["state"]
+        hb = parse_heartbeat(obj, _peer(request), device=device)
+        return _json(200, self._answer(await self.tracker.heartbeats([hb]))[0])
+
+    async def batch(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await self._json_body(request, True)
+        if not isinstance(body, list):
+            raise BadInput(400, "a batch must be a JSON array of heartbeats")
+        if len(body) > MAX_BATCH:
+            raise BadInput(400, f"a batch holds at most {MAX_BATCH} heartbeats")
+        peer = _peer(request)
+        hbs = [parse_heartbeat(item, peer, f"[{i}].") for i, item in enumerate(body)]
+        return _json(200, self._answer(await self.tracker.heartbeats(hbs)))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.healthy():
+            return _json(200, {"status": "ok"})
+        return _json(503, {"status": "unhealthy", "error": "store unavailable"})

@@ -1,0 +1,217 @@
+"""Logging (CONTRACT §9): structlog on top of the standard library.
+
+Every record, structlog's and the stdlib's (aiohttp, asyncio, warnings), goes through one
+``structlog.stdlib.ProcessorFormatter`` on one ``StreamHandler`` on the root logger, so everything renders the
+same way: one JSON object per line (keys ``timestamp``, ``level``, ``event`` first) under systemd, or
+structlog's console renderer on a terminal.
+
+Levels are the stdlib's: ``configure_logging`` sets the root logger's level and the bound loggers check
+``isEnabledFor`` before running any processor, so a filtered-out ``log.debug(...)`` costs one level check.
+Calling ``configure_logging`` again (reload) swaps the handler and the level in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = ["SCRUBBED", "configure_logging", "get_logger", "scrub_secrets"]
+
+SCRUBBED = "***"
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# structlog method name -> stdlib level, for the early level check.
+_METHOD_LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+_SECRET_KEY = re.compile(
+    r"secret|token|authori[sz]ation|passw(or)?d|api[_-]?key|credential|cookie|private[_-]?key", re.IGNORECASE
+)
+# user:password@ in URLs that end up in messages or values
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
+
+
+class FilteringBoundLogger(structlog.stdlib.BoundLogger):
+    """``structlog.stdlib.BoundLogger`` that returns before running any processor when the stdlib logger is
+    not enabled for the call's level (the root level set by ``configure_logging``; it follows reloads).
+
+    While ``structlog.testing.capture_logs`` is active every call is captured, as with structlog's own
+    ``filter_by_level`` (which capture_logs disables along with the other processors).
+    """
+
+    def _proxy_to_logger(
+        self,
+        method_name: str,
+        event: str | None = None,
+        *event_args: str,
+        **event_kw: Any,
+    ) -> Any:
+        level = _METHOD_LEVELS.get(method_name, logging.INFO)
+        if not self._logger.isEnabledFor(level) and not _capturing(self._processors):
+            return None
+        return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+
+
+def _capturing(processors: Any) -> bool:
+    try:
+        return bool(processors) and isinstance(processors[-1], structlog.testing.LogCapture)
+    except (TypeError, IndexError, KeyError):
+        return False
+
+
+def _scrub_value(key: str, value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if _SECRET_KEY.search(key):
+        return SCRUBBED
+    if depth > 4:
+        return value
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(r"\g<scheme>***@", value) if "@" in value else value
+    if isinstance(value, Mapping):
+        return {k: _scrub_value(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value("", v, depth + 1) for v in value]
+    return value
+
+
+def scrub_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Replace the values of keys named like secret/token/authorization/password with ``***`` (also inside
+    nested dicts such as ``headers``), and ``user:password@`` in URLs."""
+    for key, value in event_dict.items():
+        if key == "event":
+            if isinstance(value, str) and "@" in value:
+                event_dict[key] = _URL_CREDENTIALS.sub(r"\g<scheme>***@", value)
+            continue
+        if key in ("exc_info", "stack_info", "_record", "_from_structlog"):
+            continue
+        event_dict[key] = _scrub_value(key, value)
+    return event_dict
+
+
+_FIRST_KEYS = ("timestamp", "level", "event")
+
+
+def _order_keys(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """``timestamp``, ``level``, ``event`` first, the context after them (for humans reading JSON lines)."""
+    ordered: EventDict = {k: event_dict.pop(k) for k in _FIRST_KEYS if k in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
+def _shared_processors() -> list[Processor]:
+    """Run for structlog calls (before ``wrap_for_formatter``) and for foreign stdlib records."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+
+
+_structlog_configured = False
+_handler: logging.Handler | None = None
+
+
+def _configure_structlog() -> None:
+    global _structlog_configured
+    structlog.configure(
+        processors=[
+            *_shared_processors(),
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            scrub_secrets,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(ignore_frame_names=[__name__]),
+        wrapper_class=FilteringBoundLogger,
+        context_class=dict,
+        # not cached: structlog.testing.capture_logs and reconfiguration must reach existing loggers
+        cache_logger_on_first_use=False,
+    )
+    _structlog_configured = True
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
+    if fmt not in ("auto", "json", "console"):
+        raise ValueError(f"unknown log format {fmt!r} (auto, json or console)")
+    tty = _is_tty(stream)
+    if fmt == "json" or (fmt == "auto" and not tty):
+        return [
+            structlog.processors.format_exc_info,  # exception -> one string field, escaped into one line
+            _order_keys,
+            structlog.processors.JSONRenderer(),
+        ]
+    return [structlog.dev.ConsoleRenderer(colors=tty)]
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Send every log record (structlog and stdlib) to ``stream`` (default stdout) as JSON lines
+    (``fmt == "json"``, or ``"auto"`` and ``stream`` is not a terminal) or console text (``"console"``, or
+    ``"auto"`` on a terminal), dropping records below ``level``.
+
+    Idempotent: a second call (config reload) replaces the handler and the level; other handlers on the root
+    logger (pytest's, for instance) are left alone.
+    """
+    global _handler
+    lvl = LEVELS.get(level.lower())
+    if lvl is None:
+        raise ValueError(f"unknown log level {level!r} (debug, info, warning or error)")
+    out: TextIO = stream if stream is not None else sys.stdout
+    if not _structlog_configured:
+        _configure_structlog()
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder(), scrub_secrets],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_renderer(fmt, out)],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    _handler = handler
+    root.setLevel(lvl)
+    # aiohttp's access log is noisy at info; keep it at debug unless asked for
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A structlog logger backed by the stdlib logger ``name`` (the caller's module when ``None``)."""
+    if not _structlog_configured:
+        _configure_structlog()
+    if name is None:
+        return structlog.stdlib.get_logger()
+    return structlog.stdlib.get_logger(name)

@@ -1,0 +1,242 @@
+"""The presence engine: a pure state machine over devices and their silence deadlines.
+
+No I/O and no clock reads: every call takes `now` (monotonic seconds) and `wall` (unix seconds) from the
+caller. A heartbeat costs O(1): it only moves the device's `last_mono`. Deadlines live in a min-heap with one
+entry per live device; an entry that turns out early when popped (the device heartbeated since) is pushed
+back with the real deadline, so the heap is never rewritten on the heartbeat path.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+STATES = ("online", "utilizing", "unplugged", "offline")
+REPORTED_STATES = frozenset(("online", "utilizing", "unplugged", "offline", "shutdown", "reboot"))
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDefaults:
+    """What the config says about a device id (first matching `devices:` rule, else the global values)."""
+
+    silence_timeout: float
+    name: str | None = None
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    device: str
+    state: str | None = None  # one of REPORTED_STATES, or None: "I am alive"
+    name: str | None = None
+    address: str | None = None
+    owner: str | None = None
+
+
+@dataclass(slots=True)
+class Device:
+    id: str
+    state: str
+    name: str | None = None
+    owner: str | None = None
+    address: str | None = None
+    last_seen: float | None = None  # wall clock of the last heartbeat
+    changed_at: float | None = None  # wall clock of the last state change
+    last_mono: float = 0.0  # monotonic time the silence timer counts from
+    timeout: float = 900.0
+    in_heap: bool = False
+    version: int = 0  # bumped on every mutation; lets a failed commit undo exactly its own change
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of persistent device state. `kind` names the event to emit, or None for a silent change."""
+
+    device: Device  # snapshot after the change
+    previous_state: str
+    kind: str | None  # online|offline|utilizing|unplugged|address_changed, or None
+    reason: str
+    offline_for: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: str
+    transition: Transition | None  # must be made durable before the heartbeat is acknowledged
+    undo: Device | None  # snapshot to restore if making it durable fails
+
+
+class PresenceEngine:
+    def __init__(
+        self,
+        defaults_for: Callable[[str], DeviceDefaults],
+        notify_online_after_utilizing: bool = False,
+    ) -> None:
+        self._defaults_for = defaults_for
+        self._notify_online_after_utilizing = notify_online_after_utilizing
+        self.devices: dict[str, Device] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._dirty: set[str] = set()
+
+    # --- setup -------------------------------------------------------------------------------------------
+
+    def load(self, devices: Iterable[Device], now: float) -> None:
+        """Adopt persisted devices after a (re)start: every live one gets a full timeout from `now`."""
+        for dev in devices:
+            dev.timeout = self._defaults_for(dev.id).silence_timeout
+            dev.last_mono = now
+            dev.in_heap = False
+            self.devices[dev.id] = dev
+            if dev.state != "offline":
+                self._push(dev)
+
+    def reconfigure(
+        self, defaults_for: Callable[[str], DeviceDefaults], notify_online_after_utilizing: bool
+    ) -> None:
+        """New timeouts take effect on the running timers (measured from each device's last heartbeat)."""
+        self._defaults_for = defaults_for
+        self._notify_online_after_utilizing = notify_online_after_utilizing
+        self._heap = []
+        for dev in self.devices.values():
+            dev.timeout = defaults_for(dev.id).silence_timeout
+            dev.in_heap = False
+            if dev.state != "offline":
+                self._push(dev)
+
+    # --- the state machine -------------------------------------------------------------------------------
+
+    def heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Outcome:
+        dev = self.devices.get(hb.device)
+        if dev is None:
+            return self._first_heartbeat(hb, now, wall)
+
+        undo = replace(dev)
+        previous = dev.state
+        reported = hb.state
+        address_moved = hb.address is not None and dev.address is not None and hb.address != dev.address
+        self._refresh(dev, hb, now, wall)
+
+        target, reason = self._target(previous, reported)
+        kind: str | None = None
+        offline_for: float | None = None
+        if target != previous:
+            dev.state = target
+            dev.changed_at = wall
+            kind = target
+            if target == "online" and previous == "utilizing" and not self._notify_online_after_utilizing:
+                kind = None
+            if target == "online" and previous == "offline" and undo.changed_at is not None:
+                offline_for = max(0.0, wall - undo.changed_at)
+            # Going offline leaves the heap entry to be discarded lazily when it is popped.
+            if target != "offline" and not dev.in_heap:
+                self._push(dev)
+        elif previous != "offline" and address_moved:
+            kind, reason = "address_changed", "heartbeat"
+
+        if dev.state == previous and kind is None:
+            self._dirty.add(dev.id)
+            return Outcome(dev.state, None, None)
+        dev.version += 1
+        self._dirty.discard(dev.id)
+        return Outcome(dev.state, Transition(replace(dev), previous, kind, reason, offline_for), undo)
+
+    def _first_heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Outcome:
+        defaults = self._defaults_for(hb.device)
+        target, reason = self._target(UNKNOWN, hb.state)
+        dev = Device(id=hb.device, state=target, timeout=defaults.silence_timeout, changed_at=wall)
+        dev.name, dev.owner = defaults.name, defaults.owner
+        self._refresh(dev, hb, now, wall)
+        self.devices[dev.id] = dev
+        if target != "offline":
+            self._push(dev)
+        kind = None if target == "offline" else target
+        return Outcome(target, Transition(replace(dev), UNKNOWN, kind, reason, None), None)
+
+    @staticmethod
+    def _target(previous: str, reported: str | None) -> tuple[str, str]:
+        if reported is None:
+            if previous in (UNKNOWN, "offline"):
+                return "online", "heartbeat"
+            return previous, "heartbeat"
+        if reported in ("shutdown", "reboot"):
+            return "offline", reported
+        return reported, "reported"
+
+    @staticmethod
+    def _refresh(dev: Device, hb: Heartbeat, now: float, wall: float) -> None:
+        dev.last_mono = now
+        dev.last_seen = wall
+        if hb.name is not None:
+            dev.name = hb.name
+        if hb.owner is not None:
+            dev.owner = hb.owner
+        if hb.address is not None:
+            dev.address = hb.address
+
+    def undo(self, outcome: Outcome) -> None:
+        """Restore the device as it was before `outcome`, when its transition could not be made durable."""
+        if outcome.transition is None:
+            return
+        dev_id = outcome.transition.device.id
+        current = self.devices.get(dev_id)
+        if current is None or current.version != outcome.transition.device.version:
+            return
+        if outcome.undo is None:
+            del self.devices[dev_id]  # its heap entry is dropped lazily
+            return
+        restored = replace(outcome.undo, in_heap=current.in_heap)
+        self.devices[dev_id] = restored
+        if restored.state != "offline" and not restored.in_heap:
+            self._push(restored)
+
+    # --- deadlines ---------------------------------------------------------------------------------------
+
+    def _push(self, dev: Device) -> None:
+        heapq.heappush(self._heap, (dev.last_mono + dev.timeout, dev.id))
+        dev.in_heap = True
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: float, wall: float) -> list[Outcome]:
+        """Every device whose silence deadline is at or before `now` goes offline (reason timeout)."""
+        out: list[Outcome] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, dev_id = heapq.heappop(heap)
+            dev = self.devices.get(dev_id)
+            if dev is None:
+                continue
+            dev.in_heap = False
+            if dev.state == "offline":
+                continue
+            deadline = dev.last_mono + dev.timeout
+            if deadline > now:
+                self._push(dev)
+                continue
+            undo = replace(dev)
+            previous = dev.state
+            dev.state = "offline"
+            dev.changed_at = wall
+            dev.version += 1
+            self._dirty.discard(dev.id)
+            out.append(
+                Outcome("offline", Transition(replace(dev), previous, "offline", "timeout", None), undo)
+            )
+        return out
+
+    # --- liveness that is persisted lazily ---------------------------------------------------------------
+
+    def take_dirty(self) -> list[Device]:
+        """Devices whose last_seen/name/address moved without a transition since the last call."""
+        dirty = [replace(self.devices[d]) for d in self._dirty if d in self.devices]
+        self._dirty.clear()
+        return dirty
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for dev in self.devices.values():
+            counts[dev.state] = counts.get(dev.state, 0) + 1
+        return counts

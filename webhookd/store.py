@@ -1,0 +1,512 @@
+"""SQLite persistence: schema and migrations, the transactional outbox, and the group-committing writer.
+
+One connection, owned by one thread, in WAL mode with synchronous=FULL: a commit that returned is on disk.
+Every write is a function of that connection queued to the writer task; the writer runs everything that has
+queued up meanwhile in ONE `BEGIN IMMEDIATE` transaction (group commit), so a burst of transitions costs one
+fsync, not one each. If a batch fails, its operations are retried one by one so that a single bad one fails
+alone. Checkpoints run in the same thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from webhookd.payloads import EventData
+from webhookd.presence import Device
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+MAX_BATCH = 512
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        name TEXT, owner TEXT, address TEXT,
+        state TEXT NOT NULL,
+        last_seen REAL, changed_at REAL
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        data BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'held', 'delivered', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX deliveries_by_status ON deliveries (status, endpoint, id);
+    CREATE INDEX deliveries_by_event ON deliveries (event_id);
+    CREATE TABLE endpoints (
+        name TEXT PRIMARY KEY,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        disabled_reason TEXT,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    ) WITHOUT ROWID;
+    """,
+}
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message is meant for an operator."""
+
+
+class StoreUnavailable(StoreError):
+    """A write failed (disk full, read-only, I/O error): nothing of it was recorded."""
+
+
+@dataclass(slots=True)
+class EndpointRow:
+    name: str
+    disabled: bool = False
+    disabled_reason: str | None = None
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
+class DeliveryRow:
+    id: int
+    event: EventData
+    endpoint: str
+    attempts: int
+    next_attempt_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One attempt's result as it is persisted."""
+
+    delivery_id: int
+    status: str  # pending|held|delivered|dead
+    attempts: int
+    next_attempt_at: float | None
+    last_status: int | None
+    last_error: str | None
+
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhookd-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self.healthy = True
+        self.last_error: str | None = None
+        self.write_seconds: list[float] = []  # recent batch durations, read by metrics
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store-writer")
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open database {self.path}: {e}") from e
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this webhookd "
+                f"({SCHEMA_VERSION}); refusing to start"
+            )
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.close()
+            raise StoreError(f"database {self.path} holds tables but no webhookd schema version; refusing")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _MIGRATIONS[v].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={v}")
+            conn.execute("COMMIT")
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            # Let queued writes finish: they may be acknowledgements someone is waiting for.
+            if not self._writer.done():
+                await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._conn is not None:
+            conn = self._conn
+            self._conn = None
+            await self._run(conn.close)
+        self._executor.shutdown(wait=True)
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only query on the store's thread (admin and startup paths only)."""
+        conn = self._conn
+        assert conn is not None
+        return await self._run(fn, conn)
+
+    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue a write; resolves once the transaction holding it has committed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, fut))
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            results = await self._run(self._commit_batch, [op for op, _ in batch])
+            self.write_seconds.append(time.perf_counter() - started)
+            if len(self.write_seconds) > 1024:
+                del self.write_seconds[:512]
+            for (_, fut), res in zip(batch, results, strict=True):
+                self._queue.task_done()
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    def _commit_batch(self, ops: Sequence[Op]) -> list[Any]:
+        conn = self._conn
+        assert conn is not None
+        try:
+            return self._transaction(conn, ops)
+        except sqlite3.Error:
+            if len(ops) == 1:
+                return [self._failure()]
+        # Isolate the failing operation(s): the others still commit.
+        out: list[Any] = []
+        for op in ops:
+            try:
+                out.extend(self._transaction(conn, [op]))
+            except sqlite3.Error:
+                out.append(self._failure())
+        return out
+
+    def _transaction(self, conn: sqlite3.Connection, ops: Sequence[Op]) -> list[Any]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [op(conn) for op in ops]
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self.healthy = False
+            self.last_error = str(e)
+            raise
+        self.healthy = True
+        self.last_error = None
+        return results
+
+    def _failure(self) -> StoreUnavailable:
+        return StoreUnavailable(f"store unavailable: {self.last_error}")
+
+    async def probe(self) -> bool:
+        """A tiny write that tells whether the store can commit again."""
+        try:
+            await self.write(lambda c: c.execute("PRAGMA user_version").fetchone())
+        except StoreUnavailable:
+            return False
+        return True
+
+    # --- devices -----------------------------------------------------------------------------------------
+
+    async def load_devices(self) -> list[Device]:
+        def q(c: sqlite3.Connection) -> list[Device]:
+            rows = c.execute("SELECT id, state, name, owner, address, last_seen, changed_at FROM devices").fetchall()
+            return [
+                Device(id=r[0], state=r[1], name=r[2], owner=r[3], address=r[4], last_seen=r[5], changed_at=r[6])
+                for r in rows
+            ]
+
+        return await self.read(q)
+
+    @staticmethod
+    def _upsert_devices(c: sqlite3.Connection, devices: Iterable[Device]) -> None:
+        c.executemany(
+            "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state=excluded.state,"
+            " name=excluded.name, owner=excluded.owner, address=excluded.address,"
+            " last_seen=excluded.last_seen, changed_at=excluded.changed_at",
+            [(d.id, d.state, d.name, d.owner, d.address, d.last_seen, d.changed_at) for d in devices],
+        )
+
+    async def save_devices(self, devices: list[Device]) -> None:
+        if devices:
+            await self.write(lambda c: self._upsert_devices(c, devices))
+
+    # --- the outbox --------------------------------------------------------------------------------------
+
+    async def record(
+        self, items: Sequence[tuple[Device, EventData | None, Sequence[tuple[str, str]]]]
+    ) -> list[DeliveryRow]:
+        """For each item, write the device's new state, its event and one delivery per (endpoint, status),
+        all in one transaction: the event exists durably exactly when the new state does."""
+
+        def op(c: sqlite3.Connection) -> list[DeliveryRow]:
+            self._upsert_devices(c, [device for device, _, _ in items])
+            rows: list[DeliveryRow] = []
+            for _, event, targets in items:
+                if event is None:
+                    continue
+                c.execute(
+                    "INSERT INTO events (id, type, device_id, created_at, data) VALUES (?, ?, ?, ?, ?)",
+                    (event.id, event.type, event.device_id, event.time, event.to_json()),
+                )
+                for endpoint, status in targets:
+                    cur = c.execute(
+                        "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts,"
+                        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                        (
+                            event.id,
+                            endpoint,
+                            event.device_id,
+                            event.type,
+                            status,
+                            event.time,
+                            event.time,
+                            event.time,
+                        ),
+                    )
+                    if status == "pending":
+                        assert cur.lastrowid is not None
+                        rows.append(DeliveryRow(cur.lastrowid, event, endpoint, 0, event.time))
+            return rows
+
+        return await self.write(op)
+
+    async def load_pending(self, endpoint: str | None = None) -> list[DeliveryRow]:
+        """Pending deliveries in id order (= the order their events happened)."""
+
+        def q(c: sqlite3.Connection) -> list[DeliveryRow]:
+            sql = (
+                "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"
+                " JOIN events e ON e.id = d.event_id WHERE d.status = 'pending'"
+            )
+            args: tuple[str, ...] = ()
+            if endpoint is not None:
+                sql += " AND d.endpoint = ?"
+                args = (endpoint,)
+            sql += " ORDER BY d.id"
+            cache: dict[bytes, EventData] = {}
+            out = []
+            for did, ep, attempts, nxt, data in c.execute(sql, args):
+                ev = cache.get(data)
+                if ev is None:
+                    ev = cache[data] = EventData.from_json(data)
+                out.append(DeliveryRow(did, ev, ep, attempts, nxt))
+            return out
+
+        return await self.read(q)
+
+    async def save_outcomes(self, outcomes: Sequence[Outcome], endpoints: Sequence[EndpointRow]) -> None:
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "UPDATE deliveries SET status=?, attempts=?, next_attempt_at=?, last_status=?, last_error=?,"
+                " updated_at=? WHERE id=? AND status IN ('pending', 'held')",
+                [
+                    (o.status, o.attempts, o.next_attempt_at, o.last_status, o.last_error, now, o.delivery_id)
+                    for o in outcomes
+                ],
+            )
+            self._upsert_endpoints(c, endpoints)
+
+        await self.write(op)
+
+    # --- endpoints ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _upsert_endpoints(c: sqlite3.Connection, rows: Iterable[EndpointRow]) -> None:
+        c.executemany(
+            "INSERT INTO endpoints (name, disabled, disabled_reason, consecutive_failures, last_error)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET disabled=excluded.disabled,"
+            " disabled_reason=excluded.disabled_reason,"
+            " consecutive_failures=excluded.consecutive_failures, last_error=excluded.last_error",
+            [(r.name, int(r.disabled), r.disabled_reason, r.consecutive_failures, r.last_error) for r in rows],
+        )
+
+    async def load_endpoints(self) -> dict[str, EndpointRow]:
+        def q(c: sqlite3.Connection) -> dict[str, EndpointRow]:
+            rows = c.execute(
+                "SELECT name, disabled, disabled_reason, consecutive_failures, last_error FROM endpoints"
+            ).fetchall()
+            return {r[0]: EndpointRow(r[0], bool(r[1]), r[2], r[3], r[4]) for r in rows}
+
+        return await self.read(q)
+
+    async def hold(self, endpoint: EndpointRow | str) -> int:
+        """Undelivered deliveries of an endpoint become held (disabled, or removed from the config)."""
+        name = endpoint if isinstance(endpoint, str) else endpoint.name
+
+        def op(c: sqlite3.Connection) -> int:
+            if not isinstance(endpoint, str):
+                self._upsert_endpoints(c, (endpoint,))
+            cur = c.execute(
+                "UPDATE deliveries SET status='held', updated_at=? WHERE endpoint=? AND status='pending'",
+                (time.time(), name),
+            )
+            return cur.rowcount
+
+        return await self.write(op)
+
+    async def release(self, endpoint: EndpointRow) -> int:
+        """Held deliveries of an endpoint become pending again, each with a fresh attempt budget."""
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> int:
+            self._upsert_endpoints(c, (endpoint,))
+            cur = c.execute(
+                "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=?, updated_at=?"
+                " WHERE endpoint=? AND status='held'",
+                (now, now, endpoint.name),
+            )
+            return cur.rowcount
+
+        return await self.write(op)
+
+    async def save_endpoint(self, endpoint: EndpointRow) -> None:
+        await self.write(lambda c: self._upsert_endpoints(c, (endpoint,)))
+
+    async def replay(
+        self, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
+    ) -> tuple[list[int], int]:
+        """Queue deliveries again with a fresh attempt budget; those of unavailable endpoints become held.
+
+        Returns the ids that became pending and how many rows were replayed in all."""
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> tuple[list[int], int]:
+            if ids is not None:
+                marks = ",".join("?" * len(ids))
+                rows = c.execute(
+                    f"SELECT id, endpoint FROM deliveries WHERE id IN ({marks})",  # noqa: S608 (placeholders)
+                    tuple(ids),
+                ).fetchall()
+            else:
+                rows = c.execute(
+                    "SELECT id, endpoint FROM deliveries WHERE endpoint=? AND status=?", (endpoint, status)
+                ).fetchall()
+            c.executemany(
+                "UPDATE deliveries SET status=?, attempts=0, next_attempt_at=?, last_error=NULL, updated_at=?"
+                " WHERE id=?",
+                [("held" if ep in held_endpoints else "pending", now, now, did) for did, ep in rows],
+            )
+            return [did for did, ep in rows if ep not in held_endpoints], len(rows)
+
+        return await self.write(op)
+
+    async def endpoint_names(self) -> set[str]:
+        def q(c: sqlite3.Connection) -> set[str]:
+            names = {r[0] for r in c.execute("SELECT name FROM endpoints")}
+            return names | {r[0] for r in c.execute("SELECT DISTINCT endpoint FROM deliveries")}
+
+        return await self.read(q)
+
+    async def rows_by_id(self, ids: Sequence[int]) -> list[DeliveryRow]:
+        def q(c: sqlite3.Connection) -> list[DeliveryRow]:
+            out = []
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only: the ids are bound parameters
+                sql = (
+                    "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"
+                    " JOIN events e ON e.id = d.event_id WHERE d.status='pending' AND d.id IN (" + marks + ")"
+                )
+                for did, ep, attempts, nxt, data in c.execute(sql, tuple(chunk)):
+                    out.append(DeliveryRow(did, EventData.from_json(data), ep, attempts, nxt))
+            out.sort(key=lambda r: r.id)
+            return out
+
+        return await self.read(q)
+
+    # --- queries for the admin API -----------------------------------------------------------------------
+
+    async def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """{endpoint: {status: n}}"""
+
+        def q(c: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for ep, status, n in c.execute(
+                "SELECT endpoint, status, count(*) FROM deliveries GROUP BY endpoint, status"
+            ):
+                out.setdefault(ep, {})[status] = n
+            return out
+
+        return await self.read(q)
+
+    async def list_deliveries(self, status: str | None, endpoint: str | None, limit: int) -> list[dict[str, Any]]:
+        def q(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            where, args = [], []
+            if status:
+                where.append("status = ?")
+                args.append(status)
+            if endpoint:
+                where.append("endpoint = ?")
+                args.append(endpoint)
+            sql = (
+                "SELECT id, event_id, endpoint, device_id, type, status, attempts, next_attempt_at,"
+                " last_status, last_error, created_at FROM deliveries"
+            )
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY id DESC LIMIT ?"
+            keys = (
+                "id",
+                "event_id",
+                "endpoint",
+                "device",
+                "type",
+                "status",
+                "attempts",
+                "next_attempt_at",
+                "last_status",
+                "last_error",
+                "created_at",
+            )
+            return [dict(zip(keys, row, strict=True)) for row in c.execute(sql, (*args, limit))]
+
+        return await self.read(q)
