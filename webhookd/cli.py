@@ -134,9 +134,7 @@ class AdminClient:
             raw = resp.read()
             status, reason = resp.status, resp.reason
         except TimeoutError as e:
-            raise CLIError(
-                f"the daemon did not answer within {wait:g} s (admin socket {self.socket_path})"
-            ) from e
+            raise CLIError(f"the daemon did not answer within {wait:g} s (admin socket {self.socket_path})") from e
         except OSError as e:
             if e.errno in _NOT_RUNNING_ERRNOS:
                 raise DaemonNotRunning(self.socket_path) from e
@@ -267,15 +265,25 @@ def cut(value: str, width: int) -> str:
 
 
 def render_table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], width: int = TABLE_WIDTH, gap: int = 2
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int = TABLE_WIDTH,
+    gap: int = 2,
+    flexible: Sequence[int] = (),
 ) -> str:
     """Left-aligned columns separated by ``gap`` spaces, no line longer than ``width``: when the natural
-    widths do not fit, the widest columns give way first (down to their header's width, then further) and
-    their cut cells end with ``…``."""
+    widths do not fit, the ``flexible`` columns (indexes, in order) give way first, then the widest ones
+    (down to their header's width, then further); cut cells end with ``…``."""
     ncol = len(headers)
     cells = [[cut(str(c), 10_000) for c in row] for row in rows]
     widths = [max([len(headers[i]), *(len(r[i]) for r in cells)]) for i in range(ncol)]
     budget = width - gap * (ncol - 1)
+    for i in flexible:
+        excess = sum(widths) - budget
+        if excess <= 0:
+            break
+        floor_i = min(widths[i], max(len(headers[i]), 12))
+        widths[i] = max(floor_i, widths[i] - excess)
     for floor in ([min(w, max(len(h), 4)) for w, h in zip(widths, headers, strict=True)], [1] * ncol):
         excess = sum(widths) - budget
         while excess > 0:
@@ -420,6 +428,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"endpoints:  {_count(endpoints, 'enabled')} enabled, {_count(endpoints, 'disabled')} disabled",
         "deliveries: " + ", ".join(f"{_count(deliveries, s)} {s}" for s in DELIVERY_STATUSES),
     ]
+    store = data.get("store")
+    if isinstance(store, dict) and store.get("healthy") is False:
+        lines.append("store:      UNAVAILABLE (cannot write; state changes are refused with 503)")
     print("\n".join(lines))
     return EXIT_OK
 
@@ -445,7 +456,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         ]
         for d in devices
     ]
-    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS"], rows))
+    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS"], rows, flexible=(1, 0)))
     return EXIT_OK
 
 
@@ -482,7 +493,7 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
         for e in endpoints
     ]
     headers = ["NAME", "STATUS", "FAILS", "PENDING", "HELD", "DELIVERED", "DEAD", "LAST ERROR"]
-    print(render_table(headers, rows))
+    print(render_table(headers, rows, flexible=(7,)))
     return EXIT_OK
 
 
@@ -509,7 +520,7 @@ def _endpoint_action(args: argparse.Namespace, action: str) -> int:
         print(f"endpoint {name!r} enabled{extra}")
     else:
         held = info.get("held")
-        extra = f" ({held} deliveries held)" if isinstance(held, int) and held else ""
+        extra = f" ({held} {'delivery' if held == 1 else 'deliveries'} held)" if isinstance(held, int) and held else ""
         print(f"endpoint {name!r} disabled{extra}")
     return EXIT_OK
 
@@ -578,25 +589,19 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         for d in deliveries
     ]
     headers = ["ID", "ENDPOINT", "DEVICE", "TYPE", "STATUS", "TRIES", "NEXT", "LAST RESULT", "CREATED"]
-    print(render_table(headers, rows))
+    print(render_table(headers, rows, flexible=(7, 2)))
     return EXIT_OK
 
 
-def _delivery_id(raw: str) -> int | str:
-    return int(raw) if raw.isdigit() else raw
-
-
 def _replay(args: argparse.Namespace) -> int:
-    ids: list[str] = list(getattr(args, "ids", None) or [])
+    ids: list[int] = list(getattr(args, "ids", None) or [])
     endpoint = getattr(args, "endpoint", None)
     status = getattr(args, "status", None)
     body: dict[str, Any]
     if ids and (endpoint or status):
-        raise CLIError(
-            "deliveries replay: give delivery IDs or --endpoint NAME --status dead, not both", EXIT_ERROR
-        )
+        raise CLIError("deliveries replay: give delivery IDs or --endpoint NAME --status dead, not both", EXIT_ERROR)
     if ids:
-        body = {"ids": [_delivery_id(i) for i in ids]}
+        body = {"ids": ids}
     elif endpoint:
         body = {"endpoint": endpoint, "status": status or "dead"}
     else:
@@ -631,6 +636,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _delivery_id(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {value}")
+    return n
+
+
 def _port(value: str) -> int:
     try:
         n = int(value)
@@ -653,9 +668,7 @@ def _common(json_flag: bool) -> argparse.ArgumentParser:
         help="config file (default: $WEBHOOKD_CONFIG, else /etc/webhookd/config.yaml)",
     )
     if json_flag:
-        p.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON document"
-        )
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON document")
     return p
 
 
@@ -674,9 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(
-        name: str, handler: Handler, help_: str, parent: argparse.ArgumentParser
-    ) -> argparse.ArgumentParser:
+    def add(name: str, handler: Handler, help_: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_, parents=[parent])
         p.set_defaults(handler=handler)
         return p
@@ -686,9 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "daemon summary", data)
 
     p = add("devices", cmd_devices, "list devices", data)
-    p.add_argument(
-        "--state", choices=DEVICE_STATES, default=argparse.SUPPRESS, help="only devices in this state"
-    )
+    p.add_argument("--state", choices=DEVICE_STATES, default=argparse.SUPPRESS, help="only devices in this state")
 
     p = add("endpoints", cmd_endpoints, "list endpoints, or enable / disable / test one", data)
     ep_sub = p.add_subparsers(dest="action", metavar="ACTION")
@@ -712,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         "endpoint in a status (`replay --endpoint NAME --status dead`).",
         parents=[data],
     )
-    rp.add_argument("ids", nargs="*", metavar="ID")
+    rp.add_argument("ids", nargs="*", type=_delivery_id, metavar="ID", help="delivery ids (see `webhookd deliveries`)")
     rp.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS)
     rp.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS)
 

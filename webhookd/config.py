@@ -330,6 +330,8 @@ def redact_url(url: str) -> str:
 Duration = Annotated[str | int | float, msgspec.Meta(title="a duration (e.g. 500ms, 30s, 15m, 2h, 1d)")]
 Size = Annotated[str | int, msgspec.Meta(title="a size (e.g. 64KiB, 1MiB or bytes)")]
 Section = Annotated[dict[Any, Any] | None, msgspec.Meta(title="a mapping")]
+StrList = Annotated[list[str] | str | None, msgspec.Meta(title="a string or a list of strings")]
+EventList = Annotated[list[str] | str, msgspec.Meta(title="a list of events (online, offline, ... or all)")]
 HostPortStr = Annotated[str | None, msgspec.Meta(title="host:port (or null)")]
 ItemList = Annotated[list[Any] | None, msgspec.Meta(title="a list")]
 
@@ -352,7 +354,7 @@ class _RawConfig(_Raw):
 class _RawListen(_Raw):
     http: HostPortStr = DEFAULT_HTTP
     udp: HostPortStr = None
-    tokens: list[str] | str | None = None
+    tokens: StrList = None
     max_body: Size = DEFAULT_MAX_BODY
 
 
@@ -384,10 +386,10 @@ class _RawEndpoint(_Raw):
     name: str
     url: str
     description: str | None = None
-    events: list[str] | str = msgspec.field(default_factory=lambda: ["all"])
-    devices: list[str] | str | None = None
+    events: EventList = msgspec.field(default_factory=lambda: ["all"])
+    devices: StrList = None
     format: str = "webhookd"
-    secret: list[str] | str | None = None
+    secret: StrList = None
     secret_file: str | None = None
     signature: str | None = None
     signature_header: str = DEFAULT_SIGNATURE_HEADER
@@ -669,9 +671,7 @@ class _Checker:
             self.add(path, f"must be >= {minimum}")
         return max(v, minimum)
 
-    def choice(
-        self, path: str, v: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None
-    ) -> str:
+    def choice(self, path: str, v: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
         lv = v.strip().lower()
         lv = (aliases or {}).get(lv, lv)
         if lv not in choices:
@@ -794,7 +794,7 @@ def _url(c: _Checker, path: str, url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as e:
-        c.add(path, f"invalid URL ({e})" if "port" in str(e).lower() else "invalid URL")
+        c.add(path, "invalid URL (bad port)" if "port" in str(e).lower() else "invalid URL")
         return
     if parts.scheme.lower() not in ("http", "https"):
         c.add(path, "must be http or https")
@@ -1068,7 +1068,7 @@ class _StrictLoader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.duplicates: list[str] = []
+        self.duplicates: list[tuple[int, int, str]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
@@ -1083,7 +1083,8 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if dup:
                 m = key_node.start_mark
-                self.duplicates.append(f"line {m.line + 1}, column {m.column + 1}: duplicate key {key!r}")
+                where = f"line {m.line + 1}, column {m.column + 1}"
+                self.duplicates.append((m.line, m.column, f"{where}: duplicate key {key!r}"))
         return super().construct_mapping(node, deep=deep)
 
 
@@ -1103,7 +1104,7 @@ def _load_yaml(text: str, shown: str) -> object:
     finally:
         loader.dispose()
     if loader.duplicates:
-        raise ConfigError([f"{shown}: {d}" for d in loader.duplicates])
+        raise ConfigError([f"{shown}: {d}" for _, _, d in sorted(loader.duplicates)])
     return data
 
 

@@ -37,9 +37,7 @@ def _find_hmac_header(headers: Mapping[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def check_signature(
-    headers: Mapping[str, str], body: bytes, secrets: Sequence[str], now: float | None = None
-) -> str:
+def check_signature(headers: Mapping[str, str], body: bytes, secrets: Sequence[str], now: float | None = None) -> str:
     """The signature status line (without ``signature: ``): ``ok (hmac-sha256)``, ``ok (standard-webhooks)``,
     ``INVALID (...)``, ``not checked (no --secret)`` or ``missing``."""
     from webhookd import signing
@@ -90,9 +88,7 @@ def describe_event(body: object) -> str:
     return "-"
 
 
-def format_block(
-    method: str, path: str, headers: Mapping[str, str], body: bytes, signature: str, when: float
-) -> str:
+def format_block(method: str, path: str, headers: Mapping[str, str], body: bytes, signature: str, when: float) -> str:
     lower = {k.lower(): v for k, v in headers.items()}
     try:
         parsed: object = json.loads(body) if body else None
@@ -160,9 +156,7 @@ async def serve(host: str, port: int, secrets: Sequence[str], out: TextIO = sys.
             if isinstance(addr, tuple) and len(addr) >= 2:
                 bound = int(addr[1])
                 break
-        checked = (
-            f"checking signatures with {len(secrets)} secret(s)" if secrets else "not checking signatures"
-        )
+        checked = f"checking signatures with {len(secrets)} secret(s)" if secrets else "not checking signatures"
         out.write(f"webhookd sink listening on {_url(host, bound)} ({checked}; Ctrl-C stops)\n")
         out.flush()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,245 @@
+"""Real parts for whole-daemon tests: the daemon as a subprocess, receivers as aiohttp servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+from multidict import CIMultiDict
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # test-only secret (standard-webhooks compatible)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Received:
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on 127.0.0.1. `status` decides each answer; it can be stopped and restarted."""
+
+    port: int = field(default_factory=free_port)
+    status: Callable[[Received], int] = lambda _r: 200
+    got: list[Received] = field(default_factory=list)
+    attempts: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        r = Received(request.path, CIMultiDict(request.headers), await request.read(), time.monotonic())
+        self.attempts += 1
+        code = self.status(r)
+        if 200 <= code < 300:
+            self.got.append(r)
+        return web.json_response({"ok": 200 <= code < 300}, status=code)
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def events(self) -> list[dict[str, Any]]:
+        return [r.json for r in self.got]
+
+    async def wait_for(self, n: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"receiver got {len(self.got)} webhooks, expected {n}")
+            await asyncio.sleep(0.02)
+        return self.got
+
+
+def endpoint(name: str, receiver: Receiver, **extra: Any) -> dict[str, Any]:
+    ep: dict[str, Any] = {"name": name, "url": receiver.url, "events": ["all"], "secret": SECRET}
+    ep.update(extra)
+    return ep
+
+
+class Daemon:
+    """`webhookd run` as a subprocess on a config written into a temp dir."""
+
+    def __init__(self, tmp: Path, endpoints: list[dict[str, Any]], **overrides: Any) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.config_path = tmp / "webhookd.yaml"
+        self.log_path = tmp / "daemon.log"
+        cfg: dict[str, Any] = {
+            "state_dir": str(tmp / "state"),
+            "listen": {"http": f"127.0.0.1:{self.port}"},
+            "admin": {"socket": str(tmp / "admin.sock")},
+            "presence": {"silence_timeout": "1h"},
+            "delivery": {
+                "concurrency": 16,
+                "timeout": "2s",
+                "retry_schedule": ["200ms", "400ms", "800ms"],
+                "disable_after": 0,
+            },
+            "endpoints": endpoints,
+            "logging": {"format": "json", "level": "debug"},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.cfg))
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        log.close()
+        if wait:
+            await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.logs_text()}")
+                try:
+                    async with s.get(self.base + "/healthz") as r:
+                        if r.status == 200 and (self.tmp / "admin.sock").exists():
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError("daemon did not become ready:\n" + self.logs_text())
+                await asyncio.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("daemon did not exit:\n" + self.logs_text())
+            await asyncio.sleep(0.02)
+        return self.proc.returncode
+
+    async def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        return await self.wait_exit()
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        await self.wait_exit()
+
+    def logs_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": "<not json>", "line": line})
+        return out
+
+    async def heartbeat(self, device: str, state: str | None = None, **fields: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"device": device, **fields}
+        if state is not None:
+            body["state"] = state
+        async with aiohttp.ClientSession() as s, s.post(self.base + "/v1/heartbeat", json=body) as r:
+            assert r.status == 200, await r.text()
+            result: dict[str, Any] = await r.json()
+            return result
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.request(method, self.base + path, **kw) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text)
+            except json.JSONDecodeError:
+                return r.status, text
+
+    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        conn = aiohttp.UnixConnector(path=str(self.tmp / "admin.sock"))
+        async with (
+            aiohttp.ClientSession(connector=conn) as s,
+            s.request(method, "http://webhookd" + path, json=body) as r,
+        ):
+            return r.status, await r.json(content_type=None)
+
+    async def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The real CLI in a subprocess; awaited, so receivers in this test's loop keep answering."""
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "webhookd", *args, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)

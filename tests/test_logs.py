@@ -1,0 +1,235 @@
+"""webhookd.logs: JSON lines / console rendering, levels, stdlib records, secret scrubbing."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from unittest import mock
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from webhookd import logs
+from webhookd.logs import configure_logging, get_logger
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    yield
+    if logs._handler is not None:
+        root.removeHandler(logs._handler)
+        logs._handler = None
+    root.setLevel(level)
+    structlog.contextvars.clear_contextvars()
+    logging.captureWarnings(False)
+
+
+def lines(buf: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+class TTYStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_line_keys_and_order() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    get_logger("webhookd.test").info("device_online", device="d1", reason="heartbeat")
+    out = buf.getvalue()
+    assert out.count("\n") == 1
+    (rec,) = lines(buf)
+    assert list(rec)[:3] == ["timestamp", "level", "event"]
+    assert rec["level"] == "info"
+    assert rec["event"] == "device_online"
+    assert rec["device"] == "d1" and rec["reason"] == "heartbeat"
+    assert rec["timestamp"].endswith("Z")
+    ts = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00"))
+    assert ts.utcoffset() is not None and ts.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+
+
+def test_auto_is_json_when_not_a_tty_and_console_on_a_tty() -> None:
+    buf = io.StringIO()
+    configure_logging("auto", "info", buf)
+    get_logger("t").info("config_reloaded", endpoints=2)
+    assert lines(buf)[0]["event"] == "config_reloaded"
+
+    tty = TTYStream()
+    configure_logging("auto", "info", tty)
+    get_logger("t").info("config_reloaded", endpoints=2)
+    text = tty.getvalue()
+    assert "config_reloaded" in text
+    assert not text.lstrip().startswith("{")
+
+
+def test_console_format_on_a_pipe_has_no_colour_codes() -> None:
+    buf = io.StringIO()
+    configure_logging("console", "info", buf)
+    get_logger("t").warning("endpoint_disabled", endpoint="ops", reason="410")
+    text = buf.getvalue()
+    assert "endpoint_disabled" in text and "endpoint=ops" in text
+    assert "\x1b[" not in text
+
+
+def test_level_filtering_and_reconfigure() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    log = get_logger("webhookd.test")
+    log.debug("hidden")
+    log.info("shown")
+    assert [r["event"] for r in lines(buf)] == ["shown"]
+
+    buf2 = io.StringIO()
+    configure_logging("json", "debug", buf2)  # reload: new level, new stream, the same logger object
+    log.debug("now_visible")
+    assert [r["event"] for r in lines(buf2)] == ["now_visible"]
+    assert [r["event"] for r in lines(buf)] == ["shown"]  # the old handler is gone
+
+    configure_logging("json", "warning", buf2)
+    log.info("dropped")
+    log.warning("kept")
+    assert [r["event"] for r in lines(buf2)] == ["now_visible", "kept"]
+    ours = [h for h in logging.getLogger().handlers if h is logs._handler]
+    assert len(ours) == 1
+
+
+def test_filtered_calls_skip_the_processor_chain() -> None:
+    configure_logging("json", "info", io.StringIO())
+    log = get_logger("webhookd.test")
+    with mock.patch.object(structlog.stdlib.BoundLogger, "_proxy_to_logger") as proxied:
+        log.debug("expensive", payload=object())
+        assert proxied.call_count == 0
+        log.info("cheap")
+        assert proxied.call_count == 1
+
+
+def test_stdlib_records_render_the_same_way() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    logging.getLogger("aiohttp.server").error("Error handling request from %s", "10.0.0.7")
+    logging.getLogger("asyncio").warning("Executing %r took %.3f seconds", "<Task>", 0.25)
+    recs = lines(buf)
+    assert [r["level"] for r in recs] == ["error", "warning"]
+    assert recs[0]["event"] == "Error handling request from 10.0.0.7"
+    assert recs[0]["logger"] == "aiohttp.server"
+    assert recs[1]["event"] == "Executing '<Task>' took 0.250 seconds"
+    for r in recs:
+        assert list(r)[:3] == ["timestamp", "level", "event"]
+
+
+def test_stdlib_level_follows_configuration() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "warning", buf)
+    logging.getLogger("aiohttp.server").info("not shown")
+    assert buf.getvalue() == ""
+
+
+def test_exception_is_one_string_field_on_one_line() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    log = get_logger("t")
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        log.exception("delivery_crashed", delivery_id=7)
+    try:
+        raise ValueError("stdlib side")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Task exception was never retrieved")
+    out = buf.getvalue()
+    assert out.count("\n") == 2
+    first, second = lines(buf)
+    assert first["level"] == "error" and first["delivery_id"] == 7
+    assert isinstance(first["exception"], str)
+    assert "ZeroDivisionError: boom" in first["exception"]
+    assert "ValueError: stdlib side" in second["exception"]
+
+
+def test_secrets_are_scrubbed() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    get_logger("t").info(
+        "endpoint_configured",
+        endpoint="ops",
+        secret="whsec_abc",
+        secrets=["a", "b"],
+        token="t0k",
+        password="hunter2",
+        headers={"Authorization": "Bearer xyz", "X-Other": "fine"},
+        url="https://user:pa55@hooks.example.com/x",
+        previous=None,
+    )
+    logging.getLogger("aiohttp.client").warning("sent", extra={"api_key": "k"})
+    rec, stdlib = lines(buf)
+    assert rec["secret"] == "***" and rec["secrets"] == "***"
+    assert rec["token"] == "***" and rec["password"] == "***"
+    assert rec["headers"] == {"Authorization": "***", "X-Other": "fine"}
+    assert rec["url"] == "https://***@hooks.example.com/x"
+    assert rec["endpoint"] == "ops" and rec["previous"] is None
+    assert stdlib["api_key"] == "***"
+    text = buf.getvalue()
+    for leaked in ("whsec_abc", "t0k", "hunter2", "xyz", "pa55"):
+        assert leaked not in text
+
+
+def test_scrub_secrets_processor_directly() -> None:
+    ed = logs.scrub_secrets(None, "info", {"event": "x", "Authorization": "Bearer a", "n": 1})
+    assert ed == {"event": "x", "Authorization": "***", "n": 1}
+
+
+def test_contextvars_are_merged() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    structlog.contextvars.bind_contextvars(endpoint="ops", device="d9")
+    get_logger("t").info("delivery_succeeded", status=200, duration_ms=12.5)
+    (rec,) = lines(buf)
+    assert rec["endpoint"] == "ops" and rec["device"] == "d9" and rec["status"] == 200
+
+
+def test_capture_logs_sees_all_levels() -> None:
+    configure_logging("json", "warning", io.StringIO())
+    log = get_logger("webhookd.test")
+    with capture_logs() as cap:
+        log.info("device_online", device="d1")
+        log.debug("tick")
+    assert cap == [
+        {"event": "device_online", "log_level": "info", "device": "d1"},
+        {"event": "tick", "log_level": "debug"},
+    ]
+
+
+def test_capture_logs_without_configure_logging() -> None:
+    with capture_logs() as cap:
+        get_logger("webhookd.other").info("device_offline", reason="timeout")
+    assert cap == [{"event": "device_offline", "log_level": "info", "reason": "timeout"}]
+
+
+def test_get_logger_type_and_name() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    get_logger().info("no_name")
+    (rec,) = lines(buf)
+    assert rec["logger"] == __name__
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="level"):
+        configure_logging("json", "loud", io.StringIO())
+    with pytest.raises(ValueError, match="format"):
+        configure_logging("xml", "info", io.StringIO())
+
+
+def test_default_stream_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "info")
+    get_logger("t").info("to_stdout")
+    out = capsys.readouterr().out
+    assert re.search(r'"event": "to_stdout"', out)

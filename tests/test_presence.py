@@ -1,0 +1,228 @@
+"""The presence engine's transitions, with a fake clock: no sleeping, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from webhookd.presence import Device, DeviceDefaults, Heartbeat, Outcome, PresenceEngine
+
+T = 60.0  # silence timeout used below
+
+
+def engine(notify_after_utilizing: bool = False, timeouts: dict[str, float] | None = None) -> PresenceEngine:
+    timeouts = timeouts or {}
+    return PresenceEngine(
+        lambda dev: DeviceDefaults(timeouts.get(dev, T), name="default-name", owner="ops@example.com"),
+        notify_after_utilizing,
+    )
+
+
+def hb(
+    e: PresenceEngine,
+    dev: str,
+    now: float,
+    state: str | None = None,
+    address: str | None = "10.0.0.1",
+    name: str | None = None,
+) -> Outcome:
+    return e.heartbeat(Heartbeat(dev, state=state, address=address, name=name), now, 1_700_000_000 + now)
+
+
+def kind(o: Outcome) -> str | None:
+    return o.transition.kind if o.transition else None
+
+
+def test_first_heartbeat_is_online_from_unknown() -> None:
+    e = engine()
+    o = hb(e, "d1", 0.0)
+    assert o.state == "online"
+    assert o.transition is not None
+    assert (o.transition.kind, o.transition.reason, o.transition.previous_state) == ("online", "heartbeat", "unknown")
+    assert o.transition.device.name == "default-name"
+    assert o.transition.device.owner == "ops@example.com"
+
+
+def test_liveness_heartbeat_creates_nothing_and_marks_dirty() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    o = hb(e, "d1", 10.0)
+    assert o.transition is None and o.state == "online"
+    assert [d.id for d in e.take_dirty()] == ["d1"]
+    assert e.take_dirty() == []
+
+
+@pytest.mark.parametrize("state", ["offline", "shutdown", "reboot"])
+def test_first_seen_offline_is_recorded_without_event(state: str) -> None:
+    e = engine()
+    o = hb(e, "d1", 0.0, state=state)
+    assert o.state == "offline"
+    assert o.transition is not None and o.transition.kind is None
+    assert e.next_deadline() is None
+
+
+def test_explicit_first_state_is_reported() -> None:
+    e = engine()
+    o = hb(e, "d1", 0.0, state="utilizing")
+    assert o.transition is not None
+    assert (o.transition.kind, o.transition.reason) == ("utilizing", "reported")
+
+
+@pytest.mark.parametrize(("state", "reason"), [("shutdown", "shutdown"), ("reboot", "reboot"), ("offline", "reported")])
+def test_shutdown_reboot_offline_go_offline_at_once(state: str, reason: str) -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    o = hb(e, "d1", 1.0, state=state)
+    assert o.transition is not None
+    assert (o.state, o.transition.kind, o.transition.reason) == ("offline", "offline", reason)
+    assert e.expire(1000.0, 0) == []  # no second offline from the timer
+
+
+def test_silence_timeout_goes_offline_at_the_deadline_not_before() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    assert e.expire(T - 0.001, 0) == []
+    out = e.expire(T, 0)
+    assert len(out) == 1 and out[0].transition is not None
+    assert (out[0].transition.kind, out[0].transition.reason, out[0].transition.previous_state) == (
+        "offline",
+        "timeout",
+        "online",
+    )
+    assert e.devices["d1"].state == "offline"
+    assert e.expire(10 * T, 0) == []
+
+
+def test_heartbeats_push_the_deadline_without_touching_the_heap() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    heap_before = list(e._heap)
+    for i in range(1, 100):
+        hb(e, "d1", float(i))
+    assert e._heap == heap_before  # O(1) per heartbeat
+    assert e.expire(T + 50, 0) == []  # early entry re-pushed with the real deadline
+    assert e.next_deadline() == pytest.approx(99 + T)
+    assert len(e.expire(99 + T, 0)) == 1
+
+
+def test_back_online_after_timeout_carries_offline_for() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    e.expire(T, 1_700_000_000 + T)
+    o = hb(e, "d1", T + 30)
+    assert o.transition is not None
+    assert (o.transition.kind, o.transition.reason, o.transition.previous_state) == ("online", "heartbeat", "offline")
+    assert o.transition.offline_for == pytest.approx(30)
+
+
+def test_heartbeat_without_state_keeps_utilizing_and_unplugged() -> None:
+    e = engine()
+    hb(e, "d1", 0.0, state="utilizing")
+    assert hb(e, "d1", 1.0).transition is None
+    assert e.devices["d1"].state == "utilizing"
+    hb(e, "d1", 2.0, state="unplugged")
+    assert hb(e, "d1", 3.0).transition is None
+    assert e.devices["d1"].state == "unplugged"
+
+
+def test_utilizing_to_online_is_silent_unless_configured() -> None:
+    e = engine()
+    hb(e, "d1", 0.0, state="utilizing")
+    o = hb(e, "d1", 1.0, state="online")
+    assert o.state == "online" and o.transition is not None and o.transition.kind is None
+    e2 = engine(notify_after_utilizing=True)
+    hb(e2, "d1", 0.0, state="utilizing")
+    assert kind(hb(e2, "d1", 1.0, state="online")) == "online"
+
+
+@pytest.mark.parametrize("state", ["utilizing", "unplugged"])
+def test_reported_state_change(state: str) -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    o = hb(e, "d1", 1.0, state=state)
+    assert o.transition is not None and (o.transition.kind, o.transition.reason) == (state, "reported")
+    assert hb(e, "d1", 2.0, state=state).transition is None  # same state again: liveness only
+
+
+def test_address_change_on_live_device() -> None:
+    e = engine()
+    hb(e, "d1", 0.0, address="10.0.0.1")
+    o = hb(e, "d1", 1.0, address="10.0.0.2")
+    assert o.transition is not None
+    assert (o.transition.kind, o.transition.reason) == ("address_changed", "heartbeat")
+    assert o.transition.device.address == "10.0.0.2"
+    assert hb(e, "d1", 2.0, address="10.0.0.2").transition is None
+
+
+def test_back_online_with_new_address_is_only_online() -> None:
+    e = engine()
+    hb(e, "d1", 0.0, address="10.0.0.1")
+    hb(e, "d1", 1.0, state="shutdown")
+    o = hb(e, "d1", 2.0, address="10.0.0.9")
+    assert kind(o) == "online"
+    assert o.transition is not None and o.transition.device.address == "10.0.0.9"
+
+
+def test_per_device_timeout_override() -> None:
+    e = engine(timeouts={"printer-1": 5.0})
+    hb(e, "printer-1", 0.0)
+    hb(e, "other", 0.0)
+    out = e.expire(5.0, 0)
+    assert [o.transition.device.id for o in out if o.transition] == ["printer-1"]
+
+
+def test_restart_gives_every_live_device_a_full_timeout_from_start() -> None:
+    e = engine()
+    restored = [Device(id="a", state="online"), Device(id="b", state="offline"), Device(id="c", state="utilizing")]
+    start = 5000.0
+    e.load(restored, start)
+    assert e.expire(start + T - 1, 0) == []  # no storm after downtime
+    hb(e, "a", start + 10)  # a keeps heartbeating
+    out = e.expire(start + T, 0)
+    assert [o.transition.device.id for o in out if o.transition] == ["c"]  # silent c still goes offline
+    assert e.devices["b"].state == "offline"
+
+
+def test_undo_restores_exactly_the_failed_change() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    o = hb(e, "d1", 1.0, state="unplugged")
+    e.undo(o)
+    assert e.devices["d1"].state == "online"
+    first = hb(e, "new", 0.0)
+    e.undo(first)
+    assert "new" not in e.devices
+    assert e.expire(10 * T, 0)[0].transition is not None  # d1 still times out; 'new' left no trace
+
+
+def test_undo_of_expiry_lets_it_expire_again() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    out = e.expire(T, 0)
+    for o in out:
+        e.undo(o)
+    assert e.devices["d1"].state == "online"
+    assert len(e.expire(T + 0.5, 0)) == 1
+
+
+def test_reconfigure_applies_new_timeouts() -> None:
+    e = engine()
+    hb(e, "d1", 0.0)
+    e.reconfigure(lambda _dev: DeviceDefaults(10.0), False)
+    assert len(e.expire(10.0, 0)) == 1
+
+
+def test_counts() -> None:
+    e = engine()
+    hb(e, "a", 0.0)
+    hb(e, "b", 0.0, state="utilizing")
+    hb(e, "c", 0.0, state="shutdown")
+    assert e.counts() == {"online": 1, "utilizing": 1, "unplugged": 0, "offline": 1}
+
+
+def test_many_devices_expire_in_deadline_order() -> None:
+    e = engine()
+    for i in range(1000):
+        hb(e, f"d{i}", float(i) / 10)
+    out = e.expire(T + 50, 0)
+    assert len(out) == 501
+    assert e.next_deadline() == pytest.approx(T + 50.1)
