@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -233,3 +236,75 @@ def test_default_stream_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     get_logger("t").info("to_stdout")
     out = capsys.readouterr().out
     assert re.search(r'"event": "to_stdout"', out)
+
+
+def _journal(monkeypatch: pytest.MonkeyPatch, f: Any) -> None:
+    st = os.fstat(f.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+
+
+def test_journal_stream_lines_carry_syslog_priorities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with (tmp_path / "journal").open("w+") as f:
+        _journal(monkeypatch, f)
+        assert logs.is_journal(f)
+        configure_logging("auto", "debug", f)  # what systemd runs: auto, stdout is the journal socket
+        log = get_logger("webhookd.test")
+        log.debug("tick")
+        log.info("device_online", device="d1")
+        log.warning("endpoint_disabled", endpoint="ops")
+        log.error("delivery_failed", delivery_id=3)
+        log.critical("daemon_crashed")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("delivery_crashed")
+        logging.getLogger("aiohttp.server").warning("stdlib %s", "too")
+        f.flush()
+        f.seek(0)
+        text = f.read()
+    got = []
+    for line in text.splitlines():
+        m = re.fullmatch(r"<(\d)>(\{.*\})", line)
+        assert m, line
+        rec = json.loads(m.group(2))
+        got.append((int(m.group(1)), rec["level"], rec["event"]))
+    assert got == [
+        (7, "debug", "tick"),
+        (6, "info", "device_online"),
+        (4, "warning", "endpoint_disabled"),
+        (3, "error", "delivery_failed"),
+        (2, "critical", "daemon_crashed"),
+        (3, "error", "delivery_crashed"),
+        (4, "warning", "stdlib too"),
+    ]
+
+
+def test_plain_json_when_stdout_is_not_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with (tmp_path / "elsewhere").open("w+") as other, (tmp_path / "out").open("w+") as f:
+        _journal(monkeypatch, other)  # inherited JOURNAL_STREAM, but stdout was redirected to a file
+        assert not logs.is_journal(f)
+        configure_logging("json", "info", f)
+        get_logger("t").warning("endpoint_disabled")
+        f.flush()
+        f.seek(0)
+        assert json.loads(f.read())["event"] == "endpoint_disabled"
+    for value in ("", "garbage", "1:x", "12"):
+        monkeypatch.setenv("JOURNAL_STREAM", value)
+        assert not logs.is_journal(sys.stdout)
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert not logs.is_journal(io.StringIO())  # no fd at all
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    get_logger("t").error("delivery_failed")
+    assert buf.getvalue().startswith("{")
+
+
+def test_console_format_on_the_journal_has_no_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with (tmp_path / "journal").open("w+") as f:
+        _journal(monkeypatch, f)
+        configure_logging("console", "info", f)
+        get_logger("t").warning("endpoint_disabled", endpoint="ops")
+        f.flush()
+        f.seek(0)
+        text = f.read()
+    assert "endpoint_disabled" in text and not text.startswith("<")

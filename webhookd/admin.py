@@ -218,8 +218,8 @@ class AdminAPI:
     async def metrics(self, request: web.Request) -> web.Response:
         if self.metrics_text is None:
             return error_response(404, "metrics are not enabled")
+        # aiohttp refuses content_type= together with a Content-Type header: the header alone carries version=.
         return web.Response(
             body=await self.metrics_text(),
-            content_type="text/plain",
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )

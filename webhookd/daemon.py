@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from webhookd import __version__, sdnotify
@@ -24,15 +26,26 @@ from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import configure_logging, get_logger
+from webhookd.metrics import Metrics
 from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import Store, StoreError
 from webhookd.tracker import Tracker
+from webhookd.udp import UDPListener
 
 log = get_logger("webhookd.daemon")
 
 DRAIN_MAX = 10.0  # seconds in-flight deliveries get at shutdown
 FLUSH_INTERVAL = 5.0
 STATUS_INTERVAL = 10.0
+RELOAD_WAIT = 5.0  # seconds a running reload gets to finish when a stop is asked for
+
+
+def _prune_interval() -> float:
+    """Seconds between retention prunes; WEBHOOKD_PRUNE_INTERVAL (undocumented) shortens it for tests."""
+    try:
+        return max(float(os.environ.get("WEBHOOKD_PRUNE_INTERVAL", "60")), 0.05)
+    except ValueError:
+        return 60.0
 
 
 def defaults_for(cfg: Config) -> Callable[[str], DeviceDefaults]:
@@ -62,8 +75,12 @@ class Daemon:
         self.api = HeartbeatAPI(
             self.tracker, cfg.listen.tokens, cfg.listen.max_body, lambda: self.store.healthy
         )
-        self.admin = AdminAPI(self)
+        self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
+        self.metrics.attach(self.tracker, self.api)
+        self.metrics.udp = lambda: self.udp
+        self.admin = AdminAPI(self, metrics=self.metrics.render)
         self._runners: list[web.AppRunner] = []
+        self.udp: UDPListener | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
 
@@ -81,6 +98,12 @@ class Daemon:
         listen = self.cfg.listen
         if listen.http is not None:
             await self._serve_tcp(self.api.app(), listen.http.host, listen.http.port, "heartbeat API")
+        if listen.udp is not None:
+            self.udp = UDPListener(self.tracker, listen.max_body)
+            try:
+                await self.udp.start(listen.udp.host, listen.udp.port, unauthenticated_warning=bool(listen.tokens))
+            except OSError as e:
+                raise StartupError(f"cannot listen on {listen.udp} for UDP heartbeats: {e.strerror or e}") from e
         await self._serve_admin()
         log.info(
             "daemon_started",
@@ -140,6 +163,10 @@ class Daemon:
                     tg.create_task(self.tracker.sweep_loop(), name="presence-sweep"),
                     tg.create_task(self.tracker.flush_loop(FLUSH_INTERVAL), name="liveness-flush"),
                     tg.create_task(self._status_loop(), name="sd-status"),
+                    tg.create_task(
+                        self.store.retention_loop(lambda: self.cfg.delivery.retention, _prune_interval()),
+                        name="retention",
+                    ),
                 ]
                 interval = sdnotify.watchdog_interval()
                 if interval is not None:
@@ -160,8 +187,17 @@ class Daemon:
         return 0
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        reloading = self._reloading
+        if reloading is not None and not reloading.done():
+            # A reload still running finishes first: nothing is torn down under it, and no READY=1 follows
+            # STOPPING=1.
+            _done, pending = await asyncio.wait({reloading}, timeout=RELOAD_WAIT)
+            for t in pending:
+                t.cancel()
         sdnotify.stopping()
         log.info("daemon_stopping", inflight=self.dispatcher.inflight)
+        if self.udp is not None:
+            await self.udp.close()  # no new UDP heartbeats; those in flight get recorded
         for runner in self._runners:
             await runner.cleanup()  # no new heartbeats, no admin calls
         self._runners.clear()
@@ -177,6 +213,9 @@ class Daemon:
             t.cancel()
 
     async def _close(self) -> None:
+        if self.udp is not None:
+            with contextlib.suppress(Exception):
+                await self.udp.close(0)
         for runner in self._runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
@@ -213,6 +252,9 @@ class Daemon:
     # --- reload ------------------------------------------------------------------------------------------
 
     def _on_sighup(self) -> None:
+        if self._stop.is_set():
+            log.warning("config_reload_skipped", reason="the daemon is stopping")
+            return
         if self._reloading is not None and not self._reloading.done():
             log.warning("config_reload_skipped", reason="a reload is already running")
             return
@@ -246,10 +288,18 @@ class Daemon:
                     keys=restart,
                     detail="these keys take effect at the next restart",
                 )
+            # Keys bound at startup keep their running values until a restart: later reloads keep warning about
+            # them, and shutdown removes the admin socket that was actually created.
+            new = msgspec.structs.replace(
+                new,
+                listen=msgspec.structs.replace(self.cfg.listen, tokens=new.listen.tokens),
+                admin=self.cfg.admin,
+                state_dir=self.cfg.state_dir,
+            )
+            await self.dispatcher.reconfigure(new)  # first: it writes to the store, which may fail
             configure_logging(new.logging.format, new.logging.level)
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
-            await self.dispatcher.reconfigure(new)
-            self.api.configure(new.listen.tokens, self.cfg.listen.max_body)
+            self.api.configure(new.listen.tokens, new.listen.max_body)
             self.cfg = new
             log.info(
                 "config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices)
@@ -257,7 +307,8 @@ class Daemon:
         except Exception as e:
             log.exception("config_reload_failed", error=str(e))
         finally:
-            sdnotify.ready(self._status_line())
+            if not self._stop.is_set():
+                sdnotify.ready(self._status_line())
 
 
 def _socket_answers(path: Path) -> bool:
@@ -290,10 +341,11 @@ def run(config_path: str | Path) -> int:
     async def main() -> int:
         return await Daemon(cfg).run()
 
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]  # optional extra webhookd[speed]
-    except ImportError:
-        uvloop = None
-    if uvloop is not None:
-        return int(uvloop.run(main()))
+    if not os.environ.get("WEBHOOKD_NO_UVLOOP"):
+        try:
+            uvloop = importlib.import_module("uvloop")  # the optional extra webhookd[speed]
+        except ImportError:
+            pass
+        else:
+            return int(uvloop.run(main()))
     return asyncio.run(main())

@@ -53,6 +53,7 @@ class Delivery:
     due: float  # monotonic
     body: bytes = b""
     body_for: EndpointConfig | None = None  # the endpoint config the cached body was rendered for
+    inflight: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,8 @@ class Dispatcher:
         self._resolver = GuardedResolver()
         self._workers: list[asyncio.Task[None]] = []
         self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
+        # metrics hook: (endpoint, persisted status after an attempt: delivered|pending|dead|held)
+        self.on_outcome: Callable[[str, str], None] | None = None
 
     # --- startup and config ------------------------------------------------------------------------------
 
@@ -209,6 +212,8 @@ class Dispatcher:
         for name in rows:
             if name not in wanted:
                 await self.store.hold(name)
+        if self._workers:
+            self._ensure_workers()  # delivery.concurrency may have grown
         self._wake.set()
 
     async def reconfigure(self, cfg: Config) -> None:
@@ -242,7 +247,10 @@ class Dispatcher:
             if r.id in rt.known:
                 continue
             rt.known.add(r.id)
-            due = now + max(0.0, (r.next_attempt_at or wall) - wall)
+            # Stored retry times are wall clock: bound them so a clock that jumped back cannot park a
+            # delivery for hours.
+            wait = min(max(0.0, (r.next_attempt_at or wall) - wall), 2 * max(self.cfg.delivery.retry_schedule))
+            due = now + wait
             d = Delivery(r.id, r.event, r.endpoint, r.attempts, due)
             lane = rt.lanes.get(r.event.device_id)
             if lane is None:
@@ -251,10 +259,12 @@ class Dispatcher:
             elif lane[-1].id < d.id:
                 lane.append(d)
             else:
-                # Rare: rows arriving out of id order (enable racing new events). Keep the lane sorted.
+                # Rare: rows arriving out of id order (enable racing new events). Keep the lane sorted, but
+                # never move a head that is in flight.
+                keep = [lane.popleft()] if lane[0].inflight else []
                 items = sorted([*lane, d], key=lambda x: x.id)
                 lane.clear()
-                lane.extend(items)
+                lane.extend(keep + items)
 
     # --- scheduling --------------------------------------------------------------------------------------
 
@@ -307,6 +317,7 @@ class Dispatcher:
                 rt.inflight += 1
                 self.inflight += 1
                 self._idle.clear()
+                lane[0].inflight = True
                 self._jobs.put_nowait((rt, rt.generation, lane[0]))
         if next_due == float("inf"):
             return None
@@ -322,6 +333,7 @@ class Dispatcher:
             except Exception:
                 log.exception("delivery_worker_error", endpoint=rt.cfg.name, delivery_id=d.id)
             finally:
+                d.inflight = False
                 rt.inflight -= 1
                 self.inflight -= 1
                 if self.inflight == 0:
@@ -463,6 +475,8 @@ class Dispatcher:
             del rt.lanes[device]
 
     async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(rt.cfg.name, outcome.status)
         try:
             await self.store.save_outcomes([outcome], [EndpointRow(**_row_fields(rt.row))])
         except StoreError as e:

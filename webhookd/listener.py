@@ -129,6 +129,9 @@ class HeartbeatAPI:
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
         self.healthy = healthy
+        # metrics hooks: heartbeats applied (count), and each 4xx answer (status)
+        self.on_heartbeats: Callable[[int], None] | None = None
+        self.on_rejected: Callable[[int], None] | None = None
 
     def configure(self, tokens: Sequence[str], max_body: int) -> None:
         self.tokens = [t.encode() for t in tokens]
@@ -145,6 +148,14 @@ class HeartbeatAPI:
 
     @web.middleware
     async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await self._handle(request, handler)
+        if self.on_rejected is not None and 400 <= response.status < 500:
+            self.on_rejected(response.status)
+        return response
+
+    async def _handle(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
@@ -194,17 +205,23 @@ class HeartbeatAPI:
             raise BadInput(400, "empty body")
         try:
             return _decoder.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             raise BadInput(400, "malformed JSON") from None
 
     @staticmethod
     def _answer(results: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
         return [{"device": d, "state": s, "changed": c} for d, s, c in results]
 
+    async def _apply(self, hbs: list[Heartbeat]) -> list[tuple[str, str, bool]]:
+        results = await self.tracker.heartbeats(hbs)
+        if self.on_heartbeats is not None:
+            self.on_heartbeats(len(hbs))
+        return results
+
     async def single(self, request: web.Request) -> web.Response:
         self._authorize(request)
         hb = parse_heartbeat(await self._json_body(request, True), _peer(request))
-        return _json(200, self._answer(await self.tracker.heartbeats([hb]))[0])
+        return _json(200, self._answer(await self._apply([hb]))[0])
 
     async def by_path(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -216,7 +233,7 @@ class HeartbeatAPI:
         if "state" in request.query:
             obj["state"] = request.query["state"]
         hb = parse_heartbeat(obj, _peer(request), device=device)
-        return _json(200, self._answer(await self.tracker.heartbeats([hb]))[0])
+        return _json(200, self._answer(await self._apply([hb]))[0])
 
     async def batch(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -227,7 +244,7 @@ class HeartbeatAPI:
             raise BadInput(400, f"a batch holds at most {MAX_BATCH} heartbeats")
         peer = _peer(request)
         hbs = [parse_heartbeat(item, peer, f"[{i}].") for i, item in enumerate(body)]
-        return _json(200, self._answer(await self.tracker.heartbeats(hbs)))
+        return _json(200, self._answer(await self._apply(hbs)))
 
     async def healthz(self, request: web.Request) -> web.Response:
         if self.healthy():

@@ -3,7 +3,9 @@
 Every record, structlog's and the stdlib's (aiohttp, asyncio, warnings), goes through one
 ``structlog.stdlib.ProcessorFormatter`` on one ``StreamHandler`` on the root logger, so everything renders the
 same way: one JSON object per line (keys ``timestamp``, ``level``, ``event`` first) under systemd, or
-structlog's console renderer on a terminal.
+structlog's console renderer on a terminal. When stdout is connected to the journal (systemd's
+``JOURNAL_STREAM``), each JSON line starts with its syslog priority (``<6>{...}``): journald strips it and files
+the line under that priority, so ``journalctl -p warning -u webhookd`` works.
 
 Levels are the stdlib's: ``configure_logging`` sets the root logger's level and the bound loggers check
 ``isEnabledFor`` before running any processor, so a filtered-out ``log.debug(...)`` costs one level check.
@@ -13,9 +15,10 @@ Calling ``configure_logging`` again (reload) swaps the handler and the level in 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -161,15 +164,57 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
+# syslog priorities (sd-daemon(3) "<N>" line prefixes) by structlog level name
+SYSLOG_PRIORITIES: dict[str, int] = {
+    "debug": 7,
+    "info": 6,
+    "notice": 5,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+    "fatal": 2,
+}
+
+
+def is_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is systemd's journal stream: ``$JOURNAL_STREAM`` is ``DEV:INODE`` of the stream
+    that journald connected to stdout/stderr, and it must match the stream's fd (systemd.exec(5)); a service
+    whose output was redirected elsewhere, or a child that inherited the variable, does not match."""
+    value = os.environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    dev, sep, ino = value.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation (StringIO) is both
+        return False
+
+
+class _SyslogPrefixed:
+    """Wrap a renderer: its output, prefixed with the record's syslog priority (``<3>`` for an error)."""
+
+    def __init__(self, renderer: Callable[[WrappedLogger, str, EventDict], str | bytes]) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        priority = SYSLOG_PRIORITIES.get(str(event_dict.get("level", "info")).lower(), 6)
+        line = self._renderer(logger, name, event_dict)
+        return f"<{priority}>" + (line.decode() if isinstance(line, bytes) else line)
+
+
 def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
     if fmt not in ("auto", "json", "console"):
         raise ValueError(f"unknown log format {fmt!r} (auto, json or console)")
     tty = _is_tty(stream)
     if fmt == "json" or (fmt == "auto" and not tty):
+        json_renderer = structlog.processors.JSONRenderer()
         return [
             structlog.processors.format_exc_info,  # exception -> one string field, escaped into one line
             _order_keys,
-            structlog.processors.JSONRenderer(),
+            _SyslogPrefixed(json_renderer) if is_journal(stream) else json_renderer,
         ]
     return [structlog.dev.ConsoleRenderer(colors=tty)]
 
@@ -177,7 +222,8 @@ def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Send every log record (structlog and stdlib) to ``stream`` (default stdout) as JSON lines
     (``fmt == "json"``, or ``"auto"`` and ``stream`` is not a terminal) or console text (``"console"``, or
-    ``"auto"`` on a terminal), dropping records below ``level``.
+    ``"auto"`` on a terminal), dropping records below ``level``. JSON lines to the journal carry a ``<N>``
+    syslog priority prefix.
 
     Idempotent: a second call (config reload) replaces the handler and the level; other handlers on the root
     logger (pytest's, for instance) are left alone.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,13 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from webhookd.logs import get_logger
 from webhookd.payloads import EventData
 from webhookd.presence import Device
+
+log = get_logger("webhookd.store")
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MAX_BATCH = 512
+PRUNE_BATCH = 500  # rows deleted per write transaction by the retention pruner
+VACUUM_PAGES = 512  # pages released per write transaction by the incremental vacuum
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -58,6 +64,8 @@ _MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX deliveries_by_status ON deliveries (status, endpoint, id);
     CREATE INDEX deliveries_by_event ON deliveries (event_id);
+    CREATE INDEX deliveries_by_age ON deliveries (status, updated_at);
+    CREATE INDEX events_by_time ON events (created_at);
     CREATE TABLE endpoints (
         name TEXT PRIMARY KEY,
         disabled INTEGER NOT NULL DEFAULT 0,
@@ -120,22 +128,36 @@ class Store:
         self.healthy = True
         self.last_error: str | None = None
         self.write_seconds: list[float] = []  # recent batch durations, read by metrics
+        self.on_write: Callable[[float], None] | None = None  # metrics hook: each batch's duration
+        self.auto_vacuum = 0  # PRAGMA auto_vacuum: 2 (incremental) for databases this version created
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def open(self) -> None:
         await self._run(self._open_sync)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="store-writer")
+        if self.auto_vacuum == 0:
+            log.info(
+                "store_vacuum_needed",
+                path=str(self.path),
+                detail="this database was created without auto_vacuum: pruned space is reused but the file "
+                "does not shrink; to fix, run `sqlite3 webhookd.db 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'` "
+                "once while webhookd is stopped",
+            )
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # Only takes on a new, empty database, and only before journal_mode=WAL and the first table;
+            # a no-op on existing ones (which keep what they were created with).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=OFF")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            self.auto_vacuum = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open database {self.path}: {e}") from e
         if version > SCHEMA_VERSION:
@@ -195,7 +217,10 @@ class Store:
                 batch.append(self._queue.get_nowait())
             started = time.perf_counter()
             results = await self._run(self._commit_batch, [op for op, _ in batch])
-            self.write_seconds.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.write_seconds.append(elapsed)
+            if self.on_write is not None:
+                self.on_write(elapsed)
             if len(self.write_seconds) > 1024:
                 del self.write_seconds[:512]
             for (_, fut), res in zip(batch, results, strict=True):
@@ -462,6 +487,106 @@ class Store:
             return out
 
         return await self.read(q)
+
+    # --- retention ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prune_deliveries(c: sqlite3.Connection, cutoff: float, limit: int) -> int:
+        cur = c.execute(
+            "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+            " WHERE status IN ('delivered', 'dead') AND updated_at < ? LIMIT ?)",
+            (cutoff, limit),
+        )
+        return cur.rowcount
+
+    @staticmethod
+    def _prune_events(
+        c: sqlite3.Connection, cutoff: float, after: tuple[float, str], limit: int
+    ) -> tuple[int, tuple[float, str] | None]:
+        """Look at the next `limit` events older than `cutoff` after the key `after` (created_at, id) and
+        delete those no delivery refers to. Returns (deleted, key of the last event looked at or None when
+        there are no more); events still referenced (held or pending for long) are stepped over, not rescanned
+        in every batch."""
+        window = c.execute(
+            "SELECT created_at, id FROM events WHERE created_at < ? AND (created_at, id) > (?, ?)"
+            " ORDER BY created_at, id LIMIT ?",
+            (cutoff, after[0], after[1], limit),
+        ).fetchall()
+        if not window:
+            return 0, None
+        cur = c.executemany(
+            "DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)",
+            [(eid, eid) for _, eid in window],
+        )
+        last: tuple[float, str] = (window[-1][0], window[-1][1])
+        return cur.rowcount, (last if len(window) == limit else None)
+
+    @staticmethod
+    def _vacuum_step(c: sqlite3.Connection, pages: int) -> int:
+        free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
+        # Python's sqlite3 steps a PRAGMA that returns no columns only once, and incremental_vacuum frees
+        # one page per step: so one execute per page (a cached statement; ~20 us each).
+        for _ in range(min(free, pages)):
+            c.execute("PRAGMA incremental_vacuum(1)")
+        return int(c.execute("PRAGMA freelist_count").fetchone()[0])
+
+    async def prune(
+        self, older_than: float, batch: int = PRUNE_BATCH, vacuum_pages: int = VACUUM_PAGES
+    ) -> tuple[int, int, int]:
+        """Delete delivered and dead deliveries last updated before `older_than` (unix seconds), then events
+        older than that which no delivery refers to, then give the freed pages back to the file system
+        (databases with auto_vacuum=INCREMENTAL). Each step is its own small write transaction queued like any
+        other write, so heartbeats' group commits wait for one batch at most, never for the whole prune.
+
+        Returns (deliveries, events, pages) removed."""
+        deliveries = events = pages = 0
+        while True:
+            n = await self.write(lambda c: self._prune_deliveries(c, older_than, batch))
+            deliveries += n
+            if n < batch:
+                break
+            await asyncio.sleep(0)
+        key: tuple[float, str] | None = (float("-inf"), "")
+        while key is not None:
+            n, key = await self.write(functools.partial(self._prune_events, cutoff=older_than, after=key, limit=batch))
+            events += n
+            await asyncio.sleep(0)
+        if (deliveries or events) and self.auto_vacuum == 2:
+            free = await self.read(lambda c: int(c.execute("PRAGMA freelist_count").fetchone()[0]))
+            for _ in range(free // max(vacuum_pages, 1) + 1):  # bounded, even if others free pages meanwhile
+                if free == 0:
+                    break
+                left = await self.write(lambda c: self._vacuum_step(c, vacuum_pages))
+                pages += max(free - left, 0)
+                free = left
+                await asyncio.sleep(0)
+        return deliveries, events, pages
+
+    async def retention_loop(
+        self, retention: Callable[[], float], interval: float = 60.0, first_delay: float = 10.0
+    ) -> None:
+        """Prune every `interval` seconds (the first time after `first_delay`) what is older than
+        `retention()` seconds (a callable, so that a config reload takes effect). A store error is logged
+        and the next round tries again; this loop never takes the daemon down."""
+        await asyncio.sleep(min(first_delay, interval))
+        while True:
+            started = time.perf_counter()
+            try:
+                deliveries, events, pages = await self.prune(time.time() - retention())
+            except StoreError as e:
+                log.warning("prune_failed", error=str(e))
+            except Exception as e:  # a bug here must not stop the heartbeats
+                log.exception("prune_failed", error=repr(e))
+            else:
+                if deliveries or events:
+                    log.info(
+                        "deliveries_pruned",
+                        count=deliveries,
+                        events=events,
+                        vacuumed_pages=pages,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                    )
+            await asyncio.sleep(interval)
 
     # --- queries for the admin API -----------------------------------------------------------------------
 

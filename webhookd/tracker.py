@@ -43,8 +43,7 @@ class Tracker:
         self._wall = wall
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
-        self.heartbeats_total = 0
-        self.events_total: dict[str, int] = {}
+        self.on_event: Callable[[str], None] | None = None  # metrics hook: one call per recorded event
 
     async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[tuple[str, str, bool]]:
         """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
@@ -63,7 +62,6 @@ class Tracker:
             if outcome.transition is not None:
                 outcomes.append(outcome)
                 mine.add(hb.device)
-        self.heartbeats_total += len(hbs)
         if outcomes:
             await self._commit(outcomes)
             self._wake.set()  # a new live device may now hold the earliest deadline
@@ -116,7 +114,8 @@ class Tracker:
             assert t is not None
             if event is None:
                 continue
-            self.events_total[event.type] = self.events_total.get(event.type, 0) + 1
+            if self.on_event is not None:
+                self.on_event(event.type)
             log.info(
                 f"device_{t.kind}",
                 device=t.device.id,
@@ -167,3 +166,6 @@ class Tracker:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+            if not self.store.healthy:
+                # Nothing else may write for a while: find out by ourselves when the store recovers.
+                await self.store.probe()

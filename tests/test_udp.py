@@ -1,0 +1,356 @@
+"""UDP heartbeats (listen.udp): the datagram parser, the listener's bounds, and the whole daemon over UDP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon, Receiver, endpoint, eventually
+from webhookd.listener import BadInput
+from webhookd.presence import Heartbeat
+from webhookd.store import StoreError
+from webhookd.udp import Throttle, UDPListener, parse_datagram, peer_ip
+
+PEER = "192.0.2.7"
+
+# --- the parser ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"dev-1", Heartbeat("dev-1", address=PEER)),
+        (b"dev-1\n", Heartbeat("dev-1", address=PEER)),
+        (b"dev-1 \r\n", Heartbeat("dev-1", address=PEER)),
+        (b"dev-1 utilizing\n", Heartbeat("dev-1", state="utilizing", address=PEER)),
+        (b"a.b:c@d-e shutdown", Heartbeat("a.b:c@d-e", state="shutdown", address=PEER)),
+        (b"dev-1\treboot", Heartbeat("dev-1", state="reboot", address=PEER)),
+        (b'{"device": "dev-1"}', Heartbeat("dev-1", address=PEER)),
+        (b'  {"device": "dev-1"}\n', Heartbeat("dev-1", address=PEER)),
+        (
+            b'{"device": "d", "name": "Lab", "state": "unplugged", "owner": "o@x", "address": "10.0.0.9"}',
+            Heartbeat("d", state="unplugged", name="Lab", owner="o@x", address="10.0.0.9"),
+        ),
+    ],
+)
+def test_parse_good_datagrams(data: bytes, expected: Heartbeat) -> None:
+    assert parse_datagram(data, PEER) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "field"),
+    [
+        (b"", "empty", None),
+        (b" \r\n", "empty", None),
+        (b"-bad", "match", "device"),
+        (b"dev/1", "match", "device"),
+        (b"x" * 129, "match", "device"),
+        (b"dev-1 sleeping", "state must be one of", "state"),
+        (b"dev-1 online extra", "expected", None),
+        (b"dev\xff\xfe", "not UTF-8", None),
+        (b"d\xc3\xa9v", "match", "device"),  # valid UTF-8, not an allowed id character
+        (b"dev\x00", "match", "device"),
+        (b'{"device": "dev-1"', "malformed JSON", None),
+        (b'{"device": "\xff"}', "malformed JSON", None),
+        (b'[{"device": "dev-1"}]', "JSON object", None),
+        (b'{"device": "dev-1", "state": "sleeping"}', "state must be one of", "state"),
+        (b'{"device": "dev-1", "color": "red"}', "unknown field", "color"),
+        (b'{"state": "online"}', "required", "device"),
+        (b'{"device": "dev-1", "address": "nope"}', "IP address", "address"),
+        (b'{"device": "dev-1", "name": "a\\u0007b"}', "control", "name"),
+        (b"[" * 5000 + b"]" * 5000, "", None),
+    ],
+)
+def test_parse_bad_datagrams(data: bytes, error: str, field: str | None) -> None:
+    with pytest.raises(BadInput) as exc:
+        parse_datagram(data, PEER)
+    assert error.lower() in exc.value.error.lower()
+    if error:
+        assert exc.value.field == field
+
+
+def test_parse_size_limit() -> None:
+    hb = b'{"device": "dev-1"}'
+    padded = hb + b" " * (100 - len(hb))
+    assert parse_datagram(padded, PEER, max_size=100).device == "dev-1"
+    with pytest.raises(BadInput) as exc:
+        parse_datagram(padded + b" ", PEER, max_size=100)
+    assert exc.value.status == 413
+
+
+def test_peer_ip() -> None:
+    assert peer_ip(("127.0.0.1", 5000)) == "127.0.0.1"
+    assert peer_ip(("::ffff:10.1.2.3", 5000, 0, 0)) == "10.1.2.3"
+    assert peer_ip(("2001:db8::1", 5000, 0, 0)) == "2001:db8::1"
+    assert peer_ip(("not-an-ip", 1)) is None
+    assert peer_ip(None) is None
+
+
+def test_throttle_allows_one_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    t = Throttle(1.0, clock=lambda: now[0])
+    assert t() == 0
+    assert t() is None
+    assert t() is None
+    now[0] = 1.0
+    assert t() == 2
+    now[0] = 1.5
+    assert t() is None
+    now[0] = 2.5
+    assert t() == 1
+
+
+# --- the listener with a fake tracker -------------------------------------------------------------------------
+
+
+class FakeTracker:
+    def __init__(self) -> None:
+        self.seen: list[Heartbeat] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail = False
+
+    async def heartbeats(self, hbs: list[Heartbeat]) -> list[tuple[str, str, bool]]:
+        await self.gate.wait()
+        if self.fail:
+            raise StoreError("disk full")
+        self.seen.extend(hbs)
+        return [(hb.device, "online", True) for hb in hbs]
+
+
+def _listener(tracker: FakeTracker, **kw: Any) -> UDPListener:
+    return UDPListener(tracker, 256 * 1024, **kw)  # type: ignore[arg-type]
+
+
+async def test_listener_counts_and_bounds_the_heartbeats_in_flight() -> None:
+    tracker = FakeTracker()
+    tracker.gate.clear()
+    u = _listener(tracker, max_inflight=3)
+    addr = ("127.0.0.1", 40000)
+    for i in range(5):
+        u.datagram_received(f"d{i}".encode(), addr)
+    u.datagram_received(b"not valid!", addr)
+    assert (u.received, u.rejected, u.dropped, u.inflight) == (6, 1, 2, 3)
+    tracker.gate.set()
+    await eventually(lambda: u.inflight == 0, timeout=2)
+    assert [hb.device for hb in tracker.seen] == ["d0", "d1", "d2"]
+    assert all(hb.address == "127.0.0.1" for hb in tracker.seen)
+    await u.close()
+
+
+async def test_listener_coalesces_repeats_of_the_heartbeat_in_flight_only() -> None:
+    tracker = FakeTracker()
+    tracker.gate.clear()
+    u = _listener(tracker)
+    addr = ("127.0.0.1", 40000)
+    for data in (b"d1", b"d1\n", b"d2", b"d1 utilizing", b"d1 utilizing", b"d1", b"d1"):
+        u.datagram_received(data, addr)
+    assert (u.received, u.coalesced, u.inflight) == (7, 3, 4)
+    tracker.gate.set()
+    await eventually(lambda: u.inflight == 0, timeout=2)
+    assert [(hb.device, hb.state) for hb in tracker.seen] == [
+        ("d1", None),
+        ("d2", None),
+        ("d1", "utilizing"),
+        ("d1", None),
+    ]
+    u.datagram_received(b"d1", addr)  # nothing in flight any more: applied again
+    await eventually(lambda: u.inflight == 0, timeout=2)
+    assert len(tracker.seen) == 5 and u.coalesced == 3
+
+
+async def test_listener_counts_store_errors_and_keeps_going() -> None:
+    tracker = FakeTracker()
+    tracker.fail = True
+    u = _listener(tracker)
+    for i in range(3):
+        u.datagram_received(f"d{i}".encode(), ("127.0.0.1", 40000))
+    await eventually(lambda: u.inflight == 0, timeout=2)
+    assert u.failed == 3
+    tracker.fail = False
+    u.datagram_received(b"d9", ("127.0.0.1", 40000))
+    await eventually(lambda: u.inflight == 0, timeout=2)
+    assert u.failed == 3 and [hb.device for hb in tracker.seen] == ["d9"]
+
+
+async def test_listener_close_waits_for_heartbeats_in_flight() -> None:
+    tracker = FakeTracker()
+    tracker.gate.clear()
+    u = _listener(tracker)
+    await u.start("127.0.0.1", 0)
+    u.datagram_received(b"d1", ("127.0.0.1", 40000))
+    asyncio.get_running_loop().call_later(0.1, tracker.gate.set)
+    await u.close(grace=5)
+    assert u.transport is None and [hb.device for hb in tracker.seen] == ["d1"]
+
+
+# --- the whole daemon ----------------------------------------------------------------------------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sender:
+    def __init__(self, port: int) -> None:
+        self.addr = ("127.0.0.1", port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendto(data.encode() if isinstance(data, str) else data, self.addr)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def udp_daemon(tmp_path: Path, r: Receiver, **listen: Any) -> tuple[Daemon, Sender]:
+    port = free_udp_port()
+    d = await Daemon(tmp_path, [endpoint("r", r)], listen={"udp": f"127.0.0.1:{port}", **listen}).start()
+    return d, Sender(port)
+
+
+def udp_stats(d: Daemon) -> dict[str, Any]:
+    stopped = [e for e in d.logs() if e.get("event") == "udp_stopped"]
+    assert len(stopped) == 1, d.logs_text()
+    return stopped[0]
+
+
+async def test_udp_heartbeats_plain_text_and_json(tmp_path: Path) -> None:
+    r = await Receiver().start()
+    d, s = await udp_daemon(tmp_path, r)
+    try:
+        s.send("lamp-1\n")
+        await r.wait_for(1)
+        e = r.events()[0]
+        assert e["type"] == "device.online" and e["reason"] == "heartbeat"
+        assert e["device"]["id"] == "lamp-1" and e["device"]["address"] == "127.0.0.1"
+
+        s.send("lamp-1 utilizing")
+        await r.wait_for(2)
+        e = r.events()[1]
+        assert e["type"] == "device.utilizing" and e["device"]["state"] == "utilizing"
+
+        s.send(json.dumps({"device": "gw-7", "name": "Gateway 7", "state": "unplugged"}))
+        await r.wait_for(3)
+        e = r.events()[2]
+        assert e["device"]["id"] == "gw-7" and e["device"]["name"] == "Gateway 7"
+        assert e["device"]["state"] == "unplugged" and e["device"]["address"] == "127.0.0.1"
+
+        s.send("lamp-1 shutdown\n")
+        await r.wait_for(4)
+        e = r.events()[3]
+        assert e["type"] == "device.offline" and e["reason"] == "shutdown"
+        assert e["device"]["id"] == "lamp-1"
+
+        _, dev = await d.admin("GET", "/v1/devices/lamp-1")
+        assert dev["state"] == "offline"
+    finally:
+        s.close()
+        assert await d.stop() == 0
+        await r.stop()
+    stats = udp_stats(d)
+    assert (stats["received"], stats["rejected"], stats["dropped"], stats["failed"]) == (4, 0, 0, 0)
+
+
+async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(tmp_path: Path) -> None:
+    r = await Receiver().start()
+    d, s = await udp_daemon(tmp_path, r, max_body="16KiB")
+    bad: list[bytes] = [
+        b"",
+        b"\n",
+        b"-bad-id",
+        b"dev-1 sleeping",
+        b"dev-1 online now",
+        b'{"device": "dev-1"',
+        b'{"device": "dev-1", "state": "sleeping"}',
+        b'[{"device": "dev-1"}]',
+        b"dev\xff\xfe",
+        b'{"device": "dev-1"}' + b" " * 20_000,  # valid but over max_body
+        b"x" * 60_000,
+    ]
+    try:
+        for data in bad:
+            s.send(data)
+        s.send(b"good-1")  # sent last: once it is in, every bad datagram before it has been read
+        await r.wait_for(1)
+        await asyncio.sleep(0.2)
+        assert [e["device"]["id"] for e in r.events()] == ["good-1"]
+        _, devices = await d.admin("GET", "/v1/devices")
+        assert [dev["id"] for dev in devices] == ["good-1"]
+        status, _ = await d.request("GET", "/healthz")
+        assert status == 200
+        assert (await d.heartbeat("http-1"))["changed"] is True  # HTTP unaffected
+    finally:
+        s.close()
+        assert await d.stop() == 0
+        await r.stop()
+    stats = udp_stats(d)
+    assert (stats["received"], stats["rejected"]) == (len(bad) + 1, len(bad))
+    rejected_lines = [e for e in d.logs() if e.get("event") == "udp_datagram_rejected"]
+    assert 1 <= len(rejected_lines) <= 2  # rate limited: not a line per datagram
+    assert rejected_lines[0]["level"] == "debug"
+
+
+async def test_burst_of_2000_datagrams_for_200_devices(tmp_path: Path) -> None:
+    r = await Receiver().start()
+    d, s = await udp_daemon(tmp_path, r)
+    try:
+        for i in range(2000):
+            s.send(f"burst-{i % 200:03d}")
+        ids = {f"burst-{i:03d}" for i in range(200)}
+
+        async def online() -> set[str]:
+            _, devices = await d.admin("GET", "/v1/devices?state=online")
+            return {dev["id"] for dev in devices}
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while (got := await online()) != ids:
+            assert asyncio.get_running_loop().time() < deadline, sorted(ids - got)[:10]
+            await asyncio.sleep(0.1)
+        await r.wait_for(200)
+        status, body = await d.request("GET", "/healthz")
+        assert status == 200 and body == {"status": "ok"}
+        assert (await d.heartbeat("after-burst"))["changed"] is True
+    finally:
+        s.close()
+        assert await d.stop() == 0
+        await r.stop()
+    stats = udp_stats(d)
+    assert stats["rejected"] == 0 and stats["dropped"] == 0 and stats["failed"] == 0
+    assert 200 <= stats["received"] <= 2000  # the kernel may drop some of a burst; every device got through
+
+
+async def test_udp_port_in_use_fails_startup_with_a_clear_message(tmp_path: Path) -> None:
+    r = Receiver()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        d = Daemon(tmp_path, [endpoint("r", r)], listen={"udp": f"127.0.0.1:{port}"})
+        await d.start(wait=False)
+        assert await d.wait_exit() == 1
+    failed = [e for e in d.logs() if e.get("event") == "startup_failed"]
+    assert failed and f"cannot listen on 127.0.0.1:{port} for UDP heartbeats" in failed[0]["error"]
+    assert "Traceback" not in d.logs_text()
+
+
+async def test_tokens_warn_that_udp_is_unauthenticated(tmp_path: Path) -> None:
+    r = await Receiver().start()
+    d, s = await udp_daemon(tmp_path, r, tokens=["t0ken-one"])
+    try:
+        warned = [e for e in d.logs() if e.get("event") == "udp_unauthenticated"]
+        assert len(warned) == 1 and warned[0]["level"] == "warning"
+        assert "t0ken-one" not in d.logs_text()
+        s.send("tok-1")
+        await r.wait_for(1)
+        assert r.events()[0]["device"]["id"] == "tok-1"
+    finally:
+        s.close()
+        await d.stop()
+        await r.stop()

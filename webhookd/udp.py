@@ -1,0 +1,252 @@
+"""UDP heartbeats (CONTRACT §4, `listen.udp`): one datagram is one heartbeat, fire and forget.
+
+A datagram holds either a JSON object with the fields and the validation of `POST /v1/heartbeat` (the same
+`listener.parse_heartbeat`; `address` defaults to the sender's IP), or the plain text `ID` or `ID STATE`
+(trailing whitespace and newline stripped), so a busybox shell can send `echo "$ID" | nc -u -w1 host 8471`.
+
+Trust: UDP carries no token and its source address can be forged. It is meant for a trusted LAN only; bind it
+to an internal address. When `listen.tokens` is set the daemon still serves UDP (the operator enabled it
+explicitly; the tokens guard the HTTP API) and says at startup, at warning level, that UDP is unauthenticated.
+
+No answer is ever sent, not even for a bad datagram: a reply would make the daemon a reflector for forged
+sources. Bad datagrams are dropped and counted (`rejected`), and logged at debug level at most once a second
+with the number held back, so a flood cannot flood the journal.
+
+The handler never blocks: each heartbeat becomes a task running `Tracker.heartbeats([hb])`. At most
+`max_inflight` run at once; beyond that a heartbeat is dropped and counted (`dropped`). A heartbeat identical
+to the device's previous one while that one is still in flight (queued behind the device's commit) is
+coalesced into it, so a burst of repeats does not fill the in-flight bound. A heartbeat whose event
+the store cannot record (StoreError) is counted (`failed`) and logged at most every ten seconds; the sender's
+next heartbeat tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgspec
+
+from webhookd.listener import BadInput, parse_device_id, parse_heartbeat, parse_state
+from webhookd.logs import get_logger
+from webhookd.presence import Heartbeat
+from webhookd.store import StoreError
+from webhookd.tracker import Tracker
+
+log = get_logger("webhookd.udp")
+
+MAX_DATAGRAM = 64 * 1024  # the datagram limit is min(listen.max_body, this)
+MAX_INFLIGHT = 1024
+RCVBUF = 4 * 1024 * 1024  # asked for; the kernel caps it at net.core.rmem_max
+REJECT_LOG_INTERVAL = 1.0
+WARN_LOG_INTERVAL = 10.0
+
+_decoder = msgspec.json.Decoder()
+
+
+def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) -> Heartbeat:
+    """One datagram -> one Heartbeat, or BadInput (the HTTP API's errors and messages)."""
+    if len(data) > max_size:
+        raise BadInput(413, f"datagram larger than {max_size} bytes")
+    body = data.rstrip(b" \t\r\n")
+    if not body:
+        raise BadInput(400, "empty datagram")
+    if body.lstrip()[:1] in (b"{", b"["):
+        try:
+            obj = _decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
+            raise BadInput(400, "malformed JSON") from None
+        return parse_heartbeat(obj, peer)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(400, "datagram is not UTF-8") from None
+    parts = text.split()
+    if len(parts) > 2:
+        raise BadInput(400, "expected `ID` or `ID STATE`")
+    device = parse_device_id(parts[0], "device")
+    state = parse_state(parts[1], "state") if len(parts) == 2 else None
+    return Heartbeat(device=device, state=state, address=peer)
+
+
+def peer_ip(addr: Any) -> str | None:
+    """The sender's IP from a datagram's address tuple; an IPv4-mapped IPv6 address as plain IPv4."""
+    try:
+        ip = ipaddress.ip_address(addr[0])
+    except (ValueError, TypeError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class Throttle:
+    """Allows one log line per `interval` seconds and counts the ones it held back in between."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._held = 0
+
+    def __call__(self) -> int | None:
+        """None: stay quiet. Otherwise log now; the number is how many lines were held back since the last."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self.interval
+        held, self._held = self._held, 0
+        return held
+
+
+class UDPListener(asyncio.DatagramProtocol):
+    """The `listen.udp` endpoint. Counters are plain ints for metrics:
+
+    received  datagrams read from the socket (good and bad)
+    rejected  bad datagrams (malformed, invalid, too large): dropped, nothing recorded
+    dropped   valid heartbeats dropped because `max_inflight` heartbeats were already being applied
+    coalesced heartbeats identical to the device's previous one while that one is still being applied
+              (nothing lost: it changes nothing the previous one does not; a burst of repeats stays cheap)
+    failed    heartbeats whose event could not be recorded (store unavailable)
+    """
+
+    def __init__(self, tracker: Tracker, max_body: int, *, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.tracker = tracker
+        self.max_size = min(max_body, MAX_DATAGRAM)
+        self.max_inflight = max_inflight
+        self.received = 0
+        self.rejected = 0
+        self.dropped = 0
+        self.coalesced = 0
+        self.failed = 0
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references until each is done
+        self._latest: dict[str, tuple[Heartbeat, asyncio.Task[None]]] = {}  # per device, while in flight
+        self._reject_log = Throttle(REJECT_LOG_INTERVAL)
+        self._drop_log = Throttle(WARN_LOG_INTERVAL)
+        self._fail_log = Throttle(WARN_LOG_INTERVAL)
+        self._stopped = False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self, host: str, port: int, *, unauthenticated_warning: bool = False) -> None:
+        """Bind and serve. Raises OSError when the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        assert self.transport is not None  # set by connection_made
+        with contextlib.suppress(OSError, AttributeError):
+            # A burst larger than the default receive buffer (about 200 KiB) is dropped by the kernel.
+            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sockname = self.transport.get_extra_info("sockname")
+        log.info("udp_listening", address=_format_addr(sockname) or f"{host}:{port}", max_datagram=self.max_size)
+        if unauthenticated_warning:
+            log.warning(
+                "udp_unauthenticated",
+                detail="listen.tokens guards the HTTP API only; UDP heartbeats carry no token (trusted LAN only)",
+            )
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop reading, then give heartbeats in flight `grace` seconds to be recorded; cancel the rest."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if not self._stopped:
+            self._stopped = True
+            log.info(
+                "udp_stopped",
+                received=self.received,
+                rejected=self.rejected,
+                dropped=self.dropped,
+                coalesced=self.coalesced,
+                failed=self.failed,
+            )
+
+    # --- asyncio.DatagramProtocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport on every Python.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        try:
+            hb = parse_datagram(data, peer_ip(addr), self.max_size)
+        except BadInput as e:
+            self.rejected += 1
+            held = self._reject_log()
+            if held is not None:
+                log.debug(
+                    "udp_datagram_rejected",
+                    error=e.error,
+                    field=e.field,
+                    peer=_format_addr(addr),
+                    size=len(data),
+                    suppressed=held,
+                )
+            return
+        latest = self._latest.get(hb.device)
+        if latest is not None and latest[0] == hb:
+            # Its predecessor is still queued behind the device's commit: this one would only repeat it.
+            self.coalesced += 1
+            return
+        if len(self._tasks) >= self.max_inflight:
+            self.dropped += 1
+            held = self._drop_log()
+            if held is not None:
+                log.warning(
+                    "udp_heartbeat_dropped", reason="too many in flight", inflight=len(self._tasks), suppressed=held
+                )
+            return
+        task = asyncio.get_running_loop().create_task(self._apply(hb))
+        self._tasks.add(task)
+        self._latest[hb.device] = (hb, task)
+        task.add_done_callback(functools.partial(self._done, hb.device))
+
+    def _done(self, device: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        latest = self._latest.get(device)
+        if latest is not None and latest[1] is task:
+            del self._latest[device]
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors reported on the socket; nothing is ever sent, so they are noise.
+        log.debug("udp_socket_error", error=str(exc))
+
+    # --- applying a heartbeat ------------------------------------------------------------------------------
+
+    async def _apply(self, hb: Heartbeat) -> None:
+        try:
+            await self.tracker.heartbeats([hb])
+        except StoreError as e:
+            self.failed += 1
+            held = self._fail_log()
+            if held is not None:
+                log.warning("udp_heartbeat_not_recorded", device=hb.device, error=str(e), suppressed=held)
+        except Exception:
+            self.failed += 1
+            held = self._fail_log()
+            if held is not None:
+                log.exception("udp_heartbeat_failed", device=hb.device, suppressed=held)
+
+
+def _format_addr(addr: Any) -> str | None:
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
