@@ -73,6 +73,10 @@ _MIGRATIONS: dict[int, str] = {
         consecutive_failures INTEGER NOT NULL DEFAULT 0,
         last_error TEXT
     ) WITHOUT ROWID;
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value
+    ) WITHOUT ROWID;
     """,
 }
 
@@ -271,7 +275,14 @@ class Store:
     async def probe(self) -> bool:
         """A tiny write that tells whether the store can commit again."""
         try:
-            await self.write(lambda c: c.execute("PRAGMA user_version").fetchone())
+            # A real row write: a no-op statement would "succeed" on a full or read-only disk.
+            await self.write(
+                lambda c: c.execute(
+                    "INSERT INTO meta (key, value) VALUES ('probe', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (time.time(),),
+                )
+            )
         except StoreUnavailable:
             return False
         return True
