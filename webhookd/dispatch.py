@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import heapq
 import ipaddress
@@ -128,7 +129,10 @@ class GuardedResolver(AbstractResolver):
             return results
         kept = [r for r in results if not _blocked(r["host"])]
         if not kept:
-            raise OSError(f"{host} resolves only to link-local addresses (blocked; allow_link_local: true)")
+            # With an errno, so that aiohttp's "Cannot connect to host ... [strerror]" carries the reason.
+            raise OSError(
+                errno.EACCES, f"{host} resolves only to link-local addresses (blocked; allow_link_local: true)"
+            )
         return kept
 
     async def close(self) -> None:
@@ -372,8 +376,11 @@ class Dispatcher:
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"), self._wall())
                 if resp.content_length is None or resp.content_length <= MAX_RESPONSE_READ:
-                    # Draining a small body lets the connection be reused; a large one is dropped.
-                    await resp.content.read(MAX_RESPONSE_READ)
+                    # The answer counts once its body is complete (within the timeout; a reset fails it), and
+                    # draining a small body lets the connection be reused. A large one is dropped unread.
+                    remaining = MAX_RESPONSE_READ
+                    while remaining > 0 and (chunk := await resp.content.read(remaining)):
+                        remaining -= len(chunk)
         except TimeoutError:
             return Result(False, None, f"timeout after {cfg.timeout:g}s", time.perf_counter() - started)
         except aiohttp.ClientSSLError as e:

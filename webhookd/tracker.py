@@ -49,19 +49,22 @@ class Tracker:
         """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
 
         Raises StoreError when the events could not be recorded (nothing of this call is then applied)."""
+        # Wait until none of these devices has a commit in flight, then apply them all and register our own
+        # commit without yielding in between: a heartbeat arriving meanwhile for one of them then queues
+        # behind this commit, so events and persisted states keep the order the engine saw.
+        while True:
+            pending = {p for hb in hbs if (p := self._pending.get(hb.device)) is not None}
+            if not pending:
+                break
+            await asyncio.wait(pending)
         results: list[tuple[str, str, bool]] = []
         outcomes: list[Outcome] = []
-        mine: set[str] = set()
         for hb in hbs:
-            if hb.device not in mine:
-                while (pending := self._pending.get(hb.device)) is not None:
-                    await pending
             outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
             changed = outcome.transition is not None and outcome.transition.kind is not None
             results.append((hb.device, outcome.state, changed))
             if outcome.transition is not None:
                 outcomes.append(outcome)
-                mine.add(hb.device)
         if outcomes:
             await self._commit(outcomes)
             self._wake.set()  # a new live device may now hold the earliest deadline
