@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.example.yaml
 
-.PHONY: run test test-long lint typecheck unit clean systemd-tools
+.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "webhookd needs Python >= 3.11"'
@@ -25,16 +25,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) systemd-tools
+unit: $(STAMP) systemd-tools faketime-tools
 	$(BIN)/pytest -q
 
-test: $(STAMP) systemd-tools
+test: $(STAMP) systemd-tools faketime-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout.
-test-long: $(STAMP)
+test-long: $(STAMP) faketime-tools
 	$(BIN)/pytest -q -s -m long tests/faults
 
 # tests/test_systemd.py checks systemd/webhookd.service with systemd-analyze, and the unit's ExecReload needs
@@ -50,6 +50,40 @@ systemd-tools:
 	    echo "note: systemd-analyze is missing (needs root and apt-get to install); test_systemd.py will skip"; \
 	  fi; \
 	fi
+
+# tests/faults/test_clock.py jumps the daemon's wall clock with libfaketime (Debian's faketime package): install
+# it when missing (root on Debian/Ubuntu). Elsewhere that test falls back to an injected wall clock.
+faketime-tools:
+	@if ! test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 && ! command -v faketime >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's faketime package (libfaketime)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        faketime; } >/dev/null 2>&1 \
+	      || echo "warning: could not install faketime; tests/faults/test_clock.py uses its injected-clock fallback"; \
+	  else \
+	    echo "note: libfaketime is missing (needs root and apt-get); test_clock.py uses its injected-clock fallback"; \
+	  fi; \
+	fi
+
+# Benchmarks (issue 5), never part of `make test`: the real daemon vs bare baselines in the same run, with and
+# without uvloop; ~20 min. BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
+# wrk (Debian package) drives the load; without it bench/loadgen.py (aiohttp) does, and the output says so.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test,speed,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@if ! command -v wrk >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's wrk package"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } >/dev/null 2>&1 \
+	      || echo "note: could not install wrk; the aiohttp load generator (bench/loadgen.py) drives the load"; \
+	  else \
+	    echo "note: wrk is missing; the aiohttp load generator (bench/loadgen.py) drives the load"; \
+	  fi; \
+	fi
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

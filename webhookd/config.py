@@ -450,7 +450,11 @@ def _kind(v: object) -> str:
 
 
 def _key(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+    text = str(key)
+    if not text or len(text) > 100 or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        # A key path is one line of a problem list: a key with a newline (or an empty or huge one) is quoted.
+        text = repr(text) if len(text) <= 100 else repr(text[:97]) + "..."
+    return f"{path}.{text}" if path else text
 
 
 def _title_of(tp: object) -> str | None:
@@ -1006,6 +1010,34 @@ def _endpoint(c: _Checker, item: object, i: int, delivery: DeliveryConfig) -> En
 # ----------------------------------------------------------------------------------------------------
 
 
+MAX_VALUES = 200_000  # values in a config once YAML aliases are expanded (real ones have a few hundred)
+MAX_DEPTH = 64
+
+
+def _check_shape(data: object) -> None:
+    """Refuse what YAML aliases can build but no config needs, before anything walks it recursively: a value
+    that contains itself (`a: &x [*x]`), an alias bomb ("billion laughs": a few lines expanding to billions of
+    values), or nesting deeper than MAX_DEPTH."""
+    count = 0
+    stack: list[tuple[object, str, tuple[int, ...]]] = [(data, "", ())]
+    while stack:
+        node, path, ancestors = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError([f"config: more than {MAX_VALUES} values (YAML aliases expanding too much?)"])
+        if not isinstance(node, dict | list):
+            continue
+        if id(node) in ancestors:
+            raise ConfigError([f"{path or 'config'}: contains itself (a recursive YAML alias)"])
+        if len(ancestors) >= MAX_DEPTH:
+            raise ConfigError([f"{path or 'config'}: nested more than {MAX_DEPTH} levels deep"])
+        inner = (*ancestors, id(node))
+        if isinstance(node, dict):
+            stack.extend((v, _key(path, k), inner) for k, v in node.items())
+        else:
+            stack.extend((v, f"{path}[{i}]", inner) for i, v in enumerate(node))
+
+
 def parse_config(
     data: object, base_dir: Path, env: Mapping[str, str] | None = None, path: Path | None = None
 ) -> Config:
@@ -1015,6 +1047,7 @@ def parse_config(
         raise ConfigError(["config: the file is empty (expected a mapping of settings)"])
     if not isinstance(data, dict):
         raise ConfigError([f"config: the top level must be a mapping, got {_kind(data)}"])
+    _check_shape(data)
     data = c.substitute(data, "")
     top = c.section(data, _RawConfig, "")
     if top is None:  # pragma: no cover - data is a dict
@@ -1089,7 +1122,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _load_yaml(text: str, shown: str) -> object:
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # checks every character first (control characters are refused)
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(
+            [f"{shown}: invalid YAML at character {e.position}: {e.reason} (#x{e.character:04x})"]
+        ) from None
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
@@ -1101,6 +1139,9 @@ def _load_yaml(text: str, shown: str) -> object:
         raise ConfigError([f"{shown}: invalid YAML: {e}"]) from None
     except RecursionError:
         raise ConfigError([f"{shown}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
+        # PyYAML's constructors raise these for tagged scalars they cannot convert (`!!int ""`, `!!float x`).
+        raise ConfigError([f"{shown}: invalid YAML: a value cannot be converted ({type(e).__name__})"]) from None
     finally:
         loader.dispose()
     if loader.duplicates:

@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ log = get_logger("webhookd.daemon")
 DRAIN_MAX = 10.0  # seconds in-flight deliveries get at shutdown
 FLUSH_INTERVAL = 5.0
 STATUS_INTERVAL = 10.0
+HTTP_KEEPALIVE = 75.0  # seconds an idle (or slowloris) heartbeat API connection is kept
 RELOAD_WAIT = 5.0  # seconds a running reload gets to finish when a stop is asked for
 
 
@@ -93,8 +95,11 @@ class Daemon:
             raise StartupError(str(e)) from e
         except OSError as e:
             raise StartupError(f"cannot open the store in {self.cfg.state_dir}: {e.strerror or e}") from e
-        self.engine.load(await self.store.load_devices(), time.monotonic())
-        await self.dispatcher.start()
+        try:
+            self.engine.load(await self.store.load_devices(), time.monotonic())
+            await self.dispatcher.start()
+        except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
+            raise StartupError(f"cannot load the state from {self.store.path}: {e}") from e
         listen = self.cfg.listen
         if listen.http is not None:
             await self._serve_tcp(self.api.app(), listen.http.host, listen.http.port, "heartbeat API")
@@ -117,7 +122,9 @@ class Daemon:
         )
 
     async def _serve_tcp(self, app: web.Application, host: str, port: int, what: str) -> None:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # aiohttp has no header-read timeout: it closes a connection that has not completed a request head
+        # keepalive_timeout after it connected (or after its last response). Its AppRunner default is 3630 s.
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=HTTP_KEEPALIVE)
         await runner.setup()
         self._runners.append(runner)
         try:

@@ -6,14 +6,17 @@ before any of it is applied.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from webhookd.logs import get_logger
 from webhookd.presence import REPORTED_STATES, Heartbeat
@@ -22,9 +25,33 @@ from webhookd.tracker import Tracker
 
 log = get_logger("webhookd.listener")
 
+
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs every malformed HTTP request it answers with a 400 (bad request line, header, chunking) via
+    `logger.exception` on `aiohttp.server`: error level and a traceback each, so anyone who can connect could
+    fill the journal with them. They are the client's fault: kept as one debug line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.msg, record.args = "bad_http_request", ()
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        record.error = str(exc.message).split("\n", 1)[0][:200]
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_bad_requests() -> None:
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestFilter) for f in server.filters):
+        server.addFilter(_BadRequestFilter())
+
+
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 MAX_BATCH = 1000
 MAX_TEXT = 256
+BODY_TIMEOUT = 30.0  # seconds to receive a request body once its head has arrived
 FIELDS = frozenset(("device", "name", "state", "address", "owner"))
 
 _decoder = msgspec.json.Decoder()
@@ -128,6 +155,7 @@ class HeartbeatAPI:
         self.tracker = tracker
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
+        self.body_timeout = BODY_TIMEOUT
         self.healthy = healthy
         # metrics hooks: heartbeats applied (count), and each 4xx answer (status)
         self.on_heartbeats: Callable[[int], None] | None = None
@@ -138,6 +166,7 @@ class HeartbeatAPI:
         self.max_body = max_body
 
     def app(self) -> web.Application:
+        quiet_bad_requests()
         app = web.Application(client_max_size=self.max_body, middlewares=[self._errors])
         app.router.add_post("/v1/heartbeat", self.single)
         app.router.add_route("GET", "/v1/heartbeat/{device}", self.by_path)
@@ -195,7 +224,17 @@ class HeartbeatAPI:
     async def _json_body(self, request: web.Request, required: bool) -> object:
         if request.content_length is not None and request.content_length > self.max_body:
             raise BadInput(413, f"request body larger than {self.max_body} bytes")
-        raw = await request.read()
+        try:
+            # aiohttp bounds the size (client_max_size) but not the time: a client dribbling its body would hold
+            # the connection and this handler forever.
+            async with asyncio.timeout(self.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise BadInput(408, f"request body not received within {self.body_timeout:g}s") from None
+        except HttpProcessingError:  # bad chunking or Content-Encoding, a body shorter than its Content-Length
+            raise BadInput(400, "malformed request body") from None
+        except ConnectionError:  # the client went away mid-body: its problem, nobody reads this answer
+            raise BadInput(400, "connection lost before the body was complete") from None
         if not raw and not required:
             return None
         ctype = request.content_type

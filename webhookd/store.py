@@ -153,16 +153,15 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            # Only takes on a new, empty database, and only before journal_mode=WAL and the first table;
-            # a no-op on existing ones (which keep what they were created with).
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA foreign_keys=OFF")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {self.path}: {e}") from e
+        try:
+            # Look before touching: a file this webhookd must not use is refused before any PRAGMA below
+            # writes to it (journal_mode=WAL rewrites the file header of a rollback-journal database).
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            self.auto_vacuum = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+            tables = int(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
         except sqlite3.DatabaseError as e:
+            conn.close()
             raise StoreError(f"cannot open database {self.path}: {e}") from e
         if version > SCHEMA_VERSION:
             conn.close()
@@ -170,16 +169,34 @@ class Store:
                 f"database {self.path} has schema version {version}, newer than this webhookd "
                 f"({SCHEMA_VERSION}); refusing to start"
             )
-        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if version == 0 and tables:
             conn.close()
             raise StoreError(f"database {self.path} holds tables but no webhookd schema version; refusing")
+        try:
+            # Only takes on a new, empty database, and only before journal_mode=WAL and the first table;
+            # a no-op on existing ones (which keep what they were created with).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            self.auto_vacuum = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"cannot open database {self.path}: {e}") from e
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            for stmt in _MIGRATIONS[v].split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version={v}")
-            conn.execute("COMMIT")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={v}")
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:  # e.g. the disk is full at the very first start
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                conn.close()
+                raise StoreError(f"cannot create the schema (version {v}) in {self.path}: {e}") from e
         self._conn = conn
 
     async def close(self) -> None:
@@ -220,8 +237,14 @@ class Store:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             started = time.perf_counter()
+            was_healthy = self.healthy
             results = await self._run(self._commit_batch, [op for op, _ in batch])
             elapsed = time.perf_counter() - started
+            if was_healthy and not self.healthy:
+                # Once per outage (heartbeats that need a commit get 503 meanwhile); the flush loop probes.
+                log.error("store_unavailable", path=str(self.path), error=self.last_error)
+            elif self.healthy and not was_healthy:
+                log.info("store_recovered", path=str(self.path))
             self.write_seconds.append(elapsed)
             if self.on_write is not None:
                 self.on_write(elapsed)

@@ -69,6 +69,8 @@ def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) 
     except UnicodeDecodeError:
         raise BadInput(400, "datagram is not UTF-8") from None
     parts = text.split()
+    if not parts:  # only whitespace that rstrip above keeps: \v, \f, \x1c-\x1f, U+00A0, U+2003, ...
+        raise BadInput(400, "empty datagram")
     if len(parts) > 2:
         raise BadInput(400, "expected `ID` or `ID STATE`")
     device = parse_device_id(parts[0], "device")

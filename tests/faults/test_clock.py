@@ -1,0 +1,254 @@
+"""Clock faults (issue 4, item 6): the wall clock jumps hours forward and back while devices keep heartbeating.
+
+With libfaketime (Debian's `faketime` package; `make test` installs it when missing) the daemon runs with
+LD_PRELOAD=libfaketime.so.1, FAKETIME_TIMESTAMP_FILE pointing at a file the test rewrites (`+0`, `+5h`, ...),
+FAKETIME_NO_CACHE=1 (every clock read looks at the file) and DONT_FAKE_MONOTONIC=1, so only the wall clock
+(time.time) jumps while CLOCK_MONOTONIC runs on. Expected: no offline event (silence deadlines are monotonic),
+no retry storm on a failing receiver (attempts keep the schedule's pace after a jump forward and do not stall
+after a jump back), payload timestamps follow the daemon's (faked) wall clock, offline_for is never negative.
+
+Caveat found while building this: with DONT_FAKE_MONOTONIC=1, libfaketime 0.9.10 makes a blocking
+`time.sleep()` fail with EINVAL (its clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) wrapper). webhookd never
+calls time.sleep (asyncio waits in epoll with a relative timeout; threads wait on conditions), so the daemon is
+unaffected; a test asserts that the package has no blocking sleep, which would otherwise need another approach.
+
+Without libfaketime, the same properties are shown in-process with an injected wall clock (the engine, Tracker
+and Dispatcher take `wall=`); that test runs everywhere, it is fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import itertools
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.faults.servers import ScriptedReceiver
+from tests.harness import Daemon, Receiver
+from webhookd.config import parse_config
+from webhookd.dispatch import Dispatcher
+from webhookd.presence import DeviceDefaults, Heartbeat, PresenceEngine
+from webhookd.store import Store
+from webhookd.tracker import Tracker
+
+HOURS5 = 5 * 3600.0
+STEP = 0.3  # retry_schedule step for the failing receiver
+
+
+def _libfaketime() -> str | None:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 3) for a, b in itertools.pairwise(times)]
+
+
+def test_the_package_never_blocks_in_time_sleep() -> None:
+    """The libfaketime setup above relies on it (and a blocking sleep on the event loop would be a bug anyway)."""
+    package = Path(__file__).parents[2] / "webhookd"
+    hits = [
+        f"{f.name}:{n}"
+        for f in package.rglob("*.py")
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if re.search(r"\btime\.sleep\(|\bfrom time import .*\bsleep\b", line.split("#", 1)[0])
+    ]
+    assert not hits, hits
+
+
+async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
+    lib = _libfaketime()
+    if lib is None:
+        pytest.skip("libfaketime is not installed (make test installs Debian's faketime); see the in-process test")
+    rc = tmp_path / "faketime.rc"
+    rc.write_text("+0\n")
+    env = {
+        "LD_PRELOAD": lib,
+        "FAKETIME_TIMESTAMP_FILE": str(rc),
+        "FAKETIME_NO_CACHE": "1",
+        "DONT_FAKE_MONOTONIC": "1",  # libfaketime <= 0.9.10
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # newer releases
+    }
+    ok = await Receiver().start()
+    failing = await ScriptedReceiver(respond=lambda _hit: web.json_response({"no": 1}, status=500)).start()
+    d = Daemon(
+        tmp_path,
+        [
+            {"name": "ok", "url": ok.url, "events": ["all"]},
+            {"name": "failing", "url": failing.url(), "events": ["all"]},
+        ],
+        presence={"silence_timeout": "1s"},  # the kept-alive devices; the others, which change state, have 1 h
+        devices=[{"match": "ev-*", "silence_timeout": "1h"}],
+        delivery={"retry_schedule": [f"{int(STEP * 1000)}ms"] * 30, "disable_after": 0},
+        logging={"format": "json", "level": "info"},
+    )
+    await d.start(env=env)
+    live = [f"live-{i}" for i in range(5)]
+    stop = asyncio.Event()
+
+    async def keep_alive() -> None:
+        while not stop.is_set():
+            for dev in live:
+                await d.heartbeat(dev)
+            await asyncio.sleep(0.2)
+
+    marks: dict[str, tuple[float, float]] = {}  # name -> (real wall, monotonic) when the clock was set
+
+    async def jump(offset: str) -> None:
+        rc.write_text(offset + "\n")
+        marks[offset] = (time.time(), time.monotonic())
+        await asyncio.sleep(0.05)
+
+    try:
+        for dev in live:
+            await d.heartbeat(dev)
+        await d.heartbeat("ev-traveller")
+        await d.heartbeat("ev-traveller", state="shutdown")
+        beat = asyncio.create_task(keep_alive())
+        await asyncio.sleep(0.6)
+
+        await jump("+5h")
+        await d.heartbeat("ev-fwd")  # an event now: its time is 5 h ahead
+        await d.heartbeat("ev-traveller")  # back online: offline for ~5 h, as the daemon's clock says
+        await asyncio.sleep(1.5)  # > silence_timeout: a deadline on the wall clock would fire now
+
+        await jump("+0")  # 5 h back
+        await d.heartbeat("ev-traveller", state="shutdown")
+        await d.heartbeat("ev-traveller")  # offline "for -5 h" by the wall clock: must not be negative
+        await d.heartbeat("ev-bwd")
+        await asyncio.sleep(1.5)  # attempts on the failing endpoint must go on (no stall of 5 h)
+
+        await jump("-5h")  # and 5 h further back
+        await d.heartbeat("ev-bwd2")
+        await asyncio.sleep(0.8)
+        stop.set()
+        await beat
+        status, _ = await d.request("GET", "/healthz")
+        assert status == 200
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        stop.set()
+        code = await d.stop()
+        await ok.stop()
+        await failing.stop()
+    assert code == 0, d.logs_text()[-3000:]
+
+    events = ok.events()
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_device.setdefault(e["device"]["id"], []).append(e)
+    # No offline events but the reported shutdowns; no timeouts at all.
+    offline = [(e["device"]["id"], e["reason"]) for e in events if e["type"] == "device.offline"]
+    assert offline == [("ev-traveller", "shutdown"), ("ev-traveller", "shutdown")], offline
+    assert all(len(by_device[dev]) == 1 for dev in live), {dev: len(by_device[dev]) for dev in live}
+
+    # Payload timestamps follow the daemon's wall clock (the faked one): the proof libfaketime was in effect.
+    def offset_of(dev: str, idx: int = 0) -> float:
+        e = by_device[dev][idx]
+        return _ts(e["time"]) - ok.got[events.index(e)].at - (time.time() - time.monotonic())
+
+    assert abs(offset_of("ev-fwd") - HOURS5) < 30, offset_of("ev-fwd")
+    assert abs(offset_of("ev-bwd")) < 30, offset_of("ev-bwd")
+    assert abs(offset_of("ev-bwd2") + HOURS5) < 30, offset_of("ev-bwd2")
+    trav = by_device["ev-traveller"]
+    kinds = ["device.online", "device.offline", "device.online", "device.offline", "device.online"]
+    assert [e["type"] for e in trav] == kinds, trav
+    assert HOURS5 < trav[2]["offline_for"] < HOURS5 + 30, trav[2]  # offline ~5 h by the daemon's clock
+    assert trav[4]["offline_for"] is not None and trav[4]["offline_for"] >= 0, trav[4]  # not -5 h
+    for e in events:
+        assert e["offline_for"] is None or e["offline_for"] >= 0, e
+        assert e["time"].endswith("Z") and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e
+
+    # The failing endpoint: attempts at the schedule's pace through both jumps; no burst, no stall.
+    hits = [h.at for h in failing.hits]
+    gaps = _gaps(hits)
+    assert gaps and min(gaps) >= 0.8 * STEP - 0.05, gaps
+    fwd_at = marks["+5h"][1]
+    back_at = marks["+0"][1]
+    after_fwd = [t for t in hits if fwd_at <= t < fwd_at + 1.5]
+    after_back = [t for t in hits if back_at <= t < back_at + 1.5]
+    assert len(after_fwd) <= 1.5 / (0.8 * STEP) + 1, _gaps(after_fwd)  # no storm after the jump forward
+    assert len(after_back) >= 2, _gaps(hits)  # still retrying after the jump back
+    assert max(gaps) < 3 * STEP + 0.5, gaps
+    assert "Traceback" not in d.logs_text()
+    bad = [r for r in d.logs() if r.get("level") in ("error", "critical")]
+    assert not bad, bad[:3]
+    print(
+        f"\nlibfaketime: +5h, -5h, -5h jumps; {len(events)} webhooks, offline events only the 2 shutdowns; "
+        f"{len(hits)} attempts on the failing receiver, gaps {min(gaps):.2f}-{max(gaps):.2f}s (step {STEP}s)"
+    )
+
+
+# ----------------------------------------------------------------------- in-process, injected wall clock
+
+
+class Wall:
+    """A wall clock that follows the real one plus a settable offset."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_wall_clock_jumps_in_process(tmp_path: Path) -> None:
+    """The fallback (and a fast check everywhere): engine, Tracker and Dispatcher with an injected wall clock."""
+    wall = Wall()
+    failing = await ScriptedReceiver(respond=lambda _hit: web.json_response({}, status=503)).start()
+    cfg = parse_config(
+        {
+            "state_dir": str(tmp_path),
+            "delivery": {"retry_schedule": ["200ms"] * 20, "disable_after": 0},
+            "endpoints": [{"name": "failing", "url": failing.url(), "events": ["all"]}],
+        },
+        tmp_path,
+        env={},
+    )
+    store = Store(tmp_path / "webhookd.db")
+    await store.open()
+    engine = PresenceEngine(lambda _id: DeviceDefaults(1.0))
+    dispatcher = Dispatcher(cfg, store, wall=wall)
+    tracker = Tracker(engine, store, dispatcher, wall=wall)
+    await dispatcher.start()
+    run = asyncio.create_task(dispatcher.run())
+    try:
+        await tracker.heartbeats([Heartbeat("a"), Heartbeat("b")])
+        await tracker.heartbeats([Heartbeat("b", state="shutdown")])
+        marks = []
+        for offset in (HOURS5, 0.0, -HOURS5):
+            wall.offset = offset
+            marks.append(time.monotonic())
+            for _ in range(3):
+                await tracker.heartbeats([Heartbeat("a")])
+                assert engine.expire(time.monotonic(), wall()) == []  # no timeout from a wall jump
+                await asyncio.sleep(0.15)
+            await tracker.heartbeats([Heartbeat("b"), Heartbeat("b", state="shutdown")])
+        assert engine.devices["a"].state == "online"
+        rows = await store.load_pending()
+        back_online = [r.event for r in rows if r.event.device_id == "b" and r.event.previous_state == "offline"]
+        got = [e.offline_for for e in back_online]
+        assert len(got) == 3 and got[0] is not None and abs(got[0] - HOURS5) < 5 and got[1:] == [0.0, 0.0], got
+        times = [e.time - w for e, w in zip(back_online, (HOURS5, 0.0, -HOURS5), strict=True)]
+        assert max(times) - min(times) < 5  # each event's time is the injected wall clock at that moment
+    finally:
+        await dispatcher.stop(0)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await store.close()
+        await failing.stop()
+    # Both lanes' first attempts go out together; from the first failure on, the endpoint paces its attempts.
+    gaps = _gaps([h.at for h in failing.hits])[1:]
+    assert len(failing.hits) >= 5 and min(gaps) >= 0.8 * 0.2 - 0.03, gaps  # paced through the jumps
+    assert all(g < 0.2 * 3 + 0.3 for g in gaps), gaps  # and never stalled
