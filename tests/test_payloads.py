@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from webhookd.config import EndpointConfig
 from webhookd.payloads import (
     EVENT_TYPES,
     TEST_DEVICE_ID,
@@ -22,51 +21,10 @@ from webhookd.payloads import (
     rfc3339,
 )
 
-try:
-    from webhookd.config import EndpointConfig as _EndpointCls
-except ImportError:  # config.py not written yet: a stand-in with the same fields
 
-    @dataclass(frozen=True, kw_only=True)
-    class _EndpointCls:  # type: ignore[no-redef]
-        name: str
-        url: str
-        description: str
-        events: frozenset[str]
-        devices: tuple[str, ...]
-        format: str
-        secrets: tuple[str, ...]
-        signature: str
-        signature_header: str
-        secret_field: str | None
-        headers: dict[str, str] = field(default_factory=dict)
-        timeout: float
-        concurrency: int
-        tls_verify: bool
-        ca_file: Path | None
-        allow_link_local: bool
-
-
-def make_endpoint(**overrides: Any) -> Any:
-    fields: dict[str, Any] = {
-        "name": "ops-bridge",
-        "url": "https://hooks.example.com/devices",
-        "description": "",
-        "events": frozenset({"online", "offline", "utilizing", "unplugged", "address_changed"}),
-        "devices": ("*",),
-        "format": "webhookd",
-        "secrets": (),
-        "signature": "none",
-        "signature_header": "Webhookd-Signature",
-        "secret_field": None,
-        "headers": {},
-        "timeout": 5.0,
-        "concurrency": 8,
-        "tls_verify": True,
-        "ca_file": None,
-        "allow_link_local": False,
-    }
-    fields.update(overrides)
-    return _EndpointCls(**fields)
+def make_endpoint(**overrides: Any) -> EndpointConfig:
+    fields: dict[str, Any] = {"name": "ops-bridge", "url": "https://hooks.example.com/devices"}
+    return EndpointConfig(**{**fields, **overrides})
 
 
 T = 1795323840.123  # 2026-11-22T05:04:00.123Z
@@ -223,13 +181,9 @@ def _remoteit(address: Any, device: str, email: Any, name: str, state: str, type
 REMOTEIT: dict[str, dict[str, Any]] = {
     "online": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "online", "device_state"),
     "offline": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "offline", "device_state"),
-    "utilizing": _remoteit(
-        "10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "utilizing", "device_state"
-    ),
+    "utilizing": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "utilizing", "device_state"),
     "unplugged": _remoteit("10.0.0.7", "printer-1", None, "printer-1", "unplugged", "device_state"),
-    "address_changed": _remoteit(
-        "10.0.0.8", "printer-1", "ops@example.com", "Printer 1", "online", "address_changed"
-    ),
+    "address_changed": _remoteit("10.0.0.8", "printer-1", "ops@example.com", "Printer 1", "online", "address_changed"),
     "test": _remoteit(None, "webhookd-test", None, "webhookd test", "online", "test"),
 }
 

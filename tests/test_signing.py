@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import standardwebhooks
 import stripe
 
+from webhookd.config import EndpointConfig
 from webhookd.signing import (
     gen_secret,
     signature_headers,
@@ -21,51 +20,14 @@ from webhookd.signing import (
     verify_standard,
 )
 
-try:
-    from webhookd.config import EndpointConfig as _EndpointCls
-except ImportError:  # config.py not written yet: a stand-in with the same fields
 
-    @dataclass(frozen=True, kw_only=True)
-    class _EndpointCls:  # type: ignore[no-redef]
-        name: str
-        url: str
-        description: str
-        events: frozenset[str]
-        devices: tuple[str, ...]
-        format: str
-        secrets: tuple[str, ...]
-        signature: str
-        signature_header: str
-        secret_field: str | None
-        headers: dict[str, str] = field(default_factory=dict)
-        timeout: float
-        concurrency: int
-        tls_verify: bool
-        ca_file: Path | None
-        allow_link_local: bool
-
-
-def make_endpoint(**overrides: Any) -> Any:
+def make_endpoint(**overrides: Any) -> EndpointConfig:
     fields: dict[str, Any] = {
         "name": "ops-bridge",
         "url": "https://hooks.example.com/devices",
-        "description": "",
         "events": frozenset({"online", "offline"}),
-        "devices": ("*",),
-        "format": "webhookd",
-        "secrets": (),
-        "signature": "none",
-        "signature_header": "Webhookd-Signature",
-        "secret_field": None,
-        "headers": {},
-        "timeout": 5.0,
-        "concurrency": 8,
-        "tls_verify": True,
-        "ca_file": None,
-        "allow_link_local": False,
     }
-    fields.update(overrides)
-    return _EndpointCls(**fields)
+    return EndpointConfig(**{**fields, **overrides})
 
 
 BODY = '{"id":"evt_1","type":"device.online","device":{"id":"printer-1","name":"Küche ☕"}}'.encode()
@@ -254,8 +216,6 @@ def test_gen_secret() -> None:
         endpoint = make_endpoint(signature=scheme, secrets=(s,))
         headers = signature_headers(endpoint, EID, BODY, ts)
         if scheme == "hmac-sha256":
-            stripe.WebhookSignature.verify_header(
-                BODY.decode(), headers["Webhookd-Signature"], s, tolerance=300
-            )
+            stripe.WebhookSignature.verify_header(BODY.decode(), headers["Webhookd-Signature"], s, tolerance=300)
         else:
             standardwebhooks.Webhook(s).verify(BODY, headers)
