@@ -316,3 +316,20 @@ async def test_sigterm_during_a_reload_stops_cleanly(tmp_path: Path) -> None:
     finally:
         await d.stop()
         await r.stop()
+
+
+def test_notify_never_blocks_when_nobody_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notify socket nobody reads fills up (the kernel queues a few datagrams); sends then fail fast."""
+    import socket as _socket
+    import time as _time
+
+    from webhookd import sdnotify
+
+    path = tmp_path / "n.sock"
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as sink:
+        sink.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        started = _time.monotonic()
+        results = [sdnotify.status(f"n={i}") for i in range(200)]
+        assert _time.monotonic() - started < 2.0
+        assert results[0] is True and results[-1] is False

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import traceback
@@ -264,16 +265,25 @@ def cut(value: str, width: int) -> str:
     return text[: width - 1] + ELLIPSIS
 
 
+def table_width() -> int:
+    """100 columns (CONTRACT §2), or less on a narrower terminal (an 80-column one stays readable)."""
+    if not sys.stdout.isatty():
+        return TABLE_WIDTH
+    return max(40, min(TABLE_WIDTH, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns))
+
+
 def render_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[str]],
-    width: int = TABLE_WIDTH,
+    width: int | None = None,
     gap: int = 2,
     flexible: Sequence[int] = (),
 ) -> str:
     """Left-aligned columns separated by ``gap`` spaces, no line longer than ``width``: when the natural
     widths do not fit, the ``flexible`` columns (indexes, in order) give way first, then the widest ones
     (down to their header's width, then further); cut cells end with ``…``."""
+    if width is None:
+        width = table_width()
     ncol = len(headers)
     cells = [[cut(str(c), 10_000) for c in row] for row in rows]
     widths = [max([len(headers[i]), *(len(r[i]) for r in cells)]) for i in range(ncol)]

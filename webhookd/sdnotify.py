@@ -19,8 +19,10 @@ def notify(message: str) -> bool:
     target = "\0" + addr[1:] if addr[0] == "@" else addr
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the event loop: if the manager does not read its socket, a message is dropped.
+            sock.setblocking(False)
             sock.connect(target)
-            sock.sendall(message.encode())
+            sock.send(message.encode())
     except OSError:
         return False
     return True

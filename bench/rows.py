@@ -1,0 +1,676 @@
+"""The six benchmark rows of issue 5, each against the real daemon (a subprocess) and a bare baseline.
+
+Every row returns a `Row`: the figure, the baseline measured in the same run, the ratio or limit, pass/fail.
+Figures repeated `ctx.repeats` times are medians. BENCH_QUICK=1 shrinks every row for a smoke run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import baseline_store
+from bench.common import (
+    DAEMON_CORE,
+    LOAD_CORE,
+    Child,
+    DaemonUnderTest,
+    closed_load,
+    cpu_seconds,
+    daemon_config,
+    device_ids,
+    eventually,
+    free_port,
+    median,
+    percentile,
+    python_cmd,
+    register,
+    rss_bytes,
+    spawn,
+    wait_line,
+)
+from bench.profile import Profiler
+
+DEAD_URL = "http://127.0.0.1:9/hook"  # discard port: nothing listens; the endpoint is disabled or filtered anyway
+MiB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    figure: str
+    baseline: str
+    ratio: str
+    ok: bool | None
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    workdir: Path
+    loop: str  # "uvloop" | "asyncio"
+    quick: bool
+    repeats: int
+    profiler: Profiler | None = None
+    log: Callable[[str], None] = print
+
+    def dir(self, name: str) -> Path:
+        d = self.workdir / self.loop / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    @contextlib.asynccontextmanager
+    async def profile(self, pid: int, name: str, repeat: int) -> AsyncIterator[None]:
+        if self.profiler is None or repeat != 0:
+            yield
+            return
+        async with self.profiler.record(pid, f"{name}-{self.loop}"):
+            yield
+
+    def seconds(self, full: float, quick: float) -> float:
+        return quick if self.quick else full
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+async def _start_daemon(wd: Path, **cfg: Any) -> DaemonUnderTest:
+    port = free_port()
+    endpoint_url = cfg.pop("endpoint_url", DEAD_URL)
+    d = DaemonUnderTest(wd / "daemon", daemon_config(wd / "daemon", port, endpoint_url, **cfg), port)
+    await d.start()
+    return d
+
+
+async def _start_child(name: str, module: str, wd: Path, core: int, *args: str) -> tuple[Child, int]:
+    port = free_port()
+    child = spawn(name, python_cmd(module, "--port", str(port), *args), wd / f"{name}.log", core)
+    await wait_line(child, "LISTENING")
+    return child, port
+
+
+async def _held(d: DaemonUnderTest) -> int:
+    st = await d.status()
+    return int(st["deliveries"].get("held", 0))
+
+
+# --- 1. liveness ingest -----------------------------------------------------------------------------------
+
+
+async def row_liveness(ctx: Ctx) -> Row:
+    n, conns = 10_000, 64
+    secs = ctx.seconds(10, 2)
+    wd = ctx.dir("1-liveness")
+    d = await _start_daemon(wd)
+    bare, bare_port = await _start_child("baseline_ingest", "bench.baseline_ingest", wd, DAEMON_CORE)
+    try:
+        await d.admin("POST", "/v1/endpoints/bench/disable")
+        await register(d.base, device_ids("live-", n))
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        for url in (d.base, bare_url):  # warm-up
+            await closed_load(url, devices=n, prefix="live-", mode="liveness", connections=conns, seconds=1, workdir=wd)
+        daemon_runs, bare_runs = [], []
+        for r in range(ctx.repeats):
+            async with ctx.profile(d.pid, "row1-liveness", r):
+                res = await closed_load(
+                    d.base, devices=n, prefix="live-", mode="liveness", connections=conns, seconds=secs, workdir=wd
+                )
+            if res.errors:
+                raise RuntimeError(f"daemon answered {res.errors} errors under liveness load")
+            daemon_runs.append(res)
+            await asyncio.sleep(0.5)
+            bres = await closed_load(
+                bare_url, devices=n, prefix="live-", mode="liveness", connections=conns, seconds=secs, workdir=wd
+            )
+            bare_runs.append(bres)
+            ctx.log(f"    run {r + 1}: daemon {res.rps:,.0f}/s (p99 {res.p99_ms} ms), bare {bres.rps:,.0f}/s")
+    finally:
+        await d.stop()
+        await bare.stop()
+    dm, bm = median([x.rps for x in daemon_runs]), median([x.rps for x in bare_runs])
+    ratio = dm / bm
+    p99 = median([x.p99_ms for x in daemon_runs if x.p99_ms is not None])
+    return Row(
+        "1",
+        "liveness ingest",
+        f"{fmt_rate(dm)} hb/s (p99 {p99:.1f} ms)",
+        f"bare ingest {fmt_rate(bm)} hb/s",
+        f"{ratio:.2f}x (>= 1.0x)",
+        ratio >= 1.0,
+        data={"daemon": [x.rps for x in daemon_runs], "bare": [x.rps for x in bare_runs], "ratio": ratio},
+    )
+
+
+# --- 2. transition ingest ---------------------------------------------------------------------------------
+
+
+async def row_transitions(ctx: Ctx) -> Row:
+    n, conns = 10_000, 64
+    secs = ctx.seconds(10, 2)
+    wd = ctx.dir("2-transitions")
+    d = await _start_daemon(wd)
+    runs: list[float] = []
+    store1: list[float] = []
+    store64: list[float] = []
+    store64many: list[float] = []
+    try:
+        await d.admin("POST", "/v1/endpoints/bench/disable")  # deliveries are written (held), not sent
+        for r in range(ctx.repeats):
+            prefix = f"t{r}-"
+            await register(d.base, device_ids(prefix, n))  # online: each heartbeat below is a change
+            before = await _held(d)
+            async with ctx.profile(d.pid, "row2-transitions", r):
+                res = await closed_load(
+                    d.base, devices=n, prefix=prefix, mode="transition", connections=conns, seconds=secs, workdir=wd
+                )
+            if res.errors:
+                raise RuntimeError(f"daemon answered {res.errors} errors under transition load")
+            recorded = await _held(d) - before
+            if recorded < res.requests * 0.99:
+                raise RuntimeError(f"{res.requests} transition heartbeats answered but only {recorded} events recorded")
+            runs.append(res.rps)
+            store = await _store_baseline(wd, ctx.seconds(3, 1))
+            store1.append(store["1"])
+            store64.append(store["64"])
+            store64many.append(store["64-many"])
+            ctx.log(
+                f"    run {r + 1}: daemon {res.rps:,.0f} transitions/s (p99 {res.p99_ms} ms),"
+                f" bare store {store['1']:,.0f}/s one commit each, {store['64']:,.0f}/s 64 per commit,"
+                f" {store['64-many']:,.0f}/s 64 per commit with executemany"
+            )
+    finally:
+        await d.stop()
+    m = median(runs)
+    return Row(
+        "2",
+        "transition ingest (durable)",
+        f"{fmt_rate(m)} transitions/s",
+        f"bare store {fmt_rate(median(store1))}/s 1/commit, {fmt_rate(median(store64))}/s 64/commit",
+        f"{m / median(store64):.2f}x of 64/commit; limit >= 5,000/s",
+        m >= 5000,
+        notes=[
+            f"bare store, 64 per commit with one executemany per table: {fmt_rate(median(store64many))}/s;"
+            f" load: {conns} connections, each heartbeat a state change, 2xx after the commit"
+        ],
+        data={"daemon": runs, "store_1": store1, "store_64": store64, "store_64_many": store64many},
+    )
+
+
+async def _store_baseline(wd: Path, seconds: float) -> dict[str, float]:
+    child = spawn(
+        "baseline_store",
+        python_cmd(
+            "bench.baseline_store",
+            "--dir",
+            str(wd / "bare-store"),
+            "--seconds",
+            str(seconds),
+            "--batch",
+            "1",
+            "--batch",
+            "64",
+        ),
+        wd / "baseline_store.log",
+        DAEMON_CORE,
+    )
+    line = await wait_line(child, "RESULT ", timeout=60 + 4 * seconds)
+    await child.stop()
+    result: dict[str, float] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
+# --- 3. delivery ------------------------------------------------------------------------------------------
+
+
+async def _receiver_stats(session: aiohttp.ClientSession, port: int) -> dict[str, Any]:
+    async with session.get(f"http://127.0.0.1:{port}/stats") as r:
+        result: dict[str, Any] = await r.json()
+        return result
+
+
+async def row_delivery(ctx: Ctx) -> Row:
+    n, conc = (2_000 if ctx.quick else 20_000), 64
+    wd = ctx.dir("3-delivery")
+    recv, recv_port = await _start_child("receiver", "bench.receiver", wd, LOAD_CORE)
+    hook = f"http://127.0.0.1:{recv_port}/hook"
+    d = await _start_daemon(wd, endpoint_url=hook, concurrency=conc)
+    runs: list[float] = []
+    bare_runs: list[float] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            for r in range(ctx.repeats):
+                await d.admin("POST", "/v1/endpoints/bench/disable")
+                await register(d.base, device_ids(f"d{r}-", n))  # n online events, held
+                async with s.post(f"http://127.0.0.1:{recv_port}/reset") as resp:
+                    await resp.read()
+                async with ctx.profile(d.pid, "row3-delivery", r):
+                    t0 = time.monotonic()
+                    await d.admin("POST", "/v1/endpoints/bench/enable")
+
+                    async def received(s: aiohttp.ClientSession = s) -> bool:
+                        return int((await _receiver_stats(s, recv_port))["count"]) >= n
+
+                    await eventually(received, timeout=600, interval=0.1)
+
+                    async def persisted() -> bool:
+                        st = await d.status()
+                        return int(st["deliveries"].get("pending", 0)) == 0
+
+                    t1 = await eventually(persisted, timeout=120, interval=0.05)
+                st = await d.status()
+                if st["deliveries"].get("dead") or st["deliveries"].get("held"):
+                    raise RuntimeError(f"deliveries not all delivered: {st['deliveries']}")
+                rate = n / (t1 - t0)
+                runs.append(rate)
+                # the bare loop: the same body and headers (one the daemon sent), same receiver, same concurrency
+                async with s.get(f"http://127.0.0.1:{recv_port}/sample") as resp:
+                    (wd / "sample.json").write_bytes(await resp.read())
+                async with s.post(f"http://127.0.0.1:{recv_port}/reset") as resp:
+                    await resp.read()
+                child = spawn(
+                    "baseline_delivery",
+                    python_cmd(
+                        "bench.baseline_delivery",
+                        "--url",
+                        hook,
+                        "--n",
+                        str(n),
+                        "--concurrency",
+                        str(conc),
+                        "--body",
+                        str(wd / "sample.json"),
+                    ),
+                    wd / "baseline_delivery.log",
+                    DAEMON_CORE,
+                )
+                line = await wait_line(child, "RESULT ", timeout=600)
+                await child.stop()
+                bare = json.loads(line.removeprefix("RESULT "))["rate"]
+                bare_runs.append(bare)
+                ctx.log(f"    run {r + 1}: daemon {rate:,.0f} deliveries/s (persisted), bare {bare:,.0f}/s")
+    finally:
+        await d.stop()
+        await recv.stop()
+    m, b = median(runs), median(bare_runs)
+    return Row(
+        "3",
+        f"delivery ({n:,} pending, c={conc})",
+        f"{fmt_rate(m)} deliveries/s",
+        f"bare client {fmt_rate(b)}/s",
+        f"{m / b:.2f}x (>= 0.9x)",
+        m / b >= 0.9,
+        data={"daemon": runs, "bare": bare_runs, "ratio": m / b},
+    )
+
+
+# --- 4. scale ---------------------------------------------------------------------------------------------
+
+
+def build_big_db(path: Path, devices: int, pending: int) -> float:
+    """A store with `devices` online devices and `pending` pending deliveries (one online event each), written
+    straight into SQLite with webhookd's own schema. Returns seconds taken."""
+    from webhookd.payloads import EventData, new_event_id
+
+    started = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    baseline_store.create_db(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")  # building the fixture only; the daemon opens it with its own settings
+    now = time.time()
+    ids = device_ids("big-", devices)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(i, "online", None, None, "10.0.0.1", now, now) for i in ids],
+    )
+    events = []
+    deliveries = []
+    for k in range(pending):
+        dev = ids[k % devices]
+        ev = EventData(new_event_id(), "device.online", now, "heartbeat", dev, None, "online", "unknown", "10.0.0.1",
+                       None, now, None)  # fmt: skip
+        events.append((ev.id, ev.type, dev, now, ev.to_json()))
+        deliveries.append((ev.id, "bench", dev, ev.type, "pending", now, now, now))
+    conn.executemany(baseline_store.INSERT_EVENT, events)
+    conn.executemany(baseline_store.INSERT_DELIVERY, deliveries)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.perf_counter() - started
+
+
+async def row_scale(ctx: Ctx) -> list[Row]:
+    n = 10_000 if ctx.quick else 100_000
+    wd = ctx.dir("4-scale")
+    # (a) RSS of n tracked devices over an empty daemon
+    d = await _start_daemon(wd / "rss", events=["offline"])
+    try:
+        await asyncio.sleep(1.0)
+        empty = rss_bytes(d.pid)
+        took = await register(d.base, device_ids("scale-", n), concurrency=4)
+        await asyncio.sleep(6.0)  # the liveness flush has run
+        full = rss_bytes(d.pid)
+        st = await d.status()
+        if st["devices"]["total"] != n:
+            raise RuntimeError(f"daemon tracks {st['devices']['total']} devices, expected {n}")
+    finally:
+        await d.stop()
+    delta = (full - empty) / MiB
+    limit = 100 * n / 100_000
+    rss_row = Row(
+        "4a",
+        f"scale: RSS of {n:,} devices",
+        f"+{delta:.1f} MiB ({full / MiB:.0f} MiB total)",
+        f"empty daemon {empty / MiB:.0f} MiB",
+        f"limit <= {limit:.0f} MiB",
+        delta <= limit,
+        notes=[f"registering {n:,} new devices in batches of 1000: {n / took:,.0f} transitions/s"],
+        data={"empty": empty, "full": full, "delta_mib": delta, "register_rate": n / took},
+    )
+    # (b) time to READY=1 with n devices and n pending deliveries in the store
+    fixture = wd / "fixture" / "webhookd.db"
+    built = await asyncio.to_thread(build_big_db, fixture, n, n)
+    ctx.log(f"    built a store with {n:,} devices and {n:,} pending deliveries in {built:.1f}s")
+    times, empty_times = [], []
+    for r in range(ctx.repeats):
+        sd = wd / f"startup{r}"
+        (sd / "daemon" / "state").mkdir(parents=True)
+        shutil.copy(fixture, sd / "daemon" / "state" / "webhookd.db")
+        port = free_port()
+        d = DaemonUnderTest(sd / "daemon", daemon_config(sd / "daemon", port, DEAD_URL), port)
+        try:
+            times.append(await d.start(timeout=120))
+            if r == 0:
+                st = await d.status()
+                if st["devices"]["total"] != n or st["deliveries"].get("pending", 0) < n * 0.99:
+                    raise RuntimeError(f"startup fixture not loaded: {st['devices']} {st['deliveries']}")
+        finally:
+            await d.kill()
+        shutil.rmtree(sd, ignore_errors=True)
+        ed = wd / f"empty{r}"
+        port = free_port()
+        d = DaemonUnderTest(ed / "daemon", daemon_config(ed / "daemon", port, DEAD_URL), port)
+        try:
+            empty_times.append(await d.start())
+        finally:
+            await d.kill()
+        shutil.rmtree(ed, ignore_errors=True)
+        ctx.log(f"    run {r + 1}: READY after {times[-1]:.2f}s (empty store {empty_times[-1]:.2f}s)")
+    shutil.rmtree(wd / "fixture", ignore_errors=True)
+    t = median(times)
+    start_row = Row(
+        "4b",
+        f"scale: startup, {n:,} dev + {n:,} pending",
+        f"READY in {t:.2f} s",
+        f"empty store {median(empty_times):.2f} s",
+        "limit <= 3 s",
+        t <= 3.0,
+        data={"ready": times, "empty": empty_times},
+    )
+    return [rss_row, start_row]
+
+
+# --- 5. power cut -----------------------------------------------------------------------------------------
+
+
+def _iso(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+async def row_power_cut(ctx: Ctx) -> Row:
+    n = 5_000 if ctx.quick else 100_000
+    timeout = 8.0 if ctx.quick else 20.0
+    probe_rate, probe_devices = 200.0, 400  # every probe device heartbeats every 2 s: never times out
+    wd = ctx.dir("5-power-cut")
+    recv, recv_port = await _start_child("receiver", "bench.receiver", wd, LOAD_CORE)
+    d = await _start_daemon(
+        wd,
+        endpoint_url=f"http://127.0.0.1:{recv_port}/hook",
+        events=["offline"],
+        silence_timeout=f"{timeout:g}s",
+    )
+    probe: Child | None = None
+    ids = device_ids("pc-", n)
+    try:
+        t_reg0 = time.monotonic()
+        reg = await register(d.base, ids, concurrency=4)
+        # One more liveness pass so that every deadline falls within one short burst.
+        burst_start = time.monotonic()
+        burst = await register(d.base, ids, batch=1000, concurrency=4)
+        burst_end = time.monotonic()
+        if burst_end - t_reg0 > timeout * 0.9:
+            raise RuntimeError(
+                f"registering {n:,} devices took {reg + burst:.1f}s, too close to the {timeout:g}s silence timeout"
+            )
+        ctx.log(f"    {n:,} devices online ({n / reg:,.0f} transitions/s), last heartbeats in {burst:.2f}s; silence")
+        probe = spawn(
+            "probe",
+            python_cmd(
+                "bench.loadgen",
+                "rate",
+                "--url",
+                d.base,
+                "--devices",
+                str(probe_devices),
+                "--prefix",
+                "probe-",
+                "--rate",
+                str(probe_rate),
+                "--connections",
+                "16",
+                "--seconds",
+                "3600",
+                "--samples",
+                str(wd / "probe-samples.txt"),
+            ),
+            wd / "probe.log",
+            LOAD_CORE,
+        )
+        storm_start = burst_start + timeout
+        storm_start_wall = time.time() - (time.monotonic() - storm_start)
+
+        # Poll the receiver (its own process) until everything arrived; the daemon's /v1/status (a GROUP BY on
+        # the store's thread, a walk over every device) only at the very end, so as not to load the daemon.
+        async with ctx.profile(d.pid, "row5-power-cut", 0), aiohttp.ClientSession() as s:
+
+            async def received() -> bool:
+                return int((await _receiver_stats(s, recv_port))["count"]) >= n
+
+            async def persisted() -> bool:
+                st = await d.status()
+                return int(st["deliveries"].get("pending", 0)) == 0
+
+            await eventually(received, timeout=timeout + 900, interval=0.25)
+            t_done = await eventually(persisted, timeout=120, interval=0.1)
+        await probe.stop(timeout=30)
+        probe_result = json.loads((await wait_line(probe, "RESULT ")).removeprefix("RESULT "))
+    finally:
+        if probe is not None:
+            await probe.stop()
+        await d.stop()
+        await recv.stop()
+    # Lateness: the event's time (detection) and its device_offline log line (after the commit) vs the deadline.
+    conn = sqlite3.connect(d.db_path)
+    deadline: dict[str, float] = {}
+    detected: list[float] = []
+    for created, data in conn.execute("SELECT created_at, data FROM events WHERE type = 'device.offline'"):
+        ev = json.loads(data)
+        if not ev["device_id"].startswith("pc-"):
+            continue
+        dl = ev["last_seen"] + timeout
+        deadline[ev["device_id"]] = dl
+        detected.append(created - dl)
+    last_offline = conn.execute("SELECT max(created_at) FROM events WHERE type = 'device.offline'").fetchone()[0]
+    t_offline = storm_start + (last_offline - storm_start_wall)
+    delivered = conn.execute(
+        "SELECT count(*) FROM deliveries WHERE status = 'delivered' AND device_id LIKE 'pc-%'"
+    ).fetchone()[0]
+    conn.close()
+    logged: list[float] = []
+    for rec in d.logs():
+        if rec.get("event") == "device_offline" and rec.get("device") in deadline:
+            logged.append(_iso(rec["timestamp"]) - deadline[rec["device"]])
+    samples = []
+    for line in (wd / "probe-samples.txt").read_text().splitlines():
+        t, ms, status = line.split()
+        if storm_start - 0.5 <= float(t) <= t_done:
+            samples.append(float(ms) if status == "200" else 10_000.0)
+    p99 = percentile(samples, 99)
+    worst = max(logged) if logged else float("inf")
+    worst_detect = max(detected) if detected else float("inf")
+    storm = t_done - storm_start
+    ok = len(deadline) == n and delivered == n and len(logged) == n and worst <= 1.0 and p99 < 100
+    return Row(
+        "5",
+        f"power cut: {n:,} silent at once",
+        f"offline <= {worst * 1000:.0f} ms late; {delivered:,}/{n:,} delivered in {storm:.1f}s; hb p99 {p99:.1f} ms",
+        f"probe load {probe_rate:.0f} hb/s (p50 {percentile(samples, 50):.1f} ms)",
+        "limits 1 s / all / 100 ms",
+        ok,
+        notes=[
+            f"offline events: {len(deadline):,} recorded, {len(logged):,} logged; detection <= "
+            f"{worst_detect * 1000:.0f} ms late, logged (committed) p99 {percentile(logged, 99) * 1000:.0f} ms, "
+            f"max {worst * 1000:.0f} ms late; all offline {t_offline - storm_start:.1f}s after the first deadline",
+            f"probe heartbeats during the storm: {len(samples):,}, p99 {p99:.1f} ms,"
+            f" max {max(samples, default=0):.0f} ms;"
+            f" whole probe run p99 {probe_result['p99_ms']:.1f} ms, errors {probe_result['errors']}",
+        ],
+        data={
+            "late_logged_max": worst,
+            "late_detect_max": worst_detect,
+            "delivered": delivered,
+            "storm_s": storm,
+            "probe_p99_ms": p99,
+            "deliveries_per_s": n / storm,
+        },
+    )
+
+
+# --- 6. idle ----------------------------------------------------------------------------------------------
+
+
+async def _cpu_under_trickle(
+    pid: int,
+    target: str,
+    n: int,
+    wd: Path,
+    name: str,
+    *,
+    warm: float,
+    measure: float,
+    new_conn: bool = True,
+    udp: bool = False,
+) -> tuple[float, dict[str, Any]]:
+    """CPU seconds per minute that process `pid` spends while n devices each heartbeat once a minute (evenly
+    spread: n/60 per second), over `measure` seconds after `warm` seconds of warm-up."""
+    args = ["rate", "--udp" if udp else "--url", target, "--devices", str(n), "--prefix", "idle-"]
+    args += ["--rate", f"{n / 60.0:.3f}", "--seconds", str(warm + measure + 1)]
+    if new_conn:
+        args.append("--new-conn")
+    gen = spawn(name, python_cmd("bench.loadgen", *args), wd / f"{name}.log", LOAD_CORE)
+    await asyncio.sleep(warm)
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(measure)
+    c1, t1 = cpu_seconds(pid), time.monotonic()
+    line = await wait_line(gen, "RESULT ", timeout=30)
+    await gen.stop()
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    if result["errors"]:
+        raise RuntimeError(f"{name}: {result['errors']} heartbeats failed")
+    return (c1 - c0) / (t1 - t0) * 60.0, result
+
+
+async def row_idle(ctx: Ctx) -> Row:
+    n = 10_000
+    wd = ctx.dir("6-idle")
+    warm, main, side = ctx.seconds(5, 2), ctx.seconds(60, 10), ctx.seconds(20, 5)
+    udp_port = free_port()
+    d = await _start_daemon(wd, events=["offline"], udp_port=udp_port)
+    try:
+        await register(d.base, device_ids("idle-", n))
+        await asyncio.sleep(6.0)  # the registration's liveness flush is done
+        c0 = cpu_seconds(d.pid)
+        await asyncio.sleep(side)
+        quiet = (cpu_seconds(d.pid) - c0) / side * 60.0
+        async with ctx.profile(d.pid, "row6-idle", 0):
+            per_min, res = await _cpu_under_trickle(d.pid, d.base, n, wd, "trickle-daemon", warm=warm, measure=main)
+        keepalive, _ = await _cpu_under_trickle(
+            d.pid, d.base, n, wd, "trickle-daemon-ka", warm=warm, measure=side, new_conn=False
+        )
+        udp, _ = await _cpu_under_trickle(
+            d.pid, f"127.0.0.1:{udp_port}", n, wd, "trickle-daemon-udp", warm=warm, measure=side, udp=True
+        )
+    finally:
+        await d.stop()
+    bare, port = await _start_child("baseline_ingest", "bench.baseline_ingest", wd, DAEMON_CORE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        bare_min, _ = await _cpu_under_trickle(bare.pid, url, n, wd, "trickle-bare", warm=warm, measure=side)
+        bare_ka, _ = await _cpu_under_trickle(
+            bare.pid, url, n, wd, "trickle-bare-ka", warm=warm, measure=side, new_conn=False
+        )
+    finally:
+        await bare.stop()
+    raw, port = await _start_child("baseline_raw", "bench.baseline_ingest", wd, DAEMON_CORE, "--raw")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        raw_min, _ = await _cpu_under_trickle(raw.pid, url, n, wd, "trickle-raw", warm=warm, measure=side)
+        raw_ka, _ = await _cpu_under_trickle(
+            raw.pid, url, n, wd, "trickle-raw-ka", warm=warm, measure=side, new_conn=False
+        )
+    finally:
+        await raw.stop()
+    pct = per_min / 60.0 * 100
+    return Row(
+        "6",
+        f"idle: {n:,} devices every 60 s",
+        f"{per_min:.2f} CPU-s/min ({pct:.1f}% of a core)",
+        f"bare aiohttp {bare_min:.2f} CPU-s/min",
+        "limit < 2% (1.2 CPU-s/min)",
+        pct < 2.0,
+        notes=[
+            f"HTTP, one new connection per heartbeat (a device running curl), {res['rps']:.0f}/s,"
+            f" p99 {res['p99_ms']:.1f} ms; daemon with no heartbeats at all: {quiet:.2f} CPU-s/min",
+            f"same load over keep-alive connections: daemon {keepalive:.2f}, bare aiohttp {bare_ka:.2f} CPU-s/min;"
+            f" as UDP datagrams: daemon {udp:.2f} CPU-s/min",
+            f"floor (bare asyncio Protocol, no aiohttp): {raw_min:.2f} CPU-s/min new connections,"
+            f" {raw_ka:.2f} keep-alive",
+        ],
+        data={
+            "cpu_s_per_min": per_min,
+            "quiet": quiet,
+            "keepalive": keepalive,
+            "udp": udp,
+            "bare_cpu_s_per_min": bare_min,
+            "bare_keepalive": bare_ka,
+            "raw": raw_min,
+            "raw_keepalive": raw_ka,
+        },
+    )
+
+
+ROWS: dict[str, Callable[[Ctx], Any]] = {
+    "1": row_liveness,
+    "2": row_transitions,
+    "3": row_delivery,
+    "4": row_scale,
+    "5": row_power_cut,
+    "6": row_idle,
+}

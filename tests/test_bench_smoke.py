@@ -1,0 +1,87 @@
+"""Keeps bench/ from rotting: every module imports, one baseline really runs (~1 s), the parsers still parse.
+
+The benchmarks themselves run with `make bench`, never in `make test`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+BENCH_MODULES = [
+    "bench",
+    "bench.__main__",
+    "bench.common",
+    "bench.rows",
+    "bench.profile",
+    "bench.loadgen",
+    "bench.receiver",
+    "bench.baseline_ingest",
+    "bench.baseline_store",
+    "bench.baseline_delivery",
+]
+
+WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8470/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     6.10ms    1.01ms  21.03ms   91.12%
+    Req/Sec    10.52k   312.37    10.91k    85.00%
+  Latency Distribution
+     50%    5.93ms
+     75%    6.21ms
+     90%    6.80ms
+     99%   10.41ms
+  20940 requests in 2.00s, 3.53MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:  10469.57
+Transfer/sec:      1.77MB
+"""
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_bench_module_imports(name: str) -> None:
+    importlib.import_module(name)
+
+
+def test_every_row_is_registered() -> None:
+    from bench.rows import ROWS
+
+    assert sorted(ROWS) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_bare_store_baseline_runs(tmp_path: Path) -> None:
+    from bench import baseline_store
+
+    rates = {}
+    for batch in (1, 16):
+        db = tmp_path / f"b{batch}.db"
+        baseline_store.create_db(db)
+        rates[batch] = baseline_store.run(db, 0.4, batch, devices=100)
+    assert rates[1] > 0 and rates[16] > 0
+
+
+def test_wrk_output_parses() -> None:
+    from bench.common import parse_wrk
+
+    r = parse_wrk(WRK_OUTPUT)
+    assert r.rps == pytest.approx(10469.57)
+    assert r.requests == 20940
+    assert r.errors == 3
+    assert r.p50_ms == pytest.approx(5.93)
+    assert r.p99_ms == pytest.approx(10.41)
+
+
+def test_profile_summary_parses_collapsed_stacks(tmp_path: Path) -> None:
+    from bench.profile import summarize
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "thread (1): MainThread;run (asyncio/runners.py:118);single (webhookd/listener.py:230) 3\n"
+        "thread (1): MainThread;run (asyncio/runners.py:118);_commit (webhookd/tracker.py:90) 1\n"
+    )
+    s = summarize(raw, "x")
+    assert s.samples == 4
+    assert s.self_.most_common(1)[0] == ("single (webhookd/listener.py)", 3)
+    assert "x: 4 samples" in s.render()
