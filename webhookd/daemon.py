@@ -74,14 +74,12 @@ class Daemon:
         self.engine = PresenceEngine(defaults_for(cfg), cfg.presence.notify_online_after_utilizing)
         self.dispatcher = Dispatcher(cfg, self.store)
         self.tracker = Tracker(self.engine, self.store, self.dispatcher)
-        self.api = HeartbeatAPI(
-            self.tracker, cfg.listen.tokens, cfg.listen.max_body, lambda: self.store.healthy
-        )
+        self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, lambda: self.store.healthy)
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
         self.metrics.udp = lambda: self.udp
         self.admin = AdminAPI(self, metrics=self.metrics.render)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self.udp: UDPListener | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
@@ -102,7 +100,10 @@ class Daemon:
             raise StartupError(f"cannot load the state from {self.store.path}: {e}") from e
         listen = self.cfg.listen
         if listen.http is not None:
-            await self._serve_tcp(self.api.app(), listen.http.host, listen.http.port, "heartbeat API")
+            server = self.api.server(access_log=None, keepalive_timeout=HTTP_KEEPALIVE)
+            await self._serve_tcp(
+                web.ServerRunner(server, handle_signals=False), listen.http.host, listen.http.port, "heartbeat API"
+            )
         if listen.udp is not None:
             self.udp = UDPListener(self.tracker, listen.max_body)
             try:
@@ -121,10 +122,9 @@ class Daemon:
             admin_socket=str(self.cfg.admin.socket),
         )
 
-    async def _serve_tcp(self, app: web.Application, host: str, port: int, what: str) -> None:
+    async def _serve_tcp(self, runner: web.BaseRunner, host: str, port: int, what: str) -> None:
         # aiohttp has no header-read timeout: it closes a connection that has not completed a request head
-        # keepalive_timeout after it connected (or after its last response). Its AppRunner default is 3630 s.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=HTTP_KEEPALIVE)
+        # keepalive_timeout after it connected (or after its last response). Its default is 3630 s.
         await runner.setup()
         self._runners.append(runner)
         try:
@@ -212,9 +212,7 @@ class Daemon:
             if t.get_name() != "dispatcher":
                 t.cancel()
         await self.tracker.flush()
-        drain = min(
-            DRAIN_MAX, max((e.timeout for e in self.cfg.endpoints), default=self.cfg.delivery.timeout)
-        )
+        drain = min(DRAIN_MAX, max((e.timeout for e in self.cfg.endpoints), default=self.cfg.delivery.timeout))
         await self.dispatcher.stop(drain)
         for t in tasks:
             t.cancel()
@@ -308,9 +306,7 @@ class Daemon:
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
             self.api.configure(new.listen.tokens, new.listen.max_body)
             self.cfg = new
-            log.info(
-                "config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices)
-            )
+            log.info("config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices))
         except Exception as e:
             log.exception("config_reload_failed", error=str(e))
         finally:

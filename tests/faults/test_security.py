@@ -689,7 +689,7 @@ async def test_a_dribbled_body_times_out_with_408() -> None:
     api = HeartbeatAPI(Tracker(), [], max_body=1024, healthy=lambda: True)  # type: ignore[arg-type]
     assert api.body_timeout == listener.BODY_TIMEOUT == 30.0
     api.body_timeout = 0.5
-    runner = web.AppRunner(api.app(), handle_signals=False, access_log=None)
+    runner = web.ServerRunner(api.server(access_log=None), handle_signals=False)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
