@@ -80,6 +80,8 @@ class EndpointRuntime:
     generation: int = 0  # bumped when lanes are thrown away; stale in-flight results then only persist
     device_patterns: re.Pattern[str] | None = None
     ssl: ssl.SSLContext | bool | None = None
+    client_timeout: aiohttp.ClientTimeout | None = None
+    blocked_literal: bool = False
 
     def configure(self, cfg: EndpointConfig) -> None:
         self.cfg = cfg
@@ -90,6 +92,10 @@ class EndpointRuntime:
             self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
         else:
             self.ssl = None
+        # Per-attempt constants, worked out once per config.
+        self.client_timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+        host = (urlsplit(cfg.url).hostname or "").strip("[]")
+        self.blocked_literal = not cfg.allow_link_local and _blocked(host)
 
     def wants(self, event: EventData) -> bool:
         kind = event.type.removeprefix("device.")
@@ -165,6 +171,10 @@ class Dispatcher:
         self._resolver = GuardedResolver()
         self._workers: list[asyncio.Task[None]] = []
         self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
+        self._batch: list[Outcome] = []
+        self._batch_rows: dict[str, EndpointRow] = {}
+        self._batch_done: asyncio.Future[None] | None = None
+        self._saving: asyncio.Task[None] | None = None
         # metrics hook: (endpoint, persisted status after an attempt: delivered|pending|dead|held)
         self.on_outcome: Callable[[str, str], None] | None = None
 
@@ -352,8 +362,9 @@ class Dispatcher:
             d.body_for = cfg
         return d.body
 
-    async def attempt(self, cfg: EndpointConfig, rt_ssl: Any, event_id: str, body: bytes, n: int) -> Result:
+    async def attempt(self, rt: EndpointRuntime, event_id: str, body: bytes, n: int) -> Result:
         assert self._session is not None
+        cfg = rt.cfg
         # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
         headers = CIMultiDict(cfg.headers)
         headers["Content-Type"] = "application/json"
@@ -361,8 +372,7 @@ class Dispatcher:
         headers["Webhook-Attempt"] = str(n)
         headers.update(signature_headers(cfg, event_id, body, int(self._wall())))
         started = time.perf_counter()
-        host = urlsplit(cfg.url).hostname or ""
-        if not cfg.allow_link_local and _blocked(host.strip("[]")):
+        if rt.blocked_literal:
             return Result(False, None, "link-local address blocked (allow_link_local: false)", 0.0)
         try:
             async with self._session.post(
@@ -370,8 +380,8 @@ class Dispatcher:
                 data=body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-                ssl=rt_ssl if rt_ssl is not None else True,
+                timeout=rt.client_timeout,
+                ssl=rt.ssl if rt.ssl is not None else True,
             ) as resp:
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"), self._wall())
@@ -395,7 +405,7 @@ class Dispatcher:
     async def _deliver(self, rt: EndpointRuntime, generation: int, d: Delivery) -> None:
         cfg = rt.cfg
         started_mono = self._clock()
-        result = await self.attempt(cfg, rt.ssl, d.event.id, self._body(cfg, d), d.attempts + 1)
+        result = await self.attempt(rt, d.event.id, self._body(cfg, d), d.attempts + 1)
         if self.on_result is not None:
             self.on_result(cfg.name, result)
         d.attempts += 1
@@ -484,11 +494,40 @@ class Dispatcher:
     async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> None:
         if self.on_outcome is not None:
             self.on_outcome(rt.cfg.name, outcome.status)
+        # Outcomes that finish while a save is running go together in the next one: one statement batch
+        # for many deliveries (the store's own group commit then merges these with heartbeat writes).
+        self._batch.append(outcome)
+        self._batch_rows[rt.row.name] = EndpointRow(**_row_fields(rt.row))
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+        done = self._batch_done
+        if self._saving is None:
+            self._save_batch()
         try:
-            await self.store.save_outcomes([outcome], [EndpointRow(**_row_fields(rt.row))])
+            await asyncio.shield(done)
         except StoreError as e:
             # The row stays pending in the store: a restart would deliver it again (at-least-once).
             log.error("delivery_outcome_not_saved", delivery_id=outcome.delivery_id, error=str(e))
+
+    def _save_batch(self) -> None:
+        outcomes, rows, done = self._batch, list(self._batch_rows.values()), self._batch_done
+        assert done is not None
+        self._batch, self._batch_rows, self._batch_done = [], {}, None
+        self._saving = asyncio.get_running_loop().create_task(self.store.save_outcomes(outcomes, rows))
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._saving = None
+            if task.cancelled():
+                done.cancel()
+            elif (exc := task.exception()) is not None:
+                done.set_exception(exc)
+                done.exception()  # each waiting worker logs it; no "never retrieved" warning on top
+            else:
+                done.set_result(None)
+            if self._batch:
+                self._save_batch()
+
+        self._saving.add_done_callback(finished)
 
     # --- operator actions --------------------------------------------------------------------------------
 
@@ -549,7 +588,7 @@ class Dispatcher:
             return None
         event = make_test_event(self._wall())
         body = render(event, rt.cfg)
-        result = await self.attempt(rt.cfg, rt.ssl, event.id, body, 1)
+        result = await self.attempt(rt, event.id, body, 1)
         log.info(
             "endpoint_tested",
             endpoint=name,
@@ -573,6 +612,8 @@ class Dispatcher:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        while self._saving is not None:  # outcomes already known are worth saving: fewer repeats after restart
+            await asyncio.gather(self._saving, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -138,14 +138,24 @@ def parse_heartbeat(obj: object, peer: str | None, prefix: str = "", device: str
     )
 
 
+_peers: dict[str, str | None] = {}  # remote -> normalised address; a LAN has few peers
+
+
 def _peer(request: web.BaseRequest) -> str | None:
     remote = request.remote
     if not remote:
         return None
+    peer = _peers.get(remote, "")
+    if peer != "":
+        return peer
     try:
-        return str(ipaddress.ip_address(remote))
+        peer = str(ipaddress.ip_address(remote))
     except ValueError:
-        return None
+        peer = None
+    if len(_peers) >= 4096:
+        _peers.clear()
+    _peers[remote] = peer
+    return peer
 
 
 class HeartbeatAPI:

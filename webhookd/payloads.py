@@ -8,6 +8,7 @@ path: it builds plain dicts and encodes them with one shared msgspec encoder.
 from __future__ import annotations
 
 import functools
+import itertools
 import secrets
 import time
 import zlib
@@ -91,9 +92,15 @@ _STORE_DECODER = msgspec.json.Decoder(EventData)
 _ENCODER = msgspec.json.Encoder()
 
 
+_ID_PREFIX = "evt_" + secrets.token_hex(8)  # 64 random bits per process
+_id_counter = itertools.count(int.from_bytes(secrets.token_bytes(4)))
+
+
 def new_event_id() -> str:
-    """A fresh event id: ``evt_`` + 32 hex digits."""
-    return "evt_" + secrets.token_hex(16)
+    """A fresh event id: ``evt_`` + 32 hex digits (a random per-process half, then a counter).
+
+    Unique without a urandom call per event, which showed in the transition profile."""
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def event_type_for(kind: str) -> str:

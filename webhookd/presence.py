@@ -112,13 +112,17 @@ class PresenceEngine:
         if dev is None:
             return self._first_heartbeat(hb, now, wall)
 
-        undo = replace(dev)
         previous = dev.state
-        reported = hb.state
+        target, reason = self._target(previous, hb.state)
         address_moved = hb.address is not None and dev.address is not None and hb.address != dev.address
+        if target == previous and not address_moved:
+            # The common case, routine liveness: no snapshot, no event, persisted lazily.
+            self._refresh(dev, hb, now, wall)
+            self._dirty.add(dev.id)
+            return Outcome(previous, None, None)
+        undo = replace(dev)
         self._refresh(dev, hb, now, wall)
 
-        target, reason = self._target(previous, reported)
         kind: str | None = None
         offline_for: float | None = None
         if target != previous:
