@@ -136,7 +136,8 @@ async def test_failing_endpoint_is_disabled_held_not_hammered_then_enabled(tmp_p
         for i in range(10):
             await d.heartbeat(f"dev-{i}")
             await d.heartbeat(f"dev-{i}", state="utilizing")
-        _status, eps = await eventually_admin(d, lambda eps: eps[0]["enabled"] is False)
+        # The switch is immediate; the held rows are counted once the store has committed them.
+        _, eps = await eventually_admin(d, lambda eps: eps[0]["enabled"] is False and eps[0]["held"] == 20)
         ep = eps[0]
         assert ep["disabled_reason"] and "consecutive failures" in ep["disabled_reason"]
         assert ep["held"] == 20 and ep["pending"] == 0
@@ -179,7 +180,7 @@ async def test_410_disables_at_once(tmp_path: Path) -> None:
     try:
         await d.heartbeat("a")
         await d.heartbeat("b")
-        _, eps = await eventually_admin(d, lambda eps: eps[0]["enabled"] is False)
+        _, eps = await eventually_admin(d, lambda eps: eps[0]["enabled"] is False and eps[0]["held"] == 2)
         assert "410" in eps[0]["disabled_reason"]
         await asyncio.sleep(0.3)
         _, eps = await d.admin("GET", "/v1/endpoints")

@@ -250,8 +250,11 @@ class HeartbeatAPI:
         try:
             # Bounded in size (chunked bodies included) and in time: a client dribbling its body would otherwise
             # hold the connection and this handler forever.
-            async with asyncio.timeout(self.body_timeout):
-                raw = await self._read_body(request)
+            if request.content.is_eof():
+                raw = await self._read_body(request)  # all of it has arrived (the usual small heartbeat)
+            else:
+                async with asyncio.timeout(self.body_timeout):
+                    raw = await self._read_body(request)
         except TimeoutError:
             raise BadInput(408, f"request body not received within {self.body_timeout:g}s") from None
         except HttpProcessingError:  # bad chunking or Content-Encoding, a body shorter than its Content-Length
