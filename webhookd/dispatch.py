@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
+from yarl import URL
 
 from webhookd import __version__
 from webhookd.config import Config, EndpointConfig, redact_url
@@ -81,6 +82,7 @@ class EndpointRuntime:
     device_patterns: re.Pattern[str] | None = None
     ssl: ssl.SSLContext | bool | None = None
     client_timeout: aiohttp.ClientTimeout | None = None
+    url: URL | None = None
     blocked_literal: bool = False
 
     def configure(self, cfg: EndpointConfig) -> None:
@@ -94,6 +96,7 @@ class EndpointRuntime:
             self.ssl = None
         # Per-attempt constants, worked out once per config.
         self.client_timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+        self.url = URL(cfg.url)
         host = (urlsplit(cfg.url).hostname or "").strip("[]")
         self.blocked_literal = not cfg.allow_link_local and _blocked(host)
 
@@ -376,7 +379,7 @@ class Dispatcher:
             return Result(False, None, "link-local address blocked (allow_link_local: false)", 0.0)
         try:
             async with self._session.post(
-                cfg.url,
+                rt.url or cfg.url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
