@@ -43,6 +43,7 @@ from webhookd.store import DeliveryRow, EndpointRow, Outcome, Store, StoreError
 log = get_logger("webhookd.dispatch")
 
 USER_AGENT = f"webhookd/{__version__}"
+RESAVE_DELAY = 2.0  # seconds before a lane head whose outcome could not be saved is tried again
 MAX_RESPONSE_READ = 64 * 1024  # read at most this much of a response body, whatever its size
 
 
@@ -106,11 +107,14 @@ class EndpointRuntime:
             return False
         return self.device_patterns is not None and self.device_patterns.match(event.device_id) is not None
 
-    def clear(self) -> None:
+    def clear(self) -> set[int]:
+        """Throw the lanes away; returns the ids still in flight (their results arrive as stale)."""
+        inflight = {lane[0].id for lane in self.lanes.values() if lane and lane[0].inflight}
         self.lanes.clear()
         self.ready.clear()
         self.known.clear()
         self.generation += 1
+        return inflight
 
 
 def _blocked(addr: str) -> bool:
@@ -174,6 +178,8 @@ class Dispatcher:
         self._resolver = GuardedResolver()
         self._workers: list[asyncio.Task[None]] = []
         self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
+        self._stale: set[int] = set()  # in flight while their lanes were thrown away (disable/enable/removal)
+        self._hold_retries: set[asyncio.Task[None]] = set()
         self._batch: list[Outcome] = []
         self._batch_rows: dict[str, EndpointRow] = {}
         self._batch_done: asyncio.Future[None] | None = None
@@ -184,9 +190,7 @@ class Dispatcher:
     # --- startup and config ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0, resolver=self._resolver, ttl_dns_cache=60, enable_cleanup_closed=True
-        )
+        connector = aiohttp.TCPConnector(limit=0, resolver=self._resolver, ttl_dns_cache=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.cfg.delivery.timeout),
@@ -207,7 +211,7 @@ class Dispatcher:
         for name in list(self.endpoints):
             if name not in wanted:
                 rt = self.endpoints.pop(name)
-                rt.clear()
+                self._stale |= rt.clear()
                 held = await self.store.hold(name)
                 log.info("endpoint_removed", endpoint=name, held=held)
         for name, ecfg in wanted.items():
@@ -243,9 +247,7 @@ class Dispatcher:
     def targets(self, event: EventData) -> list[tuple[str, str]]:
         """(endpoint, initial status) for every endpoint subscribed to `event`."""
         return [
-            (name, "held" if rt.row.disabled else "pending")
-            for name, rt in self.endpoints.items()
-            if rt.wants(event)
+            (name, "held" if rt.row.disabled else "pending") for name, rt in self.endpoints.items() if rt.wants(event)
         ]
 
     def enqueue(self, rows: Iterable[DeliveryRow]) -> None:
@@ -261,7 +263,7 @@ class Dispatcher:
     def _add(self, rt: EndpointRuntime, rows: Sequence[DeliveryRow]) -> None:
         now, wall = self._clock(), self._wall()
         for r in rows:
-            if r.id in rt.known:
+            if r.id in rt.known or r.id in self._stale:
                 continue
             rt.known.add(r.id)
             # Stored retry times are wall clock: bound them so a clock that jumped back cannot park a
@@ -303,9 +305,7 @@ class Dispatcher:
     def _ensure_workers(self) -> None:
         loop = asyncio.get_running_loop()
         while len(self._workers) < self.cfg.delivery.concurrency:
-            self._workers.append(
-                loop.create_task(self._worker(), name=f"delivery-worker-{len(self._workers)}")
-            )
+            self._workers.append(loop.create_task(self._worker(), name=f"delivery-worker-{len(self._workers)}"))
 
     def _dispatch_due(self) -> float | None:
         now = self._clock()
@@ -349,6 +349,7 @@ class Dispatcher:
                 raise
             except Exception:
                 log.exception("delivery_worker_error", endpoint=rt.cfg.name, delivery_id=d.id)
+                self._retry_head(rt, generation, d, RESAVE_DELAY)
             finally:
                 d.inflight = False
                 rt.inflight -= 1
@@ -409,6 +410,7 @@ class Dispatcher:
         cfg = rt.cfg
         started_mono = self._clock()
         result = await self.attempt(rt, d.event.id, self._body(cfg, d), d.attempts + 1)
+        d.inflight = False  # the request is over: dropping its lane from here on makes it no stale attempt
         if self.on_result is not None:
             self.on_result(cfg.name, result)
         d.attempts += 1
@@ -429,15 +431,29 @@ class Dispatcher:
                 rt.row.consecutive_failures = 0
                 rt.pause_step = 0
                 rt.paused_until = 0.0
-            await self._persist(outcome, rt)
-            if not stale:
+            self._stale.discard(d.id)
+            if await self._persist(outcome, rt) or stale:
                 self._advance(rt, d, now)
+            else:
+                self._retry_head(rt, generation, d, RESAVE_DELAY)
             return
 
         schedule = self.cfg.delivery.retry_schedule
         row = rt.row
         if stale:
-            # The endpoint was disabled or removed while this attempt was in flight: it stays held.
+            self._stale.discard(d.id)
+            current = self.endpoints.get(cfg.name)
+            if current is not None and not current.row.disabled:
+                # Enabled again while this attempt was in flight: the release made the row pending with a
+                # fresh budget, and _add skipped it while it was in flight. Queue it now.
+                log.warning("delivery_failed", error=result.error, next="retry", **ctx)
+                wall = self._wall()
+                await self._persist(Outcome(d.id, "pending", 0, wall, result.status, result.error), current)
+                if not current.row.disabled and self.endpoints.get(cfg.name) is current:
+                    self._add(current, [DeliveryRow(d.id, d.event, d.endpoint, 0, wall)])
+                    self._wake.set()
+                return
+            # Disabled or removed while this attempt was in flight: it stays held.
             log.warning("delivery_failed", error=result.error, next="held", **ctx)
             await self._persist(Outcome(d.id, "held", d.attempts, None, result.status, result.error), rt)
             return
@@ -453,19 +469,17 @@ class Dispatcher:
 
         disable_after = self.cfg.delivery.disable_after
         if result.status == 410 or (disable_after and row.consecutive_failures >= disable_after):
-            reason = (
-                "gone (HTTP 410)"
-                if result.status == 410
-                else f"{row.consecutive_failures} consecutive failures"
-            )
+            reason = "gone (HTTP 410)" if result.status == 410 else f"{row.consecutive_failures} consecutive failures"
             log.warning("delivery_failed", error=result.error, next="held", **ctx)
             await self._persist(Outcome(d.id, "held", d.attempts, None, result.status, result.error), rt)
             await self.disable(cfg.name, reason)
             return
         if d.attempts > len(schedule):
             log.warning("delivery_dead", error=result.error, **ctx)
-            await self._persist(Outcome(d.id, "dead", d.attempts, None, result.status, result.error), rt)
-            self._advance(rt, d, now)
+            if await self._persist(Outcome(d.id, "dead", d.attempts, None, result.status, result.error), rt):
+                self._advance(rt, d, now)
+            else:
+                self._retry_head(rt, generation, d, RESAVE_DELAY)
             return
         step = schedule[d.attempts - 1]
         delay = step * (0.8 + 0.4 * self._rng())
@@ -474,11 +488,18 @@ class Dispatcher:
             rt.paused_until = max(rt.paused_until, now + delay)
         d.due = now + delay
         log.warning("delivery_failed", error=result.error, retry_in_s=round(delay, 3), **ctx)
-        await self._persist(
-            Outcome(d.id, "pending", d.attempts, self._wall() + delay, result.status, result.error), rt
-        )
+        await self._persist(Outcome(d.id, "pending", d.attempts, self._wall() + delay, result.status, result.error), rt)
         if generation == rt.generation and self.endpoints.get(cfg.name) is rt:
             heapq.heappush(rt.ready, (d.due, d.id, d.event.device_id))
+
+    def _retry_head(self, rt: EndpointRuntime, generation: int, d: Delivery, delay: float) -> None:
+        """Keep `d` at its lane's head and try it again later (its outcome could not be saved, or its attempt
+        failed unexpectedly): the lane must not move on, or a restart would deliver out of order."""
+        lane = rt.lanes.get(d.event.device_id)
+        if generation == rt.generation and lane and lane[0] is d:
+            d.due = self._clock() + delay
+            heapq.heappush(rt.ready, (d.due, d.id, d.event.device_id))
+            self._wake.set()
 
     def _advance(self, rt: EndpointRuntime, d: Delivery, now: float) -> None:
         """The lane's head is done: the next delivery of that device becomes due."""
@@ -494,7 +515,7 @@ class Dispatcher:
         else:
             del rt.lanes[device]
 
-    async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> None:
+    async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> bool:
         if self.on_outcome is not None:
             self.on_outcome(rt.cfg.name, outcome.status)
         # Outcomes that finish while a save is running go together in the next one: one statement batch
@@ -511,6 +532,8 @@ class Dispatcher:
         except StoreError as e:
             # The row stays pending in the store: a restart would deliver it again (at-least-once).
             log.error("delivery_outcome_not_saved", delivery_id=outcome.delivery_id, error=str(e))
+            return False
+        return True
 
     def _save_batch(self) -> None:
         outcomes, rows, done = self._batch, list(self._batch_rows.values()), self._batch_done
@@ -541,8 +564,17 @@ class Dispatcher:
         already = rt.row.disabled
         rt.row.disabled = True
         rt.row.disabled_reason = reason
-        rt.clear()
-        held = await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+        self._stale |= rt.clear()
+        try:
+            held = await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+        except StoreError as e:
+            # Disabled in memory at once; the store learns it as soon as it can write again, so the disabled
+            # state still survives a restart.
+            log.error("endpoint_disable_not_saved", endpoint=name, error=str(e))
+            task = asyncio.get_running_loop().create_task(self._hold_when_possible(rt))
+            self._hold_retries.add(task)
+            task.add_done_callback(self._hold_retries.discard)
+            held = 0
         if not already:
             log.warning(
                 "endpoint_disabled",
@@ -553,6 +585,15 @@ class Dispatcher:
             )
         return rt
 
+    async def _hold_when_possible(self, rt: EndpointRuntime) -> None:
+        while rt.row.disabled and self.endpoints.get(rt.row.name) is rt:
+            await asyncio.sleep(RESAVE_DELAY)
+            try:
+                await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+            except StoreError:
+                continue
+            return
+
     async def enable(self, name: str) -> EndpointRuntime | None:
         rt = self.endpoints.get(name)
         if rt is None:
@@ -562,7 +603,7 @@ class Dispatcher:
         rt.row.consecutive_failures = 0
         rt.pause_step = 0
         rt.paused_until = 0.0
-        rt.clear()
+        self._stale |= rt.clear()
         released = await self.store.release(EndpointRow(**_row_fields(rt.row)))
         self._add(rt, await self.store.load_pending(name))
         log.info("endpoint_enabled", endpoint=name, released=released)
@@ -611,7 +652,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout):
                     await self._idle.wait()
-        for w in self._workers:
+        for w in [*self._workers, *self._hold_retries]:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
@@ -622,9 +663,7 @@ class Dispatcher:
             self._session = None
 
     def stats(self) -> dict[str, Any]:
-        return {
-            name: {"inflight": rt.inflight, "queued": len(rt.known)} for name, rt in self.endpoints.items()
-        }
+        return {name: {"inflight": rt.inflight, "queued": len(rt.known)} for name, rt in self.endpoints.items()}
 
     def public_url(self, name: str) -> str:
         rt = self.endpoints.get(name)

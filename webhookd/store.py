@@ -404,11 +404,25 @@ class Store:
         now = time.time()
 
         def op(c: sqlite3.Connection) -> None:
-            c.executemany(
+            # A receipt (delivered) or a hold may land on a row that is held by now; a retry or a death may not
+            # take a row out of held (the endpoint was disabled meanwhile, and held rows wait for `enable`).
+            sql = (
                 "UPDATE deliveries SET status=?, attempts=?, next_attempt_at=?, last_status=?, last_error=?,"
-                " updated_at=? WHERE id=? AND status IN ('pending', 'held')",
+                " updated_at=? WHERE id=? AND status IN ('pending', ?)"
+            )
+            c.executemany(
+                sql,
                 [
-                    (o.status, o.attempts, o.next_attempt_at, o.last_status, o.last_error, now, o.delivery_id)
+                    (
+                        o.status,
+                        o.attempts,
+                        o.next_attempt_at,
+                        o.last_status,
+                        o.last_error,
+                        now,
+                        o.delivery_id,
+                        "held" if o.status in ("delivered", "held") else "pending",
+                    )
                     for o in outcomes
                 ],
             )
