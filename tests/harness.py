@@ -132,10 +132,13 @@ class Daemon:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)]
+
     async def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)],
+            self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

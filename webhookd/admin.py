@@ -12,7 +12,7 @@ from aiohttp import web
 
 from webhookd import __version__
 from webhookd.config import redact_url
-from webhookd.listener import error_response
+from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
 from webhookd.payloads import rfc3339
 
@@ -22,11 +22,6 @@ if TYPE_CHECKING:
 log = get_logger("webhookd.admin")
 
 DELIVERY_STATUSES = ("pending", "held", "delivered", "dead")
-_encoder = msgspec.json.Encoder()
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=_encoder.encode(body), content_type="application/json")
 
 
 def _time(ts: float | None) -> str | None:
@@ -74,7 +69,8 @@ class AdminAPI:
         devices = self.d.engine.counts()
         devices["total"] = sum(devices.values())
         eps = self.d.dispatcher.endpoints.values()
-        return _json(
+        return json_response(
+            200,
             {
                 "version": __version__,
                 "pid": os.getpid(),
@@ -87,7 +83,7 @@ class AdminAPI:
                 },
                 "deliveries": totals,
                 "store": {"healthy": self.d.store.healthy},
-            }
+            },
         )
 
     def _device(self, dev_id: str) -> dict[str, Any] | None:
@@ -107,13 +103,13 @@ class AdminAPI:
         state = request.query.get("state")
         ids = sorted(self.d.engine.devices)
         out = [self._device(i) for i in ids]
-        return _json([d for d in out if d is not None and (state is None or d["state"] == state)])
+        return json_response(200, [d for d in out if d is not None and (state is None or d["state"] == state)])
 
     async def device(self, request: web.Request) -> web.Response:
         dev = self._device(request.match_info["id"])
         if dev is None:
             return error_response(404, "unknown device")
-        return _json(dev)
+        return json_response(200, dev)
 
     async def _endpoint_list(self) -> list[dict[str, Any]]:
         counts = await self.d.store.delivery_counts()
@@ -142,12 +138,12 @@ class AdminAPI:
         return out
 
     async def endpoints(self, request: web.Request) -> web.Response:
-        return _json(await self._endpoint_list())
+        return json_response(200, await self._endpoint_list())
 
     async def _one_endpoint(self, name: str) -> web.Response:
         for ep in await self._endpoint_list():
             if ep["name"] == name:
-                return _json(ep)
+                return json_response(200, ep)
         return error_response(404, f"unknown endpoint {name!r}")
 
     async def enable(self, request: web.Request) -> web.Response:
@@ -167,14 +163,15 @@ class AdminAPI:
         result = await self.d.dispatcher.test(name)
         if result is None:
             return error_response(404, f"unknown endpoint {name!r}")
-        return _json(
+        return json_response(
+            200,
             {
                 "endpoint": name,
                 "ok": result.ok,
                 "status": result.status,
                 "latency_ms": round(result.latency * 1000, 3),
                 "error": result.error,
-            }
+            },
         )
 
     async def deliveries(self, request: web.Request) -> web.Response:
@@ -191,7 +188,7 @@ class AdminAPI:
         for row in rows:
             row["next_attempt_at"] = _time(row["next_attempt_at"]) if row["status"] == "pending" else None
             row["created_at"] = _time(row["created_at"])
-        return _json(rows)
+        return json_response(200, rows)
 
     async def replay(self, request: web.Request) -> web.Response:
         try:
@@ -213,7 +210,7 @@ class AdminAPI:
                 return error_response(400, "status must be one of " + ", ".join(DELIVERY_STATUSES))
             n = await self.d.dispatcher.replay(None, endpoint, status)
         log.info("deliveries_replayed", count=n)
-        return _json({"replayed": n})
+        return json_response(200, {"replayed": n})
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self.metrics_text is None:

@@ -23,9 +23,8 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,7 +33,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from webhookd import __version__
-from webhookd.config import Config, EndpointConfig, redact_url
+from webhookd.config import Config, EndpointConfig
 from webhookd.logs import get_logger
 from webhookd.payloads import EventData, make_test_event, render
 from webhookd.signing import signature_headers
@@ -521,7 +520,7 @@ class Dispatcher:
         # Outcomes that finish while a save is running go together in the next one: one statement batch
         # for many deliveries (the store's own group commit then merges these with heartbeat writes).
         self._batch.append(outcome)
-        self._batch_rows[rt.row.name] = EndpointRow(**_row_fields(rt.row))
+        self._batch_rows[rt.row.name] = replace(rt.row)
         if self._batch_done is None:
             self._batch_done = asyncio.get_running_loop().create_future()
         done = self._batch_done
@@ -566,7 +565,7 @@ class Dispatcher:
         rt.row.disabled_reason = reason
         self._stale |= rt.clear()
         try:
-            held = await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+            held = await self.store.hold(replace(rt.row))
         except StoreError as e:
             # Disabled in memory at once; the store learns it as soon as it can write again, so the disabled
             # state still survives a restart.
@@ -589,7 +588,7 @@ class Dispatcher:
         while rt.row.disabled and self.endpoints.get(rt.row.name) is rt:
             await asyncio.sleep(RESAVE_DELAY)
             try:
-                await self.store.hold(EndpointRow(**_row_fields(rt.row)))
+                await self.store.hold(replace(rt.row))
             except StoreError:
                 continue
             return
@@ -604,7 +603,7 @@ class Dispatcher:
         rt.pause_step = 0
         rt.paused_until = 0.0
         self._stale |= rt.clear()
-        released = await self.store.release(EndpointRow(**_row_fields(rt.row)))
+        released = await self.store.release(replace(rt.row))
         self._add(rt, await self.store.load_pending(name))
         log.info("endpoint_enabled", endpoint=name, released=released)
         self._wake.set()
@@ -661,23 +660,6 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def stats(self) -> dict[str, Any]:
-        return {name: {"inflight": rt.inflight, "queued": len(rt.known)} for name, rt in self.endpoints.items()}
-
-    def public_url(self, name: str) -> str:
-        rt = self.endpoints.get(name)
-        return redact_url(rt.cfg.url) if rt else ""
-
-
-def _row_fields(row: EndpointRow) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "disabled": row.disabled,
-        "disabled_reason": row.disabled_reason,
-        "consecutive_failures": row.consecutive_failures,
-        "last_error": row.last_error,
-    }
 
 
 def _short(e: BaseException) -> str:

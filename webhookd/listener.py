@@ -66,7 +66,7 @@ class BadInput(Exception):
         self.field = field
 
 
-def _json(status: int, body: Any) -> web.Response:
+def json_response(status: int, body: Any) -> web.Response:
     return web.Response(status=status, body=_encoder.encode(body), content_type="application/json")
 
 
@@ -74,7 +74,7 @@ def error_response(status: int, error: str, field: str | None = None) -> web.Res
     body: dict[str, Any] = {"error": error}
     if field is not None:
         body["field"] = field
-    return _json(status, body)
+    return json_response(status, body)
 
 
 def _text(obj: dict[str, Any], key: str, prefix: str, limit: int = MAX_TEXT) -> str | None:
@@ -286,7 +286,7 @@ class HeartbeatAPI:
     async def single(self, request: web.BaseRequest) -> web.Response:
         self._authorize(request)
         hb = parse_heartbeat(await self._json_body(request, True), _peer(request))
-        return _json(200, self._answer(await self._apply([hb]))[0])
+        return json_response(200, self._answer(await self._apply([hb]))[0])
 
     async def by_path(self, request: web.BaseRequest, device_part: str) -> web.Response:
         self._authorize(request)
@@ -298,7 +298,7 @@ class HeartbeatAPI:
         if "state" in request.query:
             obj["state"] = request.query["state"]
         hb = parse_heartbeat(obj, _peer(request), device=device)
-        return _json(200, self._answer(await self._apply([hb]))[0])
+        return json_response(200, self._answer(await self._apply([hb]))[0])
 
     async def batch(self, request: web.BaseRequest) -> web.Response:
         self._authorize(request)
@@ -309,9 +309,9 @@ class HeartbeatAPI:
             raise BadInput(400, f"a batch holds at most {MAX_BATCH} heartbeats")
         peer = _peer(request)
         hbs = [parse_heartbeat(item, peer, f"[{i}].") for i, item in enumerate(body)]
-        return _json(200, self._answer(await self._apply(hbs)))
+        return json_response(200, self._answer(await self._apply(hbs)))
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
         if self.healthy():
-            return _json(200, {"status": "ok"})
-        return _json(503, {"status": "unhealthy", "error": "store unavailable"})
+            return json_response(200, {"status": "ok"})
+        return json_response(503, {"status": "unhealthy", "error": "store unavailable"})

@@ -131,7 +131,6 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self.healthy = True
         self.last_error: str | None = None
-        self.write_seconds: list[float] = []  # recent batch durations, read by metrics
         self.on_write: Callable[[float], None] | None = None  # metrics hook: each batch's duration
         self.auto_vacuum = 0  # PRAGMA auto_vacuum: 2 (incremental) for databases this version created
 
@@ -245,11 +244,8 @@ class Store:
                 log.error("store_unavailable", path=str(self.path), error=self.last_error)
             elif self.healthy and not was_healthy:
                 log.info("store_recovered", path=str(self.path))
-            self.write_seconds.append(elapsed)
             if self.on_write is not None:
                 self.on_write(elapsed)
-            if len(self.write_seconds) > 1024:
-                del self.write_seconds[:512]
             for (_, fut), res in zip(batch, results, strict=True):
                 self._queue.task_done()
                 if fut.done():
@@ -376,29 +372,27 @@ class Store:
 
         return await self.write(op)
 
+    @staticmethod
+    def _pending_rows(c: sqlite3.Connection, where: str, args: Sequence[object]) -> list[DeliveryRow]:
+        """Pending deliveries matching `where` (a fixed SQL fragment with placeholders), in id order (= the
+        order their events happened); events shared by several deliveries are decoded once."""
+        sql = (
+            "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"  # noqa: S608
+            " JOIN events e ON e.id = d.event_id WHERE d.status = 'pending'" + where + " ORDER BY d.id"
+        )
+        cache: dict[bytes, EventData] = {}
+        out = []
+        for did, ep, attempts, nxt, data in c.execute(sql, tuple(args)):
+            ev = cache.get(data)
+            if ev is None:
+                ev = cache[data] = EventData.from_json(data)
+            out.append(DeliveryRow(did, ev, ep, attempts, nxt))
+        return out
+
     async def load_pending(self, endpoint: str | None = None) -> list[DeliveryRow]:
-        """Pending deliveries in id order (= the order their events happened)."""
-
-        def q(c: sqlite3.Connection) -> list[DeliveryRow]:
-            sql = (
-                "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"
-                " JOIN events e ON e.id = d.event_id WHERE d.status = 'pending'"
-            )
-            args: tuple[str, ...] = ()
-            if endpoint is not None:
-                sql += " AND d.endpoint = ?"
-                args = (endpoint,)
-            sql += " ORDER BY d.id"
-            cache: dict[bytes, EventData] = {}
-            out = []
-            for did, ep, attempts, nxt, data in c.execute(sql, args):
-                ev = cache.get(data)
-                if ev is None:
-                    ev = cache[data] = EventData.from_json(data)
-                out.append(DeliveryRow(did, ev, ep, attempts, nxt))
-            return out
-
-        return await self.read(q)
+        if endpoint is None:
+            return await self.read(lambda c: self._pending_rows(c, "", ()))
+        return await self.read(lambda c: self._pending_rows(c, " AND d.endpoint = ?", (endpoint,)))
 
     async def save_outcomes(self, outcomes: Sequence[Outcome], endpoints: Sequence[EndpointRow]) -> None:
         now = time.time()
@@ -521,16 +515,10 @@ class Store:
 
     async def rows_by_id(self, ids: Sequence[int]) -> list[DeliveryRow]:
         def q(c: sqlite3.Connection) -> list[DeliveryRow]:
-            out = []
+            out: list[DeliveryRow] = []
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))  # placeholders only: the ids are bound parameters
-                sql = (
-                    "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"  # noqa: S608
-                    " JOIN events e ON e.id = d.event_id WHERE d.status='pending' AND d.id IN (" + marks + ")"
-                )
-                for did, ep, attempts, nxt, data in c.execute(sql, tuple(chunk)):
-                    out.append(DeliveryRow(did, EventData.from_json(data), ep, attempts, nxt))
+                out += self._pending_rows(c, " AND d.id IN (" + ",".join("?" * len(chunk)) + ")", chunk)
             out.sort(key=lambda r: r.id)
             return out
 

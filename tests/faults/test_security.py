@@ -507,35 +507,11 @@ class NamespacedDaemon(Daemon):
 
     hosts: Path
 
-    async def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    def command(self) -> list[str]:
+        # The daemon alone sees our /etc/hosts, in its own mount namespace; the machine's file is untouched.
         script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                str(self.hosts),
-                sys.executable,
-                "-m",
-                "webhookd",
-                "run",
-                "-c",
-                str(self.config_path),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        log.close()
-        if wait:
-            await self.wait_ready()
-        return self
+        prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(self.hosts)]
+        return [*prefix, *super().command()]
 
 
 def _can_unshare() -> str | None:
