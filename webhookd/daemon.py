@@ -26,7 +26,7 @@ from webhookd.admin import AdminAPI
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
 from webhookd.listener import HeartbeatAPI
-from webhookd.logs import configure_logging, get_logger
+from webhookd.logs import configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
 from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import Store, StoreError
@@ -333,6 +333,7 @@ def _socket_path_is_ours(path: Path) -> bool:
 
 def run(config_path: str | Path) -> int:
     """`webhookd run`: load the config, run until SIGTERM/SIGINT; the process exit code."""
+    lean_records()
     try:
         cfg = load_config(config_path)
     except ConfigError as e:

@@ -179,9 +179,8 @@ class Dispatcher:
         self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
         self._stale: set[int] = set()  # in flight while their lanes were thrown away (disable/enable/removal)
         self._hold_retries: set[asyncio.Task[None]] = set()
-        self._batch: list[Outcome] = []
+        self._batch: list[tuple[Outcome, Callable[[bool], None]]] = []
         self._batch_rows: dict[str, EndpointRow] = {}
-        self._batch_done: asyncio.Future[None] | None = None
         self._saving: asyncio.Task[None] | None = None
         # metrics hook: (endpoint, persisted status after an attempt: delivered|pending|dead|held)
         self.on_outcome: Callable[[str, str], None] | None = None
@@ -431,10 +430,17 @@ class Dispatcher:
                 rt.pause_step = 0
                 rt.paused_until = 0.0
             self._stale.discard(d.id)
-            if await self._persist(outcome, rt) or stale:
-                self._advance(rt, d, now)
-            else:
-                self._retry_head(rt, generation, d, RESAVE_DELAY)
+
+            # The worker goes back to the pool at once; the lane moves on when the receipt is saved. Waiting
+            # here for the commit (an fsync) would bound throughput by concurrency / commit latency.
+            def saved(ok: bool) -> None:
+                if ok or stale:
+                    self._advance(rt, d, now)
+                    self._wake.set()
+                else:
+                    self._retry_head(rt, generation, d, RESAVE_DELAY)
+
+            self._settle(outcome, rt, saved)
             return
 
         schedule = self.cfg.delivery.retry_schedule
@@ -515,40 +521,40 @@ class Dispatcher:
             del rt.lanes[device]
 
     async def _persist(self, outcome: Outcome, rt: EndpointRuntime) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._settle(outcome, rt, done.set_result)
+        return await asyncio.shield(done)
+
+    def _settle(self, outcome: Outcome, rt: EndpointRuntime, then: Callable[[bool], None]) -> None:
+        """Save `outcome`, then call `then(saved)`. Outcomes that finish while a save is running go together
+        in the next one: one statement batch for many deliveries (the store's own group commit then merges
+        these with heartbeat writes)."""
         if self.on_outcome is not None:
             self.on_outcome(rt.cfg.name, outcome.status)
-        # Outcomes that finish while a save is running go together in the next one: one statement batch
-        # for many deliveries (the store's own group commit then merges these with heartbeat writes).
-        self._batch.append(outcome)
+        self._batch.append((outcome, then))
         self._batch_rows[rt.row.name] = replace(rt.row)
-        if self._batch_done is None:
-            self._batch_done = asyncio.get_running_loop().create_future()
-        done = self._batch_done
         if self._saving is None:
             self._save_batch()
-        try:
-            await asyncio.shield(done)
-        except StoreError as e:
-            # The row stays pending in the store: a restart would deliver it again (at-least-once).
-            log.error("delivery_outcome_not_saved", delivery_id=outcome.delivery_id, error=str(e))
-            return False
-        return True
 
     def _save_batch(self) -> None:
-        outcomes, rows, done = self._batch, list(self._batch_rows.values()), self._batch_done
-        assert done is not None
-        self._batch, self._batch_rows, self._batch_done = [], {}, None
-        self._saving = asyncio.get_running_loop().create_task(self.store.save_outcomes(outcomes, rows))
+        batch, rows = self._batch, list(self._batch_rows.values())
+        self._batch, self._batch_rows = [], {}
+        self._saving = asyncio.get_running_loop().create_task(
+            self.store.save_outcomes([o for o, _ in batch], rows), name="save-outcomes"
+        )
 
         def finished(task: asyncio.Task[None]) -> None:
             self._saving = None
-            if task.cancelled():
-                done.cancel()
-            elif (exc := task.exception()) is not None:
-                done.set_exception(exc)
-                done.exception()  # each waiting worker logs it; no "never retrieved" warning on top
-            else:
-                done.set_result(None)
+            ok = not task.cancelled() and task.exception() is None
+            if not ok:
+                # The rows stay pending in the store: a restart would deliver them again (at-least-once).
+                error = "cancelled" if task.cancelled() else str(task.exception())
+                log.error("delivery_outcome_not_saved", deliveries=[o.delivery_id for o, _ in batch], error=error)
+            for _, then in batch:
+                try:
+                    then(ok)
+                except Exception:  # one broken continuation must not strand the others' lanes
+                    log.exception("delivery_outcome_callback_failed")
             if self._batch:
                 self._save_batch()
 
