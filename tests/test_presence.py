@@ -243,3 +243,15 @@ def test_expire_and_take_dirty_in_bounded_chunks() -> None:
     rest = e.expire(2 * T, 0)
     assert len(rest) == 7
     assert {o.transition.device.id for o in first + rest if o.transition} == {f"d{i}" for i in range(10)}
+
+
+def test_device_snapshot_copies_every_field() -> None:
+    import dataclasses
+
+    from webhookd.presence import Device
+
+    values = {f.name: f"v-{f.name}" for f in dataclasses.fields(Device)}  # distinct per field: order shows
+    dev = Device(**values)  # type: ignore[arg-type]
+    copy = dev.snapshot()
+    assert copy == dev and copy is not dev
+    assert [getattr(copy, f.name) for f in dataclasses.fields(Device)] == list(values.values())

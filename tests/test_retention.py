@@ -145,8 +145,8 @@ async def test_prune_runs_in_small_transactions_and_lets_other_writes_through(st
     sizes: list[int] = []
     real_write = store.write
 
-    async def counting_write(op: Any) -> Any:
-        result = await real_write(op)
+    async def counting_write(op: Any, rows: int = 1) -> Any:
+        result = await real_write(op, rows)
         if result is not None:  # prune steps, not the heartbeat's write
             sizes.append(result[0] if isinstance(result, tuple) else result)
         return result

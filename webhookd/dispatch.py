@@ -75,11 +75,13 @@ class EndpointRuntime:
     ready: list[tuple[float, int, str]] = field(default_factory=list)  # (due, seq, device) of idle lanes
     known: set[int] = field(default_factory=set)  # delivery ids held in lanes
     inflight: int = 0
+    unsaved: int = 0  # delivered, receipt not committed yet: a crash now would send these again
     paused_until: float = 0.0
     pause_step: int = 0
     last_failure_mono: float = -1.0
     generation: int = 0  # bumped when lanes are thrown away; stale in-flight results then only persist
-    device_patterns: re.Pattern[str] | None = None
+    device_patterns: re.Pattern[str] | None = None  # None: every device
+    event_kinds: frozenset[str] = frozenset()
     ssl: ssl.SSLContext | bool | None = None
     client_timeout: aiohttp.ClientTimeout | None = None
     url: URL | None = None
@@ -87,7 +89,10 @@ class EndpointRuntime:
 
     def configure(self, cfg: EndpointConfig) -> None:
         self.cfg = cfg
-        self.device_patterns = re.compile("|".join(fnmatch.translate(p) for p in cfg.devices) or "(?!)")
+        self.device_patterns = (
+            None if "*" in cfg.devices else re.compile("|".join(fnmatch.translate(p) for p in cfg.devices) or "(?!)")
+        )
+        self.event_kinds = frozenset(f"device.{kind}" for kind in cfg.events)
         if not cfg.tls_verify:
             self.ssl = False
         elif cfg.ca_file is not None:
@@ -101,10 +106,9 @@ class EndpointRuntime:
         self.blocked_literal = not cfg.allow_link_local and _blocked(host)
 
     def wants(self, event: EventData) -> bool:
-        kind = event.type.removeprefix("device.")
-        if kind not in self.cfg.events:
+        if event.type not in self.event_kinds:
             return False
-        return self.device_patterns is not None and self.device_patterns.match(event.device_id) is not None
+        return self.device_patterns is None or self.device_patterns.match(event.device_id) is not None
 
     def clear(self) -> set[int]:
         """Throw the lanes away; returns the ids still in flight (their results arrive as stale)."""
@@ -173,6 +177,7 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._yielding = False
         self._session: aiohttp.ClientSession | None = None
         self._resolver = GuardedResolver()
         self._workers: list[asyncio.Task[None]] = []
@@ -305,8 +310,17 @@ class Dispatcher:
         while len(self._workers) < self.cfg.delivery.concurrency:
             self._workers.append(loop.create_task(self._worker(), name=f"delivery-worker-{len(self._workers)}"))
 
+    def yield_to_sweep(self, on: bool) -> None:
+        """While on, start no new attempts (those in flight go on): a power cut's offline events are being
+        recorded, and recording them on time matters more than delivering the first of them early."""
+        if self._yielding and not on:
+            self._wake.set()
+        self._yielding = on
+
     def _dispatch_due(self) -> float | None:
         now = self._clock()
+        if self._yielding:
+            return None  # yield_to_sweep(False) wakes us
         next_due = float("inf")
         limit = self.cfg.delivery.concurrency
         for rt in list(self.endpoints.values()):
@@ -319,8 +333,8 @@ class Dispatcher:
                         next_due = min(next_due, rt.paused_until)
                         break
                     cap = 1  # one probe at a time until a success
-                if rt.inflight >= cap:
-                    break
+                if rt.inflight >= cap or rt.unsaved >= rt.cfg.concurrency:
+                    break  # the second bound caps what a crash can send twice: 2x concurrency
                 due, _, device = rt.ready[0]
                 if due > now:
                     next_due = min(next_due, due)
@@ -433,7 +447,10 @@ class Dispatcher:
 
             # The worker goes back to the pool at once; the lane moves on when the receipt is saved. Waiting
             # here for the commit (an fsync) would bound throughput by concurrency / commit latency.
+            rt.unsaved += 1
+
             def saved(ok: bool) -> None:
+                rt.unsaved -= 1
                 if ok or stale:
                     self._advance(rt, d, now)
                     self._wake.set()

@@ -29,7 +29,9 @@ log = get_logger("webhookd.store")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
-MAX_BATCH = 512
+MAX_BATCH = 512  # operations per group commit
+MAX_BATCH_ROWS = 2000  # ... and rows: a power cut queues 100 chunks of 1,000 events, and the first chunk's
+# commit must not wait for the last one's inserts
 PRUNE_BATCH = 500  # rows deleted per write transaction by the retention pruner
 VACUUM_PAGES = 512  # pages released per write transaction by the incremental vacuum
 
@@ -127,7 +129,7 @@ class Store:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhookd-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any], int]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.healthy = True
         self.last_error: str | None = None
@@ -224,20 +226,22 @@ class Store:
         assert conn is not None
         return await self._run(fn, conn)
 
-    async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Queue a write; resolves once the transaction holding it has committed."""
+    async def write(self, op: Callable[[sqlite3.Connection], T], rows: int = 1) -> T:
+        """Queue a write of about `rows` rows; resolves once the transaction holding it has committed."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, fut))
+        self._queue.put_nowait((op, fut, rows))
         return await fut
 
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
+            rows = batch[0][2]
+            while len(batch) < MAX_BATCH and rows < MAX_BATCH_ROWS and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+                rows += batch[-1][2]
             started = time.perf_counter()
             was_healthy = self.healthy
-            results = await self._run(self._commit_batch, [op for op, _ in batch])
+            results = await self._run(self._commit_batch, [op for op, _, _ in batch])
             elapsed = time.perf_counter() - started
             if was_healthy and not self.healthy:
                 # Once per outage (heartbeats that need a commit get 503 meanwhile); the flush loop probes.
@@ -246,7 +250,7 @@ class Store:
                 log.info("store_recovered", path=str(self.path))
             if self.on_write is not None:
                 self.on_write(elapsed)
-            for (_, fut), res in zip(batch, results, strict=True):
+            for (_, fut, _), res in zip(batch, results, strict=True):
                 self._queue.task_done()
                 if fut.done():
                     continue
@@ -330,7 +334,7 @@ class Store:
 
     async def save_devices(self, devices: list[Device]) -> None:
         if devices:
-            await self.write(lambda c: self._upsert_devices(c, devices))
+            await self.write(lambda c: self._upsert_devices(c, devices), len(devices))
 
     # --- the outbox --------------------------------------------------------------------------------------
 
@@ -342,35 +346,37 @@ class Store:
 
         def op(c: sqlite3.Connection) -> list[DeliveryRow]:
             self._upsert_devices(c, [device for device, _, _ in items])
-            rows: list[DeliveryRow] = []
-            for _, event, targets in items:
-                if event is None:
-                    continue
-                c.execute(
-                    "INSERT INTO events (id, type, device_id, created_at, data) VALUES (?, ?, ?, ?, ?)",
-                    (event.id, event.type, event.device_id, event.time, event.to_json()),
-                )
-                for endpoint, status in targets:
-                    cur = c.execute(
-                        "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts,"
-                        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                        (
-                            event.id,
-                            endpoint,
-                            event.device_id,
-                            event.type,
-                            status,
-                            event.time,
-                            event.time,
-                            event.time,
-                        ),
-                    )
-                    if status == "pending":
-                        assert cur.lastrowid is not None
-                        rows.append(DeliveryRow(cur.lastrowid, event, endpoint, 0, event.time))
-            return rows
+            events = [event for _, event, _ in items if event is not None]
+            if not events:
+                return []
+            c.executemany(
+                "INSERT INTO events (id, type, device_id, created_at, data) VALUES (?, ?, ?, ?, ?)",
+                [(e.id, e.type, e.device_id, e.time, e.to_json()) for e in events],
+            )
+            # One statement for every delivery of the batch (a power cut records thousands at once). The ids
+            # come back by range: this transaction is the only writer, so its rows are those above the old max.
+            wanted = [(event, endpoint, status) for _, event, targets in items if event for endpoint, status in targets]
+            if not wanted:
+                return []
+            (before,) = c.execute("SELECT coalesce(max(id), 0) FROM deliveries").fetchone()
+            c.executemany(
+                "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts,"
+                " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                [
+                    (e.id, endpoint, e.device_id, e.type, status, e.time, e.time, e.time)
+                    for e, endpoint, status in wanted
+                ],
+            )
+            ids = [r[0] for r in c.execute("SELECT id FROM deliveries WHERE id > ? ORDER BY id", (before,))]
+            if len(ids) != len(wanted):
+                raise sqlite3.DatabaseError(f"expected {len(wanted)} new deliveries, found {len(ids)}")
+            return [
+                DeliveryRow(i, e, endpoint, 0, e.time)
+                for i, (e, endpoint, status) in zip(ids, wanted, strict=True)
+                if status == "pending"
+            ]
 
-        return await self.write(op)
+        return await self.write(op, len(items))
 
     @staticmethod
     def _pending_rows(c: sqlite3.Connection, where: str, args: Sequence[object]) -> list[DeliveryRow]:
@@ -422,7 +428,7 @@ class Store:
             )
             self._upsert_endpoints(c, endpoints)
 
-        await self.write(op)
+        await self.write(op, len(outcomes))
 
     # --- endpoints ---------------------------------------------------------------------------------------
 

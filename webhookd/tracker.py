@@ -13,18 +13,30 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from webhookd.dispatch import Dispatcher
 from webhookd.logs import get_logger
 from webhookd.payloads import EventData, event_type_for, new_event_id
-from webhookd.presence import Heartbeat, Outcome, PresenceEngine
+from webhookd.presence import Device, Heartbeat, Outcome, PresenceEngine
 from webhookd.store import Store, StoreError
 
 log = get_logger("webhookd.presence")
 
 SWEEP_MAX_SLEEP = 0.25  # offline is detected at most this long after its deadline
-EXPIRE_CHUNK = 2000
+SWEEP_RETRY = 1.0  # after a failed offline commit, expire again this much later (the store is failing)
+EXPIRE_CHUNK = 250  # devices taken offline per slice of the event loop (a few ms)
 FLUSH_CHUNK = 5000
+LOG_EACH_MAX = 100  # a commit with more events than this logs one summary line
+LOG_SAMPLE = 10  # device ids named in that line
+
+
+@dataclass(slots=True)
+class _Commit:
+    outcomes: list[Outcome]
+    gate: asyncio.Future[None]
+    devices: list[str]
+    items: list[tuple[Device, EventData | None, list[tuple[str, str]]]]
 
 
 class Tracker:
@@ -44,6 +56,7 @@ class Tracker:
         self._wall = wall
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
+        self._sweep_backoff_until = 0.0
         self.on_event: Callable[[str], None] | None = None  # metrics hook: one call per recorded event
 
     async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[tuple[str, str, bool]]:
@@ -67,13 +80,14 @@ class Tracker:
             if outcome.transition is not None:
                 outcomes.append(outcome)
         if outcomes:
-            await self._commit(outcomes)
+            await self._finish(self._prepare(outcomes))
             self._wake.set()  # a new live device may now hold the earliest deadline
         return results
 
-    async def _commit(self, outcomes: list[Outcome]) -> None:
-        loop = asyncio.get_running_loop()
-        gate: asyncio.Future[None] = loop.create_future()
+    def _prepare(self, outcomes: list[Outcome]) -> _Commit:
+        """Build the events of `outcomes` and register their devices' commit gate, without yielding: from here
+        on a heartbeat for one of these devices waits for this commit."""
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         devices = []
         items = []
         for o in outcomes:
@@ -101,25 +115,41 @@ class Tracker:
                 )
                 targets = self.dispatcher.targets(event)
             items.append((t.device, event, targets))
+        return _Commit(outcomes, gate, devices, items)
+
+    async def _finish(self, c: _Commit, *, summarize: bool = False) -> None:
+        """Record a prepared commit (one transaction), then hand its deliveries to the dispatcher. With
+        `summarize`, more than LOG_EACH_MAX events are logged as one line."""
         try:
-            rows = await self.store.record(items)
+            rows = await self.store.record(c.items)
         except StoreError:
-            for o in reversed(outcomes):
+            for o in reversed(c.outcomes):
                 self.engine.undo(o)
             raise
         finally:
-            for dev in devices:
-                if self._pending.get(dev) is gate:
+            for dev in c.devices:
+                if self._pending.get(dev) is c.gate:
                     del self._pending[dev]
-            gate.set_result(None)
+            c.gate.set_result(None)
         self.dispatcher.enqueue(rows)
-        for o, (_, event, targets) in zip(outcomes, items, strict=True):
+        events = [(o, event, targets) for o, (_, event, targets) in zip(c.outcomes, c.items, strict=True) if event]
+        if self.on_event is not None:
+            for _, event, _ in events:
+                self.on_event(event.type)
+        if summarize and len(events) > LOG_EACH_MAX:
+            # A power cut: one line per chunk, not 100,000 (journald would drop most of them anyway; every event
+            # is in the store and its webhooks).
+            log.info(
+                "devices_offline",
+                count=len(events),
+                reason=events[0][1].reason,
+                devices=[e.device_id for _, e, _ in events[:LOG_SAMPLE]],
+                deliveries=sum(len(targets) for _, _, targets in events),
+            )
+            return
+        for o, event, targets in events:
             t = o.transition
             assert t is not None
-            if event is None:
-                continue
-            if self.on_event is not None:
-                self.on_event(event.type)
             log.info(
                 f"device_{t.kind}",
                 device=t.device.id,
@@ -131,34 +161,56 @@ class Tracker:
                 deliveries=len(targets),
             )
 
+    async def _commit_expired(self, c: _Commit) -> None:
+        try:
+            await self._finish(c, summarize=True)
+        except StoreError as e:
+            # Undone: they expire again once the store can write.
+            log.error("offline_not_recorded", devices=len(c.outcomes), error=str(e))
+            self._sweep_backoff_until = self._clock() + SWEEP_RETRY
+
     async def sweep_loop(self) -> None:
-        """Send silent devices offline, within SWEEP_MAX_SLEEP of their deadline."""
-        while True:
-            failed = False
+        """Send silent devices offline, within SWEEP_MAX_SLEEP of their deadline.
+
+        Due devices are expired a chunk at a time, each chunk's commit gate registered as it is taken, and the
+        chunks' commits run behind the sweep (the store merges them into few transactions): a power cut is
+        detected on time, heartbeats are served between chunks, and no heartbeat overtakes an offline event.
+        While a big sweep is being recorded the dispatcher starts no new attempts, so that the CPU goes to
+        recording first."""
+        commits: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        try:
             while True:
-                # A chunk at a time, each committed before the next is taken: heartbeats interleave, and no
-                # device sits offline in memory without its commit gate (a heartbeat would overtake it).
-                outcomes = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
-                if not outcomes:
-                    break
+                self._wake.clear()
+                while self._clock() >= self._sweep_backoff_until:
+                    outcomes = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
+                    if not outcomes:
+                        break
+                    task = loop.create_task(self._commit_expired(self._prepare(outcomes)))
+                    task.add_done_callback(lambda _: self._wake.set())  # reap it, maybe release the dispatcher
+                    commits.add(task)
+                    if len(outcomes) < EXPIRE_CHUNK:
+                        break
+                    self.dispatcher.yield_to_sweep(True)  # a big sweep
+                    await asyncio.sleep(0)  # heartbeats get in between chunks
+                for task in [t for t in commits if t.done()]:
+                    commits.discard(task)
+                    task.result()  # anything but a StoreError is a bug: let it take the daemon down
+                if not commits:
+                    self.dispatcher.yield_to_sweep(False)
+                now = self._clock()
+                deadline = self.engine.next_deadline()
+                delay = SWEEP_MAX_SLEEP if deadline is None else deadline - now
+                delay = min(max(delay, 0.005, self._sweep_backoff_until - now), SWEEP_MAX_SLEEP)
                 try:
-                    await self._commit(outcomes)
-                except StoreError as e:
-                    # Undone: they expire again on a later sweep, once the store can write.
-                    log.error("offline_not_recorded", devices=len(outcomes), error=str(e))
-                    failed = True
-                    break
-                if len(outcomes) < EXPIRE_CHUNK:
-                    break
-            deadline = self.engine.next_deadline()
-            delay = SWEEP_MAX_SLEEP if deadline is None else deadline - self._clock()
-            delay = 1.0 if failed else min(max(delay, 0.005), SWEEP_MAX_SLEEP)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            for task in commits:
+                task.cancel()
+            self.dispatcher.yield_to_sweep(False)
 
     async def flush(self) -> None:
         while dirty := self.engine.take_dirty(limit=FLUSH_CHUNK):
