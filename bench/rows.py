@@ -247,7 +247,8 @@ async def row_delivery(ctx: Ctx) -> Row:
     wd = ctx.dir("3-delivery")
     recv, recv_port = await _start_child("receiver", "bench.receiver", wd, LOAD_CORE)
     hook = f"http://127.0.0.1:{recv_port}/hook"
-    d = await _start_daemon(wd, endpoint_url=hook, concurrency=conc, log_level=os.environ.get("BENCH_LOG_LEVEL", "info"))
+    level = os.environ.get("BENCH_LOG_LEVEL", "info")  # info: a delivery_succeeded line per delivery, as deployed
+    d = await _start_daemon(wd, endpoint_url=hook, concurrency=conc, log_level=level)
     runs: list[float] = []
     bare_runs: list[float] = []
     busy: list[float] = []  # daemon CPU seconds per second while it delivered
@@ -543,7 +544,7 @@ async def row_power_cut(ctx: Ctx) -> Row:
             commit_times.append(_iso(rec["timestamp"]))
         elif rec.get("event") == "devices_offline":
             commit_times.extend([_iso(rec["timestamp"])] * int(rec["count"]))
-    logged = [at - dl for at, dl in zip(commit_times, in_commit_order)]
+    logged = [at - dl for at, dl in zip(commit_times, in_commit_order, strict=False)]  # a gap fails the row
     samples = []
     for line in (wd / "probe-samples.txt").read_text().splitlines():
         t, ms, status = line.split()

@@ -257,10 +257,22 @@ async def test_sigterm_exits_zero_and_logs_json(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = [
-    ("POST", "/v1/heartbeat", {"data": b'{"device":"\xff"}', "headers": {"Content-Type": "application/json"}},
-     400, "malformed", None),
-    ("POST", "/v1/heartbeat", {"data": b"[" * 100_000, "headers": {"Content-Type": "application/json"}},
-     400, "malformed", None),
+    (
+        "POST",
+        "/v1/heartbeat",
+        {"data": b'{"device":"\xff"}', "headers": {"Content-Type": "application/json"}},
+        400,
+        "malformed",
+        None,
+    ),
+    (
+        "POST",
+        "/v1/heartbeat",
+        {"data": b"[" * 100_000, "headers": {"Content-Type": "application/json"}},
+        400,
+        "malformed",
+        None,
+    ),
     # (method, path, kwargs, status, error substring, field)
     (
         "POST",

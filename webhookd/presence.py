@@ -108,9 +108,7 @@ class PresenceEngine:
             if dev.state != "offline":
                 self._push(dev)
 
-    def reconfigure(
-        self, defaults_for: Callable[[str], DeviceDefaults], notify_online_after_utilizing: bool
-    ) -> None:
+    def reconfigure(self, defaults_for: Callable[[str], DeviceDefaults], notify_online_after_utilizing: bool) -> None:
         """New timeouts take effect on the running timers (measured from each device's last heartbeat)."""
         self._defaults_for = defaults_for
         self._notify_online_after_utilizing = notify_online_after_utilizing
@@ -242,9 +240,7 @@ class PresenceEngine:
             dev.changed_at = wall
             dev.version += 1
             self._dirty.discard(dev.id)
-            out.append(
-                Outcome("offline", Transition(dev.snapshot(), previous, "offline", "timeout", None), undo)
-            )
+            out.append(Outcome("offline", Transition(dev.snapshot(), previous, "offline", "timeout", None), undo))
         return out
 
     # --- liveness that is persisted lazily ---------------------------------------------------------------

@@ -106,9 +106,7 @@ def _fresh(timestamp: int, tolerance: float, now: float) -> bool:
     return abs(now - timestamp) <= tolerance
 
 
-def verify_hmac_sha256(
-    header: str, body: bytes, secrets: Sequence[str], tolerance: float, now: float
-) -> bool:
+def verify_hmac_sha256(header: str, body: bytes, secrets: Sequence[str], tolerance: float, now: float) -> bool:
     """True when ``header`` (``t=..,v1=..``) carries a valid ``v1`` for any of ``secrets`` and ``t`` is
     within ``tolerance`` seconds of ``now`` (either direction; pass ``math.inf`` to skip the time check)."""
     timestamp: int | None = None
