@@ -168,3 +168,26 @@ async def test_a_failed_offline_commit_is_undone_and_expired_again(rig: Rig, mon
         await asyncio.gather(sweep, return_exceptions=True)
     assert all(rig.engine.devices[d].state == "offline" for d in ids)
     assert sorted(e["device"] for e in logs if e["event"] == "device_offline") == ids  # small: one line each
+
+
+async def test_heartbeat_nowait_applies_liveness_at_once_and_hands_back_what_needs_a_commit(
+    rig: Rig, tmp_path: Path
+) -> None:
+    work = rig.tracker.heartbeat_nowait(Heartbeat("a"))  # new device: an event to record
+    assert work is not None and rig.engine.devices["a"].state == "online"
+    await work
+    rig.clock.now += 5
+    assert rig.tracker.heartbeat_nowait(Heartbeat("a")) is None  # still alive: done on the spot
+    assert rig.engine.devices["a"].last_mono == rig.clock.now
+    # While a commit of "a" is in flight, even a liveness heartbeat of "a" waits for it (order of writes).
+    unplug = rig.tracker.heartbeat_nowait(Heartbeat("a", state="unplugged"))
+    assert unplug is not None
+    behind = rig.tracker.heartbeat_nowait(Heartbeat("a", state="online"))
+    assert behind is not None and rig.engine.devices["a"].state == "unplugged"  # not applied yet
+    await asyncio.gather(unplug, behind)
+    assert rig.engine.devices["a"].state == "online"
+    assert [t for d, t in offline_order(tmp_path / "webhookd.db") if d == "a"] == [
+        "device.online",
+        "device.unplugged",
+        "device.online",
+    ]

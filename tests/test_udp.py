@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,9 @@ class FakeTracker:
         self.gate.set()
         self.fail = False
 
+    def heartbeat_nowait(self, hb: Heartbeat) -> Coroutine[Any, Any, object]:
+        return self.heartbeats([hb])  # every heartbeat takes the slow path here: it exercises the bounds
+
     async def heartbeats(self, hbs: list[Heartbeat]) -> list[tuple[str, str, bool]]:
         await self.gate.wait()
         if self.fail:
@@ -186,7 +190,37 @@ async def test_listener_close_waits_for_heartbeats_in_flight() -> None:
     u.datagram_received(b"d1", ("127.0.0.1", 40000))
     asyncio.get_running_loop().call_later(0.1, tracker.gate.set)
     await u.close(grace=5)
-    assert u.transport is None and [hb.device for hb in tracker.seen] == ["d1"]
+    assert u.sock is None and [hb.device for hb in tracker.seen] == ["d1"]
+
+
+async def test_listener_reads_in_windows_and_drains_floods() -> None:
+    """A quiet socket is read READ_WINDOW after its first datagram, with whatever followed it; a flood larger
+    than DRAIN_MAX is read in several turns of the loop, without the window between them."""
+    from webhookd import udp
+
+    tracker = FakeTracker()
+    u = _listener(tracker)
+    await u.start("127.0.0.1", 0)
+    assert u.sock is not None
+    target = u.sock.getsockname()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+        out.sendto(b"first", target)
+        await asyncio.sleep(udp.READ_WINDOW / 5)
+        out.sendto(b"second", target)
+        await asyncio.sleep(udp.READ_WINDOW / 5)
+        assert u.received == 0  # still inside the window
+        await eventually(lambda: u.received == 2, timeout=2)
+        await eventually(lambda: u.inflight == 0, timeout=2)
+        assert [hb.device for hb in tracker.seen] == ["first", "second"]
+        n = 3 * udp.DRAIN_MAX + 7
+        for i in range(n):
+            out.sendto(f"flood-{i}".encode(), target)
+        started = asyncio.get_running_loop().time()
+        await eventually(lambda: u.received == 2 + n, timeout=5)
+        assert asyncio.get_running_loop().time() - started < 2 * udp.READ_WINDOW + 1.0
+        out.sendto(b"last", target)
+        await u.close(grace=5)  # reads what is waiting, then stops
+    assert u.received == 3 + n and tracker.seen[-1].device == "last"
 
 
 # --- the whole daemon ----------------------------------------------------------------------------------------

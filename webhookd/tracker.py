@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from webhookd.dispatch import Dispatcher
 from webhookd.logs import get_logger
@@ -83,6 +84,21 @@ class Tracker:
             await self._finish(self._prepare(outcomes))
             self._wake.set()  # a new live device may now hold the earliest deadline
         return results
+
+    def heartbeat_nowait(self, hb: Heartbeat) -> Coroutine[Any, Any, object] | None:
+        """Apply `hb` at once when that needs no commit (the usual "still alive"): None, and nothing to wait
+        for. Otherwise a coroutine the caller must run: it waits for the device's commit in flight and then
+        applies `hb`, or records the event `hb` made (its commit gate already taken, so order holds)."""
+        if hb.device in self._pending:
+            return self.heartbeats([hb])
+        outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
+        if outcome.transition is None:
+            return None
+        return self._record_one(self._prepare([outcome]))
+
+    async def _record_one(self, c: _Commit) -> None:
+        await self._finish(c)
+        self._wake.set()  # a new live device may now hold the earliest deadline
 
     def _prepare(self, outcomes: list[Outcome]) -> _Commit:
         """Build the events of `outcomes` and register their devices' commit gate, without yielding: from here
