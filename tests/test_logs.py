@@ -26,7 +26,10 @@ from webhookd.logs import configure_logging, get_logger
 def _restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     level = root.level
+    saved = (logs._level, logs._stream, list(logs._processors))
     yield
+    logs._level, logs._stream, processors = saved
+    logs._processors[:] = processors
     if logs._handler is not None:
         root.removeHandler(logs._handler)
         logs._handler = None
@@ -319,3 +322,104 @@ def test_json_lines_render_odd_values_and_scrub_plain_secret_values() -> None:
     assert line["big"] == 2**70 and line["obj"] == repr(Path("/x")) and line["by_int"] == {"1": "a"}
     assert line["ratio"] == 0.5 and line["flag"] is True
     assert line["token"] == logs.SCRUBBED and line["api_key"] == logs.SCRUBBED
+
+
+class WriteRecorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def test_each_line_is_one_write() -> None:
+    out = WriteRecorder()
+    configure_logging("json", "info", out)
+    get_logger("t").info("device_online", device="d1")
+    logging.getLogger("aiohttp.server").warning("stdlib %s", "too")
+    assert len(out.writes) == 2
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in out.writes)
+    assert [json.loads(w)["event"] for w in out.writes] == ["device_online", "stdlib too"]
+
+
+def test_reload_applies_to_loggers_obtained_before_it() -> None:
+    early = get_logger("webhookd.early")  # like a module-level logger, created before any configure_logging
+    buf = io.StringIO()
+    configure_logging("json", "warning", buf)
+    early.info("hidden")
+    early.warning("kept")
+    configure_logging("json", "debug", buf)  # reload lowers the level
+    early.debug("tick")
+    configure_logging("json", "error", buf)  # and raises it again
+    early.warning("dropped")
+    early.error("failed")
+    assert [r["event"] for r in lines(buf)] == ["kept", "tick", "failed"]
+    assert structlog.get_config()["processors"] is logs._processors  # one list object, contents replaced
+
+    tty = TTYStream()
+    configure_logging("auto", "info", tty)  # reload changes the renderer too
+    early.info("on_the_console", device="d1")
+    text = tty.getvalue()
+    assert "on_the_console" in text and "device" in text and not text.lstrip().startswith("{")
+
+
+def test_structlog_and_stdlib_lines_have_the_same_shape() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    get_logger("aiohttp.server").warning("Error handling request")
+    logging.getLogger("aiohttp.server").warning("Error handling request")
+    ours, theirs = lines(buf)
+    assert list(ours) == list(theirs) == ["timestamp", "level", "event", "logger"]
+    assert {**ours, "timestamp": ""} == {**theirs, "timestamp": ""}
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    assert stamp.fullmatch(ours["timestamp"]) and stamp.fullmatch(theirs["timestamp"])
+
+    get_logger("t").info("device_online", device="d1", reason="heartbeat")
+    logging.getLogger("t").info("device_online", extra={"device": "d1", "reason": "heartbeat"})
+    ours, theirs = lines(buf)[2:]
+    assert list(ours)[:3] == list(theirs)[:3] == ["timestamp", "level", "event"]
+    assert {**ours, "timestamp": ""} == {**theirs, "timestamp": ""}
+
+
+def test_exception_renders_one_line() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    log = get_logger("webhookd.dispatch")
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as e:
+            raise RuntimeError("outer\nwith a newline") from e
+    except RuntimeError:
+        log.exception("delivery_crashed", delivery_id=7)
+    out = buf.getvalue()
+    assert out.count("\n") == 1
+    (rec,) = lines(buf)
+    assert list(rec)[:3] == ["timestamp", "level", "event"]
+    assert rec["level"] == "error" and rec["event"] == "delivery_crashed" and rec["delivery_id"] == 7
+    assert "exc_info" not in rec
+    assert isinstance(rec["exception"], str) and rec["exception"].startswith("Traceback")
+    assert "KeyError: 'inner'" in rec["exception"] and "RuntimeError: outer\nwith a newline" in rec["exception"]
+
+
+def test_before_configure_logging_warnings_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    logs._stream = None
+    logs._level = logging.WARNING
+    logs._processors[:] = logs._chain(logs._json_renderer(journal=False))
+    log = get_logger("t")
+    log.info("hidden")
+    log.warning("shown", endpoint="ops")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (rec,) = [json.loads(line) for line in captured.err.splitlines()]
+    assert list(rec) == ["timestamp", "level", "event", "endpoint", "logger"]
+    assert rec["event"] == "shown"
+
+
+def test_a_closed_stream_does_not_raise() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)
+    buf.close()
+    get_logger("t").info("into_the_void")  # dropped, not raised into the caller

@@ -44,6 +44,10 @@ log = get_logger("webhookd.dispatch")
 USER_AGENT = f"webhookd/{__version__}"
 RESAVE_DELAY = 2.0  # seconds before a lane head whose outcome could not be saved is tried again
 MAX_RESPONSE_READ = 64 * 1024  # read at most this much of a response body, whatever its size
+# Receipts an endpoint may have waiting for their commit, per unit of its concurrency. Workers do not wait for
+# the commit (an fsync), so this bounds what a crash can send twice: (1 + UNSAVED_FACTOR) x concurrency. Four
+# covers one commit's worth of deliveries at full speed on a small box.
+UNSAVED_FACTOR = 4
 
 
 @dataclass(slots=True)
@@ -86,6 +90,7 @@ class EndpointRuntime:
     client_timeout: aiohttp.ClientTimeout | None = None
     url: URL | None = None
     blocked_literal: bool = False
+    base_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
     def configure(self, cfg: EndpointConfig) -> None:
         self.cfg = cfg
@@ -101,6 +106,9 @@ class EndpointRuntime:
             self.ssl = None
         # Per-attempt constants, worked out once per config.
         self.client_timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+        # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
+        self.base_headers = CIMultiDict(cfg.headers)
+        self.base_headers["Content-Type"] = "application/json"
         self.url = URL(cfg.url)
         host = (urlsplit(cfg.url).hostname or "").strip("[]")
         self.blocked_literal = not cfg.allow_link_local and _blocked(host)
@@ -185,7 +193,7 @@ class Dispatcher:
         self._stale: set[int] = set()  # in flight while their lanes were thrown away (disable/enable/removal)
         self._hold_retries: set[asyncio.Task[None]] = set()
         self._batch: list[tuple[Outcome, Callable[[bool], None]]] = []
-        self._batch_rows: dict[str, EndpointRow] = {}
+        self._batch_rows: dict[str, EndpointRow] = {}  # endpoint rows to save with the batch (copied at save)
         self._saving: asyncio.Task[None] | None = None
         # metrics hook: (endpoint, persisted status after an attempt: delivered|pending|dead|held)
         self.on_outcome: Callable[[str, str], None] | None = None
@@ -333,8 +341,8 @@ class Dispatcher:
                         next_due = min(next_due, rt.paused_until)
                         break
                     cap = 1  # one probe at a time until a success
-                if rt.inflight >= cap or rt.unsaved >= rt.cfg.concurrency:
-                    break  # the second bound caps what a crash can send twice: 2x concurrency
+                if rt.inflight >= cap or rt.unsaved >= UNSAVED_FACTOR * rt.cfg.concurrency:
+                    break
                 due, _, device = rt.ready[0]
                 if due > now:
                     next_due = min(next_due, due)
@@ -368,7 +376,10 @@ class Dispatcher:
                 self.inflight -= 1
                 if self.inflight == 0:
                     self._idle.set()
-                self._wake.set()
+                # Hand out the next due job right here: this worker's next get() then finds it without a trip
+                # through the scheduler task. Only a future due time needs the scheduler's timer.
+                if not self._stopping and self._dispatch_due() is not None:
+                    self._wake.set()
 
     # --- one attempt -------------------------------------------------------------------------------------
 
@@ -381,9 +392,7 @@ class Dispatcher:
     async def attempt(self, rt: EndpointRuntime, event_id: str, body: bytes, n: int) -> Result:
         assert self._session is not None
         cfg = rt.cfg
-        # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
-        headers = CIMultiDict(cfg.headers)
-        headers["Content-Type"] = "application/json"
+        headers = rt.base_headers.copy()
         headers["Webhook-Id"] = event_id
         headers["Webhook-Attempt"] = str(n)
         headers.update(signature_headers(cfg, event_id, body, int(self._wall())))
@@ -549,12 +558,12 @@ class Dispatcher:
         if self.on_outcome is not None:
             self.on_outcome(rt.cfg.name, outcome.status)
         self._batch.append((outcome, then))
-        self._batch_rows[rt.row.name] = replace(rt.row)
+        self._batch_rows[rt.row.name] = rt.row
         if self._saving is None:
             self._save_batch()
 
     def _save_batch(self) -> None:
-        batch, rows = self._batch, list(self._batch_rows.values())
+        batch, rows = self._batch, [replace(row) for row in self._batch_rows.values()]
         self._batch, self._batch_rows = [], {}
         self._saving = asyncio.get_running_loop().create_task(
             self.store.save_outcomes([o for o, _ in batch], rows), name="save-outcomes"

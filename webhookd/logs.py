@@ -1,15 +1,24 @@
-"""Logging (CONTRACT §9): structlog on top of the standard library.
+"""Logging (CONTRACT §9): structlog, plus the standard library for other packages' records.
 
-Every record, structlog's and the stdlib's (aiohttp, asyncio, warnings), goes through one
-``structlog.stdlib.ProcessorFormatter`` on one ``StreamHandler`` on the root logger, so everything renders the
-same way: one JSON object per line (keys ``timestamp``, ``level``, ``event`` first) under systemd, or
-structlog's console renderer on a terminal. When stdout is connected to the journal (systemd's
-``JOURNAL_STREAM``), each JSON line starts with its syslog priority (``<6>{...}``): journald strips it and files
-the line under that priority, so ``journalctl -p warning -u webhookd`` works.
+Everything renders the same way: one JSON object per line (keys ``timestamp``, ``level``, ``event`` first)
+under systemd, or structlog's console renderer on a terminal. When stdout is connected to the journal
+(systemd's ``JOURNAL_STREAM``), each JSON line starts with its syslog priority (``<6>{...}``): journald strips
+it and files the line under that priority, so ``journalctl -p warning -u webhookd`` works.
 
-Levels are the stdlib's: ``configure_logging`` sets the root logger's level and the bound loggers check
-``isEnabledFor`` before running any processor, so a filtered-out ``log.debug(...)`` costs one level check.
-Calling ``configure_logging`` again (reload) swaps the handler and the level in place.
+Two paths lead to the stream, ending in the same renderer chain (``_renderer``):
+
+* structlog calls (ours, on the hot path: a ``delivery_succeeded`` line per delivery) render directly: the
+  processor chain ends in the renderer and ``_LineLogger`` writes the line with one ``write()`` under a lock.
+  Going through ``logging`` instead (a ``LogRecord``, the handler, ``ProcessorFormatter`` copying the record
+  again) cost several times the rendering itself.
+* stdlib records (aiohttp, asyncio, warnings) go through one ``structlog.stdlib.ProcessorFormatter`` on one
+  handler on the root logger, which runs the shared processors and then the same renderer chain.
+
+Levels: ``configure_logging`` sets the root logger's level (for stdlib records) and a module-level level
+that the bound loggers check before running any processor, so a filtered-out ``log.debug(...)`` costs one
+comparison. Calling ``configure_logging`` again (reload) swaps the handler, the level and the renderer in
+place, for loggers created before the reload as well. Before the first ``configure_logging``, warnings and
+above go to stderr as JSON lines (where the stdlib's last-resort handler would have put them).
 """
 
 from __future__ import annotations
@@ -19,7 +28,11 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from types import FrameType
 from typing import Any, TextIO
 
 import msgspec
@@ -59,12 +72,26 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:
 
 
 class FilteringBoundLogger(structlog.stdlib.BoundLogger):
-    """``structlog.stdlib.BoundLogger`` that returns before running any processor when the stdlib logger is
-    not enabled for the call's level (the root level set by ``configure_logging``; it follows reloads).
+    """``structlog.stdlib.BoundLogger`` that returns before running any processor when the call's level is
+    below the level set by ``configure_logging`` (a module global, so it follows reloads, also for loggers
+    created before them). It wraps a ``_LineLogger``, not a ``logging.Logger``: the stdlib-only methods
+    (``setLevel``, ``handlers``...) are not available, ``isEnabledFor`` and ``getEffectiveLevel`` are.
 
     While ``structlog.testing.capture_logs`` is active every call is captured, as with structlog's own
     ``filter_by_level`` (which capture_logs disables along with the other processors).
     """
+
+    # debug and info are the hot ones (a delivery_succeeded line per delivery, debug lines filtered out):
+    # checked here, one call shorter than through _proxy_to_logger below (which checks the other methods).
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if _level > logging.DEBUG and not _capturing(self._processors):
+            return None
+        return super()._proxy_to_logger("debug", event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if _level > logging.INFO and not _capturing(self._processors):
+            return None
+        return super()._proxy_to_logger("info", event, *args, **kw)
 
     def _proxy_to_logger(
         self,
@@ -73,10 +100,15 @@ class FilteringBoundLogger(structlog.stdlib.BoundLogger):
         *event_args: str,
         **event_kw: Any,
     ) -> Any:
-        level = _METHOD_LEVELS.get(method_name, logging.INFO)
-        if not self._logger.isEnabledFor(level) and not _capturing(self._processors):
+        if _METHOD_LEVELS.get(method_name, logging.INFO) < _level and not _capturing(self._processors):
             return None
         return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level >= _level
+
+    def getEffectiveLevel(self) -> int:
+        return _level
 
 
 def _capturing(processors: Any) -> bool:
@@ -117,15 +149,30 @@ def _scrub_value(key: str, value: Any, depth: int = 0) -> Any:
 def scrub_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """Replace the values of keys named like secret/token/authorization/password with ``***`` (also inside
     nested dicts such as ``headers``), and ``user:password@`` in URLs."""
+    # Runs for every line: _scrub_value's common cases (a plain str, number or None) inlined.
     for key, value in event_dict.items():
         if key == "event":
             if isinstance(value, str) and "@" in value:
                 event_dict[key] = _URL_CREDENTIALS.sub(r"\g<scheme>***@", value)
             continue
-        if key in ("exc_info", "stack_info", "_record", "_from_structlog"):
+        if key in _NOT_SCRUBBED:
             continue
-        event_dict[key] = _scrub_value(key, value)
+        secret = _secret_keys.get(key)
+        if secret is None:
+            secret = _is_secret_key(key)
+        if value is None:
+            continue
+        if secret:
+            event_dict[key] = SCRUBBED
+        elif value.__class__ is str:
+            if "@" in value:
+                event_dict[key] = _URL_CREDENTIALS.sub(r"\g<scheme>***@", value)
+        elif value.__class__ not in _PLAIN:
+            event_dict[key] = _scrub_value(key, value)
     return event_dict
+
+
+_NOT_SCRUBBED = frozenset(("exc_info", "stack_info", "_record", "_from_structlog"))
 
 
 _PLAIN = frozenset((bool, int, float))  # nothing to scrub inside these
@@ -141,35 +188,117 @@ def _order_keys(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> 
 
 
 def _shared_processors() -> list[Processor]:
-    """Run for structlog calls (before ``wrap_for_formatter``) and for foreign stdlib records."""
+    """Run for structlog calls and for foreign stdlib records (in ``ProcessorFormatter``)."""
     return [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        _add_timestamp,
     ]
 
 
+_stamp_second: tuple[int, str] = (-1, "")  # (unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC)
+
+
+def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """``timestamp``: ISO 8601 in UTC with microseconds, ``2025-01-31T12:00:00.123456Z`` (what structlog's
+    ``TimeStamper(fmt="iso", utc=True)`` writes, always with the microseconds), formatting the date and time
+    once a second rather than per line."""
+    global _stamp_second
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    cached, prefix = _stamp_second
+    if second != cached:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _stamp_second = (second, prefix)
+    event_dict["timestamp"] = f"{prefix}.{ns // 1000:06d}Z"
+    return event_dict
+
+
+class _LineLogger:
+    """What structlog's bound loggers wrap: writes each rendered line to the stream ``configure_logging``
+    chose (stderr before that), with ``name`` for ``add_logger_name``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def msg(self, line: str) -> None:
+        try:  # noqa: SIM105 (contextlib.suppress costs more, per line)
+            _write_line(_stream if _stream is not None else sys.stderr, line)
+        except (OSError, ValueError):  # a closed or broken stream must not take the caller down
+            pass
+
+    debug = info = warning = warn = error = exception = critical = fatal = log = msg
+
+
+_write_lock = threading.Lock()  # one line at a time on the stream, from either path
+
+
+def _write_line(stream: TextIO, line: str) -> None:
+    with _write_lock:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+class _LineHandler(logging.StreamHandler[TextIO]):
+    """The root logger's handler for stdlib records: ``ProcessorFormatter`` renders, ``_write_line`` writes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self.stream, self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _caller_module() -> str:
+    """The module name of the first frame outside structlog and this module (as structlog's stdlib
+    ``LoggerFactory`` does for ``get_logger()`` without a name)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        name = str(frame.f_globals.get("__name__", ""))
+        if name != __name__ and name.split(".", 1)[0] != "structlog":
+            return name
+        frame = frame.f_back
+    return "root"
+
+
+def _logger_factory(*args: Any) -> _LineLogger:
+    return _LineLogger(args[0] if args and isinstance(args[0], str) else _caller_module())
+
+
+def _chain(renderer: list[Processor]) -> list[Processor]:
+    """The processors of a structlog call: the shared ones, then the renderer chain."""
+    return [
+        *_shared_processors(),
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.StackInfoRenderer(additional_ignores=[__name__]),
+        scrub_secrets,
+        *renderer,
+    ]
+
+
+# THE processor list: bound loggers are cached on first use and keep a reference to it, and
+# structlog.testing.capture_logs edits it in place; configure_logging replaces its contents, never the object.
+_processors: list[Processor] = []
+_level = logging.WARNING  # the stdlib root logger's default, until configure_logging
+_stream: TextIO | None = None  # None: sys.stderr, looked up per line (like the stdlib's last resort)
 _structlog_configured = False
 _handler: logging.Handler | None = None
 
 
 def _configure_structlog() -> None:
     global _structlog_configured
+    _processors[:] = _chain(_json_renderer(journal=False))
     structlog.configure(
-        processors=[
-            *_shared_processors(),
-            structlog.stdlib.PositionalArgumentsFormatter(),
-            structlog.processors.StackInfoRenderer(),
-            scrub_secrets,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(ignore_frame_names=[__name__]),
+        processors=_processors,
+        logger_factory=_logger_factory,
         wrapper_class=FilteringBoundLogger,
         context_class=dict,
-        # Cached: otherwise every call builds a fresh bound logger (3 us, even for a filtered-out debug line).
-        # structlog.testing.capture_logs edits the processor list in place, so cached loggers still see it;
-        # configure_logging never reconfigures structlog, it swaps the stdlib handler and level.
+        # For structlog.get_logger() callers (get_logger below binds at once): otherwise every call builds a
+        # fresh bound logger (3 us, even for a filtered-out debug line). Cached loggers hold _processors.
         cache_logger_on_first_use=True,
     )
     _structlog_configured = True
@@ -236,26 +365,41 @@ def _dumps(obj: Any, **_kw: Any) -> str:
 
 
 def lean_records() -> None:
-    """Stop the stdlib from collecting what no renderer here prints: the caller's file and line (a stack
-    walk per record), thread, process and multiprocessing names. Process-wide, hence called by the daemon
-    rather than by configure_logging (tests configure logging inside pytest)."""
+    """Stop the stdlib from collecting what no renderer here prints on its records (structlog calls make
+    none): the caller's file and line (a stack walk per record), thread, process and multiprocessing names.
+    Process-wide, hence called by the daemon rather than by configure_logging (tests configure logging
+    inside pytest)."""
     logging._srcfile = None  # the logging HOWTO's "Optimization" section documents this switch
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
 
 
+def _drop_formatted(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Drop what another handler's ``logging.Formatter`` left on a stdlib record (``message``, the text
+    already in ``event``, and ``asctime``), which ``ExtraAdder`` would take for extras: the stdlib forbids
+    those names in ``extra``, so they are never the caller's."""
+    event_dict.pop("message", None)
+    event_dict.pop("asctime", None)
+    return event_dict
+
+
+def _json_renderer(journal: bool) -> list[Processor]:
+    json_renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    return [
+        structlog.processors.format_exc_info,  # exception -> one string field, escaped into one line
+        _order_keys,
+        _SyslogPrefixed(json_renderer) if journal else json_renderer,
+    ]
+
+
 def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
+    """The end of both paths: event dict -> the line to write (without its newline)."""
     if fmt not in ("auto", "json", "console"):
         raise ValueError(f"unknown log format {fmt!r} (auto, json or console)")
     tty = _is_tty(stream)
     if fmt == "json" or (fmt == "auto" and not tty):
-        json_renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-        return [
-            structlog.processors.format_exc_info,  # exception -> one string field, escaped into one line
-            _order_keys,
-            _SyslogPrefixed(json_renderer) if is_journal(stream) else json_renderer,
-        ]
+        return _json_renderer(is_journal(stream))
     return [structlog.dev.ConsoleRenderer(colors=tty)]
 
 
@@ -265,22 +409,30 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     ``"auto"`` on a terminal), dropping records below ``level``. JSON lines to the journal carry a ``<N>``
     syslog priority prefix.
 
-    Idempotent: a second call (config reload) replaces the handler and the level; other handlers on the root
-    logger (pytest's, for instance) are left alone.
+    Idempotent: a second call (config reload) replaces the handler, the level and the renderer, also for
+    loggers obtained before it; other handlers on the root logger (pytest's, for instance) are left alone.
     """
-    global _handler
+    global _handler, _level, _stream
     lvl = LEVELS.get(level.lower())
     if lvl is None:
         raise ValueError(f"unknown log level {level!r} (debug, info, warning or error)")
     out: TextIO = stream if stream is not None else sys.stdout
+    renderer = _renderer(fmt, out)
     if not _structlog_configured:
         _configure_structlog()
 
+    # structlog calls: same list object, new contents (see _processors)
+    _processors[:] = _chain(renderer)
+    structlog.configure(processors=_processors)
+    _stream = out
+    _level = lvl
+
+    # stdlib records
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder(), scrub_secrets],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_renderer(fmt, out)],
+        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder(), _drop_formatted, scrub_secrets],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
     )
-    handler = logging.StreamHandler(out)
+    handler = _LineHandler(out)
     handler.setFormatter(formatter)
 
     root = logging.getLogger()
@@ -295,9 +447,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    """A structlog logger backed by the stdlib logger ``name`` (the caller's module when ``None``)."""
+    """A structlog logger named ``name`` (the caller's module when ``None``); see ``FilteringBoundLogger``."""
     if not _structlog_configured:
         _configure_structlog()
-    if name is None:
-        return structlog.stdlib.get_logger()
-    return structlog.stdlib.get_logger(name)
+    # Bound now rather than on first use: a module-level logger is then the bound logger itself, not
+    # structlog's lazy proxy (which costs an attribute lookup and a call per log call, filtered or not). It
+    # holds the one processor list, so it follows configure_logging and capture_logs.
+    logger: FilteringBoundLogger = structlog.get_logger(name if name is not None else _caller_module()).bind()
+    return logger

@@ -12,7 +12,7 @@ each delivered webhook maps back to the heartbeat that made it. At the end, agai
   got no answer (killed mid-request) may or may not exist, but when they do they sit in that chain too;
 - invented: a webhook for a heartbeat that was answered `changed: false` (must be 0);
 - duplicates (the same Webhook-Id twice at one endpoint): at most what can be unsaved at a kill: the
-  endpoint's concurrency in flight plus as many receipts waiting for their commit, 2x concurrency per kill.
+  endpoint's concurrency in flight plus UNSAVED_FACTOR x concurrency receipts waiting for their commit.
 
 The figures go to stdout (`-s`) and to `crash_figures.json` in the test's tmp dir.
 """
@@ -38,9 +38,11 @@ from aiohttp import web
 
 from tests.faults.servers import Hit, ScriptedReceiver
 from tests.harness import SECRET, Daemon
+from webhookd.dispatch import UNSAVED_FACTOR
 
 CYCLE = ("online", "utilizing", "unplugged", "offline")  # every step a change; utilizing->online never occurs
 EP_CONCURRENCY = 4
+PER_KILL = (1 + UNSAVED_FACTOR) * EP_CONCURRENCY  # in flight + receipts waiting for their commit
 # Endpoint -> device filter: each has devices of its own, and both share the batch-driven ones (c-*).
 FILTERS = {"ep-a": ["a-*", "c-*"], "ep-b": ["b-*", "c-*"]}
 
@@ -337,7 +339,7 @@ async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
         "order_violations": len(order),
         "duplicates": sum(duplicates.values()),
         "duplicates_per_endpoint": duplicates,
-        "duplicate_bound_per_endpoint": 2 * EP_CONCURRENCY * kills,
+        "duplicate_bound_per_endpoint": PER_KILL * kills,
         "most_duplicates_at_one_kill": max(per_kill.values(), default=0),
         "duplicates_without_a_kill": len(unexplained),
         "final_endpoints": [{k: e[k] for k in ("name", "delivered", "pending", "held", "dead")} for e in eps],
@@ -352,9 +354,9 @@ async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
     assert not order, order[:20]
     assert not split_ids, list(split_ids.items())[:10]
     for name, dups in duplicates.items():
-        assert dups <= 2 * EP_CONCURRENCY * kills, (name, dups)
+        assert dups <= PER_KILL * kills, (name, dups)
     assert not unexplained, unexplained[:10]  # only what was unsaved at a kill is ever sent twice ...
-    assert max(per_kill.values(), default=0) <= 2 * EP_CONCURRENCY, per_kill  # ... at most 2x concurrency per kill
+    assert max(per_kill.values(), default=0) <= PER_KILL, per_kill  # ... at most what can be unsaved per kill
     assert all(e["held"] == 0 and e["dead"] == 0 and e["pending"] == 0 for e in eps), eps
     for dev_id, state in last_state.items():
         assert states[dev_id] == state, (dev_id, states[dev_id], state)
