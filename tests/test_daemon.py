@@ -493,3 +493,19 @@ async def test_cli_against_running_daemon_and_without_one(tmp_path: Path) -> Non
     out = await d.cli("status")
     assert out.returncode == 3 and "not running" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_tune_gc_freezes_what_startup_loaded_and_raises_the_thresholds() -> None:
+    import gc
+
+    from webhookd.daemon import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    loaded = [object() for _ in range(10)]  # stands for the devices and deliveries read at startup
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() >= len(loaded)
+        assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -161,6 +162,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        tune_gc()
         sdnotify.ready(self._status_line())
         crashed = False
         try:
@@ -329,6 +331,23 @@ def _socket_path_is_ours(path: Path) -> bool:
         return path.is_socket() and not _socket_answers(path)
     except OSError:
         return False
+
+
+# Young-generation size and how many young (then middle) collections come before an older one. The daemon holds
+# one object graph per device and per pending delivery (100,000s of them, long-lived, refcounted, rarely in a
+# cycle); with the default thresholds (2,000, 10, 10) a full collection walked all of them every few seconds
+# under load and held the event loop for 100-250 ms (bench row 5: heartbeat p99 170 ms during a power cut; 20
+# ms without those pauses).
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Called once startup has loaded the store: what it loaded (devices, pending deliveries, config, modules)
+    moves to the permanent generation, which no collection walks again. Those objects are still freed by
+    reference counting when they go; only a reference cycle among them would stay (none is made on purpose).
+    Then fewer, larger young collections, and full ones rarely."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(config_path: str | Path) -> int:
