@@ -191,3 +191,29 @@ async def test_heartbeat_nowait_applies_liveness_at_once_and_hands_back_what_nee
         "device.unplugged",
         "device.online",
     ]
+
+
+async def test_stopping_the_sweep_mid_storm_leaves_no_device_gated(rig: Rig) -> None:
+    """Shutdown cancels the sweep while chunk commits are queued or running: every commit gate is opened (a
+    heartbeat draining at shutdown must not hang), and a chunk that never ran is undone (not offline unrecorded)."""
+    ids = await online(rig, 3 * EXPIRE_CHUNK)
+    never = asyncio.Event()
+    real_record = rig.store.record
+
+    async def stuck(items):  # type: ignore[no-untyped-def]
+        await never.wait()
+        return await real_record(items)
+
+    rig.store.record = stuck  # type: ignore[method-assign]
+    sweep = asyncio.create_task(rig.tracker.sweep_loop())
+    rig.clock.now += TIMEOUT + 1
+    rig.tracker._wake.set()
+    while not rig.tracker._pending:
+        await asyncio.sleep(0)
+    sweep.cancel()
+    await asyncio.gather(sweep, return_exceptions=True)
+    assert rig.tracker._pending == {}
+    assert rig.dispatcher._yielding is False
+    rig.store.record = real_record  # type: ignore[method-assign]
+    back = await asyncio.wait_for(rig.tracker.heartbeats([Heartbeat(d) for d in ids]), 5)  # no gate to wait for
+    assert {state for _, state, _ in back} == {"online"}

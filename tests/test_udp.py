@@ -223,6 +223,29 @@ async def test_listener_reads_in_windows_and_drains_floods() -> None:
     assert u.received == 3 + n and tracker.seen[-1].device == "last"
 
 
+async def test_listener_keeps_reading_after_a_datagram_blows_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = FakeTracker()
+    u = _listener(tracker)
+    await u.start("127.0.0.1", 0)
+    assert u.sock is not None
+    real = u.datagram_received
+
+    def fragile(data: bytes, addr: Any) -> None:
+        if data == b"boom":
+            raise RuntimeError("a bug somewhere below")
+        real(data, addr)
+
+    monkeypatch.setattr(u, "datagram_received", fragile)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+        out.sendto(b"boom", u.sock.getsockname())
+        await eventually(lambda: errors, timeout=2)  # reported through the loop's exception handler
+        out.sendto(b"after", u.sock.getsockname())
+        await eventually(lambda: [hb.device for hb in tracker.seen] == ["after"], timeout=2)
+    await u.close()
+
+
 # --- the whole daemon ----------------------------------------------------------------------------------------
 
 

@@ -2,10 +2,12 @@
 
 Memory holds every pending delivery, grouped per endpoint into *lanes*, one lane per device: only a lane's
 head may be in flight, which keeps per-(endpoint, device) order. Each idle lane has one entry in its
-endpoint's ready-heap, keyed by when its head is due. One scheduler task moves due heads to a fixed pool of
-worker tasks, within the global and per-endpoint concurrency. A failing endpoint pauses for its
-retry-schedule step and then gets a single probe; only a success reopens it. A lane moves on only once the
-outcome of its head is persisted, so a crash can repeat a delivery but never reorder one.
+endpoint's ready-heap, keyed by when its head is due. Due heads go to a fixed pool of worker tasks, within the
+global and per-endpoint concurrency: handed out by one scheduler task (timers, wake-ups) and by each worker as
+it finishes. A failing endpoint pauses for its retry-schedule step and then gets a single probe; only a success
+reopens it. A lane moves on only once the outcome of its head is persisted, so a crash can repeat a delivery
+but never reorder one. A worker does not wait for a receipt's commit: the head stays in its lane, *settling*,
+until the batch it went into is saved (at most UNSAVED_FACTOR x concurrency per endpoint).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Delivery:
     body: bytes = b""
     body_for: EndpointConfig | None = None  # the endpoint config the cached body was rendered for
     inflight: bool = False
+    settling: bool = False  # delivered; its receipt is waiting for its commit (the lane has not moved on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +122,8 @@ class EndpointRuntime:
         return self.device_patterns is None or self.device_patterns.match(event.device_id) is not None
 
     def clear(self) -> set[int]:
-        """Throw the lanes away; returns the ids still in flight (their results arrive as stale)."""
-        inflight = {lane[0].id for lane in self.lanes.values() if lane and lane[0].inflight}
+        """Throw the lanes away; returns the ids still in flight or settling (their results arrive as stale)."""
+        inflight = {lane[0].id for lane in self.lanes.values() if lane and (lane[0].inflight or lane[0].settling)}
         self.lanes.clear()
         self.ready.clear()
         self.known.clear()
@@ -190,7 +193,8 @@ class Dispatcher:
         self._resolver = GuardedResolver()
         self._workers: list[asyncio.Task[None]] = []
         self.on_result: Callable[[str, Result], None] | None = None  # metrics hook
-        self._stale: set[int] = set()  # in flight while their lanes were thrown away (disable/enable/removal)
+        # in flight or settling while their lanes were thrown away (disable/enable/removal): _add skips them
+        self._stale: set[int] = set()
         self._hold_retries: set[asyncio.Task[None]] = set()
         self._batch: list[tuple[Outcome, Callable[[bool], None]]] = []
         self._batch_rows: dict[str, EndpointRow] = {}  # endpoint rows to save with the batch (copied at save)
@@ -291,7 +295,7 @@ class Dispatcher:
             else:
                 # Rare: rows arriving out of id order (enable racing new events). Keep the lane sorted, but
                 # never move a head that is in flight.
-                keep = [lane.popleft()] if lane[0].inflight else []
+                keep = [lane.popleft()] if lane[0].inflight or lane[0].settling else []
                 items = sorted([*lane, d], key=lambda x: x.id)
                 lane.clear()
                 lane.extend(keep + items)
@@ -452,19 +456,28 @@ class Dispatcher:
                 rt.row.consecutive_failures = 0
                 rt.pause_step = 0
                 rt.paused_until = 0.0
-            self._stale.discard(d.id)
 
             # The worker goes back to the pool at once; the lane moves on when the receipt is saved. Waiting
             # here for the commit (an fsync) would bound throughput by concurrency / commit latency.
+            d.settling = True
             rt.unsaved += 1
 
             def saved(ok: bool) -> None:
                 rt.unsaved -= 1
-                if ok or stale:
+                d.settling = False
+                dropped = d.id in self._stale  # its lane was thrown away while it was in flight or settling
+                self._stale.discard(d.id)
+                self._wake.set()
+                if ok:
                     self._advance(rt, d, now)
-                    self._wake.set()
-                else:
+                elif not (dropped or stale):
                     self._retry_head(rt, generation, d, RESAVE_DELAY)
+                else:
+                    # Not saved, and its lane is gone: the row is still pending (or held) in the store. An
+                    # enabled endpoint takes it again now (an enable skipped it while it settled).
+                    current = self.endpoints.get(d.endpoint)
+                    if current is not None and not current.row.disabled:
+                        self._add(current, [DeliveryRow(d.id, d.event, d.endpoint, 0, self._wall())])
 
             self._settle(outcome, rt, saved)
             return
@@ -536,9 +549,9 @@ class Dispatcher:
         """The lane's head is done: the next delivery of that device becomes due."""
         device = d.event.device_id
         lane = rt.lanes.get(device)
-        rt.known.discard(d.id)
         if not lane or lane[0] is not d:
-            return
+            return  # its lane was thrown away (and maybe rebuilt: d.id in `known` is then another copy's)
+        rt.known.discard(d.id)
         lane.popleft()
         if lane:
             head = lane[0]
@@ -555,12 +568,15 @@ class Dispatcher:
         """Save `outcome`, then call `then(saved)`. Outcomes that finish while a save is running go together
         in the next one: one statement batch for many deliveries (the store's own group commit then merges
         these with heartbeat writes)."""
-        if self.on_outcome is not None:
-            self.on_outcome(rt.cfg.name, outcome.status)
         self._batch.append((outcome, then))
         self._batch_rows[rt.row.name] = rt.row
         if self._saving is None:
             self._save_batch()
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(rt.cfg.name, outcome.status)
+            except Exception:  # a metrics hook must not strand the outcome's continuation
+                log.exception("outcome_hook_failed", endpoint=rt.cfg.name)
 
     def _save_batch(self) -> None:
         batch, rows = self._batch, [replace(row) for row in self._batch_rows.values()]

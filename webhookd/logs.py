@@ -232,7 +232,9 @@ class _LineLogger:
     debug = info = warning = warn = error = exception = critical = fatal = log = msg
 
 
-_write_lock = threading.Lock()  # one line at a time on the stream, from either path
+# One line at a time on the stream, from either path. Reentrant: a finalizer that logs (asyncio's "Task
+# exception was never retrieved", run by a collection) may fire while this thread holds it.
+_write_lock = threading.RLock()
 
 
 def _write_line(stream: TextIO, line: str) -> None:
@@ -361,7 +363,13 @@ def _dumps(obj: Any, **_kw: Any) -> str:
     try:
         return _encoder.encode(obj).decode()
     except (TypeError, ValueError, OverflowError):  # e.g. non-str keys, ints beyond 64 bits
+        pass
+    try:
         return json.dumps(obj, default=repr)
+    except (TypeError, ValueError, RecursionError):  # keys json refuses, cycles: a line, never an exception
+        return json.dumps(
+            {str(k): v if isinstance(v, str | int | float | bool | None) else repr(v) for k, v in obj.items()}
+        )
 
 
 def lean_records() -> None:

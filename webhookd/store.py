@@ -30,8 +30,8 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MAX_BATCH = 512  # operations per group commit
-MAX_BATCH_ROWS = 2000  # ... and rows: a power cut queues 100 chunks of 1,000 events, and the first chunk's
-# commit must not wait for the last one's inserts
+MAX_BATCH_ROWS = 6000  # ... and rows (~2,000 events with their device and delivery rows): a power cut queues
+# hundreds of chunks, and the first chunk's commit must not wait for the last one's inserts
 PRUNE_BATCH = 500  # rows deleted per write transaction by the retention pruner
 VACUUM_PAGES = 512  # pages released per write transaction by the incremental vacuum
 
@@ -376,7 +376,7 @@ class Store:
                 if status == "pending"
             ]
 
-        return await self.write(op, len(items))
+        return await self.write(op, sum(2 + len(targets) for _, _, targets in items))
 
     @staticmethod
     def _pending_rows(c: sqlite3.Connection, where: str, args: Sequence[object]) -> list[DeliveryRow]:

@@ -191,9 +191,10 @@ class Tracker:
         Due devices are expired a chunk at a time, each chunk's commit gate registered as it is taken, and the
         chunks' commits run behind the sweep (the store merges them into few transactions): a power cut is
         detected on time, heartbeats are served between chunks, and no heartbeat overtakes an offline event.
-        While a big sweep is being recorded the dispatcher starts no new attempts, so that the CPU goes to
-        recording first."""
-        commits: set[asyncio.Task[None]] = set()
+        From the first full chunk until the commits of that sweep are done, the dispatcher starts no new
+        attempts, so that the CPU goes to recording first (it stays in flow for the usual few devices a pass)."""
+        commits: dict[asyncio.Task[None], _Commit] = {}
+        storm: set[asyncio.Task[None]] = set()  # commits of the big sweep the dispatcher is yielding to
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -202,17 +203,22 @@ class Tracker:
                     outcomes = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
                     if not outcomes:
                         break
-                    task = loop.create_task(self._commit_expired(self._prepare(outcomes)))
+                    c = self._prepare(outcomes)
+                    task = loop.create_task(self._commit_expired(c))
                     task.add_done_callback(lambda _: self._wake.set())  # reap it, maybe release the dispatcher
-                    commits.add(task)
+                    commits[task] = c
+                    if len(outcomes) < EXPIRE_CHUNK and not storm:
+                        break
+                    storm.add(task)  # a big sweep (or the tail of one)
+                    self.dispatcher.yield_to_sweep(True)
                     if len(outcomes) < EXPIRE_CHUNK:
                         break
-                    self.dispatcher.yield_to_sweep(True)  # a big sweep
                     await asyncio.sleep(0)  # heartbeats get in between chunks
                 for task in [t for t in commits if t.done()]:
-                    commits.discard(task)
+                    del commits[task]
+                    storm.discard(task)
                     task.result()  # anything but a StoreError is a bug: let it take the daemon down
-                if not commits:
+                if not storm:
                     self.dispatcher.yield_to_sweep(False)
                 now = self._clock()
                 deadline = self.engine.next_deadline()
@@ -224,9 +230,22 @@ class Tracker:
                 except TimeoutError:
                     pass
         finally:
+            self.dispatcher.yield_to_sweep(False)
             for task in commits:
                 task.cancel()
-            self.dispatcher.yield_to_sweep(False)
+            await asyncio.gather(*commits, return_exceptions=True)
+            for task, c in commits.items():
+                if task.cancelled() and not c.gate.done():
+                    self._abandon(c)  # cancelled before it ran: its devices must not stay gated (or offline)
+
+    def _abandon(self, c: _Commit) -> None:
+        """A prepared commit that will never run: undo its outcomes and open its gate."""
+        for o in reversed(c.outcomes):
+            self.engine.undo(o)
+        for dev in c.devices:
+            if self._pending.get(dev) is c.gate:
+                del self._pending[dev]
+        c.gate.set_result(None)
 
     async def flush(self) -> None:
         while dirty := self.engine.take_dirty(limit=FLUSH_CHUNK):

@@ -156,7 +156,11 @@ class UDPListener:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
         error: OSError = OSError(f"no address for {host}")
         for family, kind, proto, _name, addr in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)  # EAFNOSUPPORT where IPv6 is off: try the next one
+            except OSError as e:
+                error = e
+                continue
             try:
                 sock.setblocking(False)
                 sock.bind(addr)
@@ -225,24 +229,29 @@ class UDPListener:
         if sock is None:
             return
         loop = asyncio.get_running_loop()
-        if self._drain(sock, DRAIN_MAX) >= DRAIN_MAX:
-            self._read_handle = loop.call_soon(self._read)  # a flood: no window, but let others run in between
-        else:
-            loop.add_reader(sock.fileno(), self._readable)
+        flood = True
+        try:
+            flood = self._drain(sock, DRAIN_MAX) >= DRAIN_MAX
+        finally:  # whatever one datagram did, the socket keeps being read
+            if self.sock is sock:
+                if flood:
+                    self._read_handle = loop.call_soon(self._read)  # no window, but others run in between
+                else:
+                    loop.add_reader(sock.fileno(), self._readable)
 
     def _drain(self, sock: socket.socket, limit: int = 1 << 30) -> int:
         """Read and handle up to `limit` datagrams waiting on `sock`; how many were read."""
         n = 0
         while n < limit:
+            n += 1
             try:
                 # One byte more than the largest datagram taken, so that a larger one shows as too large.
                 data, addr = sock.recvfrom(MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # e.g. an ICMP error queued on the socket: noise, nothing is ever sent
+                return n - 1
+            except OSError as e:  # e.g. an ICMP error queued on the socket (nothing is ever sent), ENOBUFS
                 log.debug("udp_socket_error", error=str(e))
-                continue
-            n += 1
+                continue  # counted against `limit`: a persistent error cannot spin here
             self.datagram_received(data, addr)
         return n
 
