@@ -3,8 +3,11 @@ measured in the same run, with and without uvloop.
 
     python -m bench                       # every row, uvloop and plain asyncio, 3 repeats (medians)
     python -m bench --rows 1,2,3 --loops uvloop --repeats 5
-    python -m bench --profile --rows 1,2,3 --repeats 1     # py-spy profiles of the daemon under rows 1-3
+    python -m bench --profile --rows 1,2,3 --repeats 1     # py-spy profiles of the daemon (rows 1-3, 5, 6)
     BENCH_QUICK=1 python -m bench         # every row shrunk, for a smoke run
+    BENCH_LOG_LEVEL=warning python -m bench --rows 3       # row 3 without its info line per delivery
+
+Rows 4 (RSS, startup) and 6 (idle over HTTP, over UDP) print two lines each.
 
 The daemon runs on core 0 and the load (wrk, receivers, load generators, this driver) on core 1 when the
 machine has two cores (BENCH_NO_PIN=1 turns pinning off). Results: a table on stdout, plus results.json and
@@ -170,7 +173,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (1-6)")
     p.add_argument("--loops", default="auto", help="uvloop,asyncio (auto: both when uvloop is installed)")
     p.add_argument("--repeats", type=int, default=None, help="runs of rows 1-4 (default 3, BENCH_QUICK: 1)")
-    p.add_argument("--profile", action="store_true", help="py-spy the daemon during the first run of rows 1-3")
+    p.add_argument("--profile", action="store_true", help="py-spy the daemon (first run of rows 1-3; rows 5, 6)")
     p.add_argument("--top", type=int, default=15, help="functions per profile summary")
     p.add_argument("--quiet-wait", type=float, default=45, help="seconds to wait for a quiet machine per row")
     args = p.parse_args()
