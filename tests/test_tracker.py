@@ -174,17 +174,17 @@ async def test_heartbeat_nowait_applies_liveness_at_once_and_hands_back_what_nee
     rig: Rig, tmp_path: Path
 ) -> None:
     work = rig.tracker.heartbeat_nowait(Heartbeat("a"))  # new device: an event to record
-    assert work is not None and rig.engine.devices["a"].state == "online"
-    await work
+    assert not isinstance(work, tuple) and rig.engine.devices["a"].state == "online"
+    assert await work == ("a", "online", True)
     rig.clock.now += 5
-    assert rig.tracker.heartbeat_nowait(Heartbeat("a")) is None  # still alive: done on the spot
+    assert rig.tracker.heartbeat_nowait(Heartbeat("a")) == ("a", "online", False)  # done on the spot
     assert rig.engine.devices["a"].last_mono == rig.clock.now
     # While a commit of "a" is in flight, even a liveness heartbeat of "a" waits for it (order of writes).
     unplug = rig.tracker.heartbeat_nowait(Heartbeat("a", state="unplugged"))
-    assert unplug is not None
+    assert not isinstance(unplug, tuple)
     behind = rig.tracker.heartbeat_nowait(Heartbeat("a", state="online"))
-    assert behind is not None and rig.engine.devices["a"].state == "unplugged"  # not applied yet
-    await asyncio.gather(unplug, behind)
+    assert not isinstance(behind, tuple) and rig.engine.devices["a"].state == "unplugged"  # not applied yet
+    assert await asyncio.gather(unplug, behind) == [("a", "unplugged", True), ("a", "online", True)]
     assert rig.engine.devices["a"].state == "online"
     assert [t for d, t in offline_order(tmp_path / "webhookd.db") if d == "a"] == [
         "device.online",

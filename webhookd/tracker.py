@@ -32,6 +32,9 @@ LOG_EACH_MAX = 100  # a commit with more events than this logs one summary line
 LOG_SAMPLE = 10  # device ids named in that line
 
 
+Result = tuple[str, str, bool]  # (device, state, changed: an event was recorded)
+
+
 @dataclass(slots=True)
 class _Commit:
     outcomes: list[Outcome]
@@ -60,7 +63,7 @@ class Tracker:
         self._sweep_backoff_until = 0.0
         self.on_event: Callable[[str], None] | None = None  # metrics hook: one call per recorded event
 
-    async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[tuple[str, str, bool]]:
+    async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[Result]:
         """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
 
         Raises StoreError when the events could not be recorded (nothing of this call is then applied)."""
@@ -72,7 +75,7 @@ class Tracker:
             if not pending:
                 break
             await asyncio.wait(pending)
-        results: list[tuple[str, str, bool]] = []
+        results: list[Result] = []
         outcomes: list[Outcome] = []
         for hb in hbs:
             outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
@@ -85,20 +88,27 @@ class Tracker:
             self._wake.set()  # a new live device may now hold the earliest deadline
         return results
 
-    def heartbeat_nowait(self, hb: Heartbeat) -> Coroutine[Any, Any, object] | None:
-        """Apply `hb` at once when that needs no commit (the usual "still alive"): None, and nothing to wait
-        for. Otherwise a coroutine the caller must run: it waits for the device's commit in flight and then
+    def heartbeat_nowait(self, hb: Heartbeat) -> Result | Coroutine[Any, Any, Result]:
+        """`heartbeats([hb])` for one heartbeat, without a coroutine when none is needed: applied at once when
+        that needs no commit (the usual "still alive"), returning its (device, state, changed). Otherwise a
+        coroutine the caller must run to that result: it waits for the device's commit in flight and then
         applies `hb`, or records the event `hb` made (its commit gate already taken, so order holds)."""
         if hb.device in self._pending:
-            return self.heartbeats([hb])
+            return self._one(hb)
         outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
-        if outcome.transition is None:
-            return None
-        return self._record_one(self._prepare([outcome]))
+        t = outcome.transition
+        result = (hb.device, outcome.state, t is not None and t.kind is not None)
+        if t is None:
+            return result
+        return self._record_one(self._prepare([outcome]), result)
 
-    async def _record_one(self, c: _Commit) -> None:
+    async def _one(self, hb: Heartbeat) -> Result:
+        return (await self.heartbeats([hb]))[0]
+
+    async def _record_one(self, c: _Commit, result: Result) -> Result:
         await self._finish(c)
         self._wake.set()  # a new live device may now hold the earliest deadline
+        return result
 
     def _prepare(self, outcomes: list[Outcome]) -> _Commit:
         """Build the events of `outcomes` and register their devices' commit gate, without yielding: from here

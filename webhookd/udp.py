@@ -288,7 +288,7 @@ class UDPListener:
                 )
             return
         work = self.tracker.heartbeat_nowait(hb)
-        if work is None:
+        if isinstance(work, tuple):
             return  # applied; nothing to record (the usual heartbeat: no task, no commit)
         task = asyncio.get_running_loop().create_task(self._apply(work, hb))
         self._tasks.add(task)

@@ -662,6 +662,9 @@ async def test_a_dribbled_body_times_out_with_408() -> None:
         async def heartbeats(self, hbs: list[Any]) -> list[tuple[str, str, bool]]:
             return [(hb.device, "online", True) for hb in hbs]
 
+        def heartbeat_nowait(self, hb: Any) -> tuple[str, str, bool]:
+            return (hb.device, "online", True)
+
     api = HeartbeatAPI(Tracker(), [], max_body=1024, healthy=lambda: True)  # type: ignore[arg-type]
     assert api.body_timeout == listener.BODY_TIMEOUT == 30.0
     api.body_timeout = 0.5
