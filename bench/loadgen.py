@@ -38,6 +38,17 @@ def body_for(prefix: str, i: int, devices: int, mode: str) -> bytes:
 HEADERS = {"Content-Type": "application/json"}
 
 
+def summary(latencies_ms: list[float], elapsed: float, errors: int) -> dict[str, object]:
+    """The RESULT line's fields."""
+    return {
+        "rps": len(latencies_ms) / elapsed,
+        "requests": len(latencies_ms),
+        "errors": errors,
+        "p50_ms": percentile(latencies_ms, 50),
+        "p99_ms": percentile(latencies_ms, 99),
+    }
+
+
 async def closed(args: argparse.Namespace) -> dict[str, object]:
     url = args.url.rstrip("/") + "/v1/heartbeat"
     counter = 0
@@ -64,14 +75,7 @@ async def closed(args: argparse.Namespace) -> dict[str, object]:
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as s:
         await asyncio.gather(*(worker(s) for _ in range(args.connections)))
-    elapsed = time.monotonic() - started
-    return {
-        "rps": len(latencies) / elapsed,
-        "requests": len(latencies),
-        "errors": errors,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-    }
+    return summary(latencies, time.monotonic() - started, errors)
 
 
 async def rate_udp(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, object]:
@@ -148,14 +152,7 @@ async def rate(args: argparse.Namespace) -> dict[str, object]:
         with Path(args.samples).open("w") as f:
             for t, ms, st in samples:
                 f.write(f"{t:.6f} {ms:.3f} {st}\n")
-    lat = [ms for _, ms, _ in samples]
-    return {
-        "rps": len(samples) / elapsed,
-        "requests": len(samples),
-        "errors": errors,
-        "p50_ms": percentile(lat, 50),
-        "p99_ms": percentile(lat, 99),
-    }
+    return summary([ms for _, ms, _ in samples], elapsed, errors)
 
 
 def main() -> None:

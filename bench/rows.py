@@ -619,6 +619,21 @@ async def _cpu_under_trickle(
     return (c1 - c0) / (t1 - t0) * 60.0, result
 
 
+async def _baseline_cpu(wd: Path, n: int, name: str, *args: str, warm: float, measure: float) -> tuple[float, float]:
+    """CPU-s/min of a bare ingest process (`bench.baseline_ingest ARGS`) under the trickle: one new connection
+    per heartbeat, then keep-alive."""
+    child, port = await _start_child(f"baseline_{name}", "bench.baseline_ingest", wd, DAEMON_CORE, *args)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        new_conn, _ = await _cpu_under_trickle(child.pid, url, n, wd, f"trickle-{name}", warm=warm, measure=measure)
+        keepalive, _ = await _cpu_under_trickle(
+            child.pid, url, n, wd, f"trickle-{name}-ka", warm=warm, measure=measure, new_conn=False
+        )
+    finally:
+        await child.stop()
+    return new_conn, keepalive
+
+
 async def row_idle(ctx: Ctx) -> list[Row]:
     n = 10_000
     wd = ctx.dir("6-idle")
@@ -641,24 +656,8 @@ async def row_idle(ctx: Ctx) -> list[Row]:
         )
     finally:
         await d.stop()
-    bare, port = await _start_child("baseline_ingest", "bench.baseline_ingest", wd, DAEMON_CORE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        bare_min, _ = await _cpu_under_trickle(bare.pid, url, n, wd, "trickle-bare", warm=warm, measure=side)
-        bare_ka, _ = await _cpu_under_trickle(
-            bare.pid, url, n, wd, "trickle-bare-ka", warm=warm, measure=side, new_conn=False
-        )
-    finally:
-        await bare.stop()
-    raw, port = await _start_child("baseline_raw", "bench.baseline_ingest", wd, DAEMON_CORE, "--raw")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        raw_min, _ = await _cpu_under_trickle(raw.pid, url, n, wd, "trickle-raw", warm=warm, measure=side)
-        raw_ka, _ = await _cpu_under_trickle(
-            raw.pid, url, n, wd, "trickle-raw-ka", warm=warm, measure=side, new_conn=False
-        )
-    finally:
-        await raw.stop()
+    bare_min, bare_ka = await _baseline_cpu(wd, n, "bare", warm=warm, measure=side)
+    raw_min, raw_ka = await _baseline_cpu(wd, n, "raw", "--raw", warm=warm, measure=side)
     pct, udp_pct = per_min / 60.0 * 100, udp / 60.0 * 100
     data = {
         "cpu_s_per_min": per_min,

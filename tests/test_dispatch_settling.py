@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from tests.harness import Receiver, eventually
+from tests.test_retention import event
 from webhookd.config import parse_config
 from webhookd.dispatch import Dispatcher
-from webhookd.payloads import EventData, new_event_id
 from webhookd.presence import Device
 from webhookd.store import EndpointRow, Outcome, Store, StoreError
 
@@ -42,15 +42,13 @@ class HeldSaves:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[Dispatcher, Store, Receiver, HeldSaves]]:
+async def rig(tmp_path: Path, store: Store) -> AsyncIterator[tuple[Dispatcher, Store, Receiver, HeldSaves]]:
     receiver = await Receiver().start()
     cfg = parse_config(
         {"state_dir": str(tmp_path), "endpoints": [{"name": "ops", "url": receiver.url, "events": ["all"]}]},
         tmp_path,
         env={},
     )
-    store = Store(tmp_path / "webhookd.db")
-    await store.open()
     saves = HeldSaves(store)
     store.save_outcomes = saves  # type: ignore[method-assign]
     dispatcher = Dispatcher(cfg, store)
@@ -61,17 +59,13 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Dispatcher, Store, Receiver
     await dispatcher.stop(1.0)
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
-    await store.close()
     await receiver.stop()
 
 
 async def one_event(dispatcher: Dispatcher, store: Store, device: str = "d1") -> None:
-    now = time.time()
-    event = EventData(
-        new_event_id(), "device.online", now, "heartbeat", device, None, "online", "unknown", None, None, now, None
-    )
-    dev = Device(device, "online", last_seen=now, changed_at=now)
-    dispatcher.enqueue(await store.record([(dev, event, dispatcher.targets(event))]))
+    ev = event(time.time(), device)
+    dev = Device(device, "online", last_seen=ev.time, changed_at=ev.time)
+    dispatcher.enqueue(await store.record([(dev, ev, dispatcher.targets(ev))]))
 
 
 async def statuses(store: Store) -> dict[str, Any]:

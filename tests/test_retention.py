@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,6 @@ from webhookd.store import Store, StoreUnavailable
 
 DAY = 86400.0
 RETENTION = 7 * DAY
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "webhookd.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def event(t: float, device: str = "dev-1") -> EventData:

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from tests.test_retention import event
 from webhookd.presence import Device
 from webhookd.store import EndpointRow, Outcome, Store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "webhookd.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def statuses(store: Store) -> dict[int, str]:

@@ -44,7 +44,7 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, store: Store) -> AsyncIterator[Rig]:
     cfg = parse_config(
         {
             "state_dir": str(tmp_path),
@@ -54,14 +54,11 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         env={},
     )
     clock = Clock()
-    store = Store(tmp_path / "webhookd.db")
-    await store.open()
     dispatcher = Dispatcher(cfg, store, clock=clock)
     await dispatcher.start()
     engine = PresenceEngine(lambda _id: DeviceDefaults(TIMEOUT))
     yield Rig(clock, store, dispatcher, engine, Tracker(engine, store, dispatcher, clock=clock))
     await dispatcher.stop(0)
-    await store.close()
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
