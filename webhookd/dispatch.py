@@ -89,9 +89,9 @@ class EndpointRuntime:
     generation: int = 0  # bumped when lanes are thrown away; stale in-flight results then only persist
     device_patterns: re.Pattern[str] | None = None  # None: every device
     event_kinds: frozenset[str] = frozenset()
-    ssl: ssl.SSLContext | bool | None = None
+    ssl: ssl.SSLContext | bool = True
     client_timeout: aiohttp.ClientTimeout | None = None
-    url: URL | None = None
+    url: URL = field(default_factory=URL)  # set by configure()
     blocked_literal: bool = False
     base_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
@@ -106,7 +106,7 @@ class EndpointRuntime:
         elif cfg.ca_file is not None:
             self.ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
         else:
-            self.ssl = None
+            self.ssl = True  # aiohttp's default verification
         # Per-attempt constants, worked out once per config.
         self.client_timeout = aiohttp.ClientTimeout(total=cfg.timeout)
         # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
@@ -223,12 +223,12 @@ class Dispatcher:
             (urlsplit(e.url).hostname or "").lower() for e in cfg.endpoints if e.allow_link_local
         }
         wanted = {e.name: e for e in cfg.endpoints}
-        for name in list(self.endpoints):
-            if name not in wanted:
-                rt = self.endpoints.pop(name)
-                self._stale |= rt.clear()
-                held = await self.store.hold(name)
-                log.info("endpoint_removed", endpoint=name, held=held)
+        removed = [name for name in self.endpoints if name not in wanted]
+        for name in removed:
+            rt = self.endpoints.pop(name)
+            self._stale |= rt.clear()
+            held = await self.store.hold(name)
+            log.info("endpoint_removed", endpoint=name, held=held)
         for name, ecfg in wanted.items():
             existing = self.endpoints.get(name)
             if existing is not None:
@@ -245,17 +245,14 @@ class Dispatcher:
                 # Rows held while the endpoint was absent from the config resume with it.
                 await self.store.release(row)
                 self._add(rt, await self.store.load_pending(name))
-        for name in rows:
-            if name not in wanted:
-                await self.store.hold(name)
+        for name in rows.keys() - wanted.keys() - set(removed):  # absent before: their rows stay held
+            await self.store.hold(name)
         if self._workers:
             self._ensure_workers()  # delivery.concurrency may have grown
         self._wake.set()
 
     async def reconfigure(self, cfg: Config) -> None:
-        rows = {name: rt.row for name, rt in self.endpoints.items()}
-        rows.update({k: v for k, v in (await self.store.load_endpoints()).items() if k not in rows})
-        await self._apply_endpoints(cfg, rows)
+        await self._apply_endpoints(cfg, await self.store.load_endpoints())
 
     # --- the outbox side ---------------------------------------------------------------------------------
 
@@ -277,13 +274,14 @@ class Dispatcher:
 
     def _add(self, rt: EndpointRuntime, rows: Sequence[DeliveryRow]) -> None:
         now, wall = self._clock(), self._wall()
+        # Stored retry times are wall clock: bound them so a clock that jumped back cannot park a delivery for
+        # hours.
+        longest_wait = 2 * max(self.cfg.delivery.retry_schedule)
         for r in rows:
             if r.id in rt.known or r.id in self._stale:
                 continue
             rt.known.add(r.id)
-            # Stored retry times are wall clock: bound them so a clock that jumped back cannot park a
-            # delivery for hours.
-            wait = min(max(0.0, (r.next_attempt_at or wall) - wall), 2 * max(self.cfg.delivery.retry_schedule))
+            wait = min(max(0.0, (r.next_attempt_at or wall) - wall), longest_wait)
             due = now + wait
             d = Delivery(r.id, r.event, r.endpoint, r.attempts, due)
             lane = rt.lanes.get(r.event.device_id)
@@ -395,25 +393,27 @@ class Dispatcher:
 
     async def attempt(self, rt: EndpointRuntime, event_id: str, body: bytes, n: int) -> Result:
         assert self._session is not None
+        if rt.blocked_literal:
+            return Result(False, None, "link-local address blocked (allow_link_local: false)", 0.0)
         cfg = rt.cfg
         headers = rt.base_headers.copy()
         headers["Webhook-Id"] = event_id
         headers["Webhook-Attempt"] = str(n)
         headers.update(signature_headers(cfg, event_id, body, int(self._wall())))
         started = time.perf_counter()
-        if rt.blocked_literal:
-            return Result(False, None, "link-local address blocked (allow_link_local: false)", 0.0)
         try:
             async with self._session.post(
-                rt.url or cfg.url,
+                rt.url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
                 timeout=rt.client_timeout,
-                ssl=rt.ssl if rt.ssl is not None else True,
+                ssl=rt.ssl,
             ) as resp:
                 status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"), self._wall())
+                retry_after = (
+                    None if 200 <= status < 300 else _retry_after(resp.headers.get("Retry-After"), self._wall())
+                )
                 if resp.content_length is None or resp.content_length <= MAX_RESPONSE_READ:
                     # The answer counts once its body is complete (within the timeout; a reset fails it), and
                     # draining a small body lets the connection be reused. A large one is dropped unread.
@@ -661,8 +661,7 @@ class Dispatcher:
         """Queue deliveries again with a fresh budget; those of disabled or removed endpoints become held."""
         unavailable = {n for n in await self.store.endpoint_names() if n not in self.endpoints}
         unavailable |= {n for n, rt in self.endpoints.items() if rt.row.disabled}
-        queued, total = await self.store.replay(ids, endpoint, status, unavailable)
-        rows = await self.store.rows_by_id(queued)
+        rows, total = await self.store.replay(ids, endpoint, status, unavailable)
         fresh = {r.id for r in rows}
         for rt in self.endpoints.values():
             # A replayed row may still sit in a lane (e.g. waiting for a retry): give it the fresh budget.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 STATES = ("online", "utilizing", "unplugged", "offline")
 REPORTED_STATES = frozenset(("online", "utilizing", "unplugged", "offline", "shutdown", "reboot"))
@@ -204,7 +204,8 @@ class PresenceEngine:
         if outcome.undo is None:
             del self.devices[dev_id]  # its heap entry is dropped lazily
             return
-        restored = replace(outcome.undo, in_heap=current.in_heap)
+        restored = outcome.undo.snapshot()
+        restored.in_heap = current.in_heap
         self.devices[dev_id] = restored
         if restored.state != "offline" and not restored.in_heap:
             self._push(restored)

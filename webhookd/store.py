@@ -481,18 +481,15 @@ class Store:
 
         return await self.write(op)
 
-    async def save_endpoint(self, endpoint: EndpointRow) -> None:
-        await self.write(lambda c: self._upsert_endpoints(c, (endpoint,)))
-
     async def replay(
         self, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
-    ) -> tuple[list[int], int]:
+    ) -> tuple[list[DeliveryRow], int]:
         """Queue deliveries again with a fresh attempt budget; those of unavailable endpoints become held.
 
-        Returns the ids that became pending and how many rows were replayed in all."""
+        Returns the rows that became pending (in id order) and how many rows were replayed in all."""
         now = time.time()
 
-        def op(c: sqlite3.Connection) -> tuple[list[int], int]:
+        def op(c: sqlite3.Connection) -> tuple[list[DeliveryRow], int]:
             if ids is not None:
                 marks = ",".join("?" * len(ids))
                 rows = c.execute(
@@ -508,7 +505,13 @@ class Store:
                 " WHERE id=?",
                 [("held" if ep in held_endpoints else "pending", now, now, did) for did, ep in rows],
             )
-            return [did for did, ep in rows if ep not in held_endpoints], len(rows)
+            queued = [did for did, ep in rows if ep not in held_endpoints]
+            pending: list[DeliveryRow] = []
+            for i in range(0, len(queued), 500):
+                chunk = queued[i : i + 500]
+                pending += self._pending_rows(c, " AND d.id IN (" + ",".join("?" * len(chunk)) + ")", chunk)
+            pending.sort(key=lambda r: r.id)
+            return pending, len(rows)
 
         return await self.write(op)
 
@@ -516,17 +519,6 @@ class Store:
         def q(c: sqlite3.Connection) -> set[str]:
             names = {r[0] for r in c.execute("SELECT name FROM endpoints")}
             return names | {r[0] for r in c.execute("SELECT DISTINCT endpoint FROM deliveries")}
-
-        return await self.read(q)
-
-    async def rows_by_id(self, ids: Sequence[int]) -> list[DeliveryRow]:
-        def q(c: sqlite3.Connection) -> list[DeliveryRow]:
-            out: list[DeliveryRow] = []
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                out += self._pending_rows(c, " AND d.id IN (" + ",".join("?" * len(chunk)) + ")", chunk)
-            out.sort(key=lambda r: r.id)
-            return out
 
         return await self.read(q)
 

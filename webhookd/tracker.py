@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from webhookd.dispatch import Dispatcher
 from webhookd.logs import get_logger
@@ -33,13 +33,13 @@ LOG_SAMPLE = 10  # device ids named in that line
 
 
 Result = tuple[str, str, bool]  # (device, state, changed: an event was recorded)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class _Commit:
     outcomes: list[Outcome]
     gate: asyncio.Future[None]
-    devices: list[str]
     items: list[tuple[Device, EventData | None, list[tuple[str, str]]]]
 
 
@@ -77,15 +77,15 @@ class Tracker:
             await asyncio.wait(pending)
         results: list[Result] = []
         outcomes: list[Outcome] = []
+        now, wall = self._clock(), self._wall()  # one moment: nothing yields in between
         for hb in hbs:
-            outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
+            outcome = self.engine.heartbeat(hb, now, wall)
             changed = outcome.transition is not None and outcome.transition.kind is not None
             results.append((hb.device, outcome.state, changed))
             if outcome.transition is not None:
                 outcomes.append(outcome)
         if outcomes:
-            await self._finish(self._prepare(outcomes))
-            self._wake.set()  # a new live device may now hold the earliest deadline
+            await self._record(self._prepare(outcomes), None)
         return results
 
     def heartbeat_nowait(self, hb: Heartbeat) -> Result | Coroutine[Any, Any, Result]:
@@ -100,12 +100,12 @@ class Tracker:
         result = (hb.device, outcome.state, t is not None and t.kind is not None)
         if t is None:
             return result
-        return self._record_one(self._prepare([outcome]), result)
+        return self._record(self._prepare([outcome]), result)
 
     async def _one(self, hb: Heartbeat) -> Result:
         return (await self.heartbeats([hb]))[0]
 
-    async def _record_one(self, c: _Commit, result: Result) -> Result:
+    async def _record(self, c: _Commit, result: T) -> T:
         await self._finish(c)
         self._wake.set()  # a new live device may now hold the earliest deadline
         return result
@@ -114,12 +114,10 @@ class Tracker:
         """Build the events of `outcomes` and register their devices' commit gate, without yielding: from here
         on a heartbeat for one of these devices waits for this commit."""
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        devices = []
         items = []
         for o in outcomes:
             t = o.transition
             assert t is not None
-            devices.append(t.device.id)
             self._pending[t.device.id] = gate
             event = None
             targets: list[tuple[str, str]] = []
@@ -141,7 +139,7 @@ class Tracker:
                 )
                 targets = self.dispatcher.targets(event)
             items.append((t.device, event, targets))
-        return _Commit(outcomes, gate, devices, items)
+        return _Commit(outcomes, gate, items)
 
     async def _finish(self, c: _Commit, *, summarize: bool = False) -> None:
         """Record a prepared commit (one transaction), then hand its deliveries to the dispatcher. With
@@ -149,14 +147,10 @@ class Tracker:
         try:
             rows = await self.store.record(c.items)
         except StoreError:
-            for o in reversed(c.outcomes):
-                self.engine.undo(o)
+            self._undo(c)
             raise
         finally:
-            for dev in c.devices:
-                if self._pending.get(dev) is c.gate:
-                    del self._pending[dev]
-            c.gate.set_result(None)
+            self._open_gate(c)
         self.dispatcher.enqueue(rows)
         events = [(o, event, targets) for o, (_, event, targets) in zip(c.outcomes, c.items, strict=True) if event]
         if self.on_event is not None:
@@ -246,15 +240,18 @@ class Tracker:
             await asyncio.gather(*commits, return_exceptions=True)
             for task, c in commits.items():
                 if task.cancelled() and not c.gate.done():
-                    self._abandon(c)  # cancelled before it ran: its devices must not stay gated (or offline)
+                    # Cancelled before it ran: its devices must not stay gated, nor offline unrecorded.
+                    self._undo(c)
+                    self._open_gate(c)
 
-    def _abandon(self, c: _Commit) -> None:
-        """A prepared commit that will never run: undo its outcomes and open its gate."""
+    def _undo(self, c: _Commit) -> None:
         for o in reversed(c.outcomes):
             self.engine.undo(o)
-        for dev in c.devices:
-            if self._pending.get(dev) is c.gate:
-                del self._pending[dev]
+
+    def _open_gate(self, c: _Commit) -> None:
+        for device, _, _ in c.items:
+            if self._pending.get(device.id) is c.gate:
+                del self._pending[device.id]
         c.gate.set_result(None)
 
     async def flush(self) -> None:
