@@ -14,18 +14,16 @@ from webhookd import __version__
 from webhookd.config import redact_url
 from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
-from webhookd.payloads import rfc3339
+from webhookd.payloads import rfc3339, rfc3339_opt
 
 if TYPE_CHECKING:
     from webhookd.daemon import Daemon
+    from webhookd.dispatch import EndpointRuntime
+    from webhookd.store import EndpointRow
 
 log = get_logger("webhookd.admin")
 
 DELIVERY_STATUSES = ("pending", "held", "delivered", "dead")
-
-
-def _time(ts: float | None) -> str | None:
-    return None if ts is None else rfc3339(ts)
 
 
 class AdminAPI:
@@ -96,14 +94,14 @@ class AdminAPI:
             "state": dev.state,
             "address": dev.address,
             "owner": dev.owner,
-            "last_seen": _time(dev.last_seen),
+            "last_seen": rfc3339_opt(dev.last_seen),
         }
 
     async def devices(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
-        ids = sorted(self.d.engine.devices)
-        out = [self._device(i) for i in ids]
-        return json_response(200, [d for d in out if d is not None and (state is None or d["state"] == state)])
+        devices = self.d.engine.devices
+        ids = sorted(i for i, dev in devices.items() if state is None or dev.state == state)
+        return json_response(200, [self._device(i) for i in ids])
 
     async def device(self, request: web.Request) -> web.Response:
         dev = self._device(request.match_info["id"])
@@ -111,52 +109,48 @@ class AdminAPI:
             return error_response(404, "unknown device")
         return json_response(200, dev)
 
-    async def _endpoint_list(self) -> list[dict[str, Any]]:
-        counts = await self.d.store.delivery_counts()
-        rows = await self.d.store.load_endpoints()
-        out = []
-        names = list(self.d.dispatcher.endpoints)
-        names += sorted(n for n in set(rows) | set(counts) if n not in self.d.dispatcher.endpoints)
-        for name in names:
-            rt = self.d.dispatcher.endpoints.get(name)
-            row = rt.row if rt is not None else rows.get(name)
-            per = counts.get(name, {})
-            reason = row.disabled_reason if row is not None and row.disabled else None
-            if rt is None:
-                reason = "not in config"
-            out.append(
-                {
-                    "name": name,
-                    "url": redact_url(rt.cfg.url) if rt is not None else "",
-                    "enabled": rt is not None and not rt.row.disabled,
-                    "disabled_reason": reason,
-                    "consecutive_failures": row.consecutive_failures if row is not None else 0,
-                    **{s: per.get(s, 0) for s in DELIVERY_STATUSES},
-                    "last_error": row.last_error if row is not None else None,
-                }
-            )
-        return out
+    @staticmethod
+    def _entry(name: str, rt: EndpointRuntime | None, row: EndpointRow | None, per: dict[str, int]) -> dict[str, Any]:
+        """One endpoint as the API shows it; `rt` None: known to the store only (not in the config)."""
+        reason = row.disabled_reason if row is not None and row.disabled else None
+        if rt is None:
+            reason = "not in config"
+        return {
+            "name": name,
+            "url": redact_url(rt.cfg.url) if rt is not None else "",
+            "enabled": rt is not None and not rt.row.disabled,
+            "disabled_reason": reason,
+            "consecutive_failures": row.consecutive_failures if row is not None else 0,
+            **{s: per.get(s, 0) for s in DELIVERY_STATUSES},
+            "last_error": row.last_error if row is not None else None,
+        }
 
     async def endpoints(self, request: web.Request) -> web.Response:
-        return json_response(200, await self._endpoint_list())
+        counts = await self.d.store.delivery_counts()
+        rows = await self.d.store.load_endpoints()
+        live = self.d.dispatcher.endpoints
+        out = [self._entry(name, rt, rt.row, counts.get(name, {})) for name, rt in live.items()]
+        for name in sorted(n for n in set(rows) | set(counts) if n not in live):
+            out.append(self._entry(name, None, rows.get(name), counts.get(name, {})))
+        return json_response(200, out)
 
-    async def _one_endpoint(self, name: str) -> web.Response:
-        for ep in await self._endpoint_list():
-            if ep["name"] == name:
-                return json_response(200, ep)
-        return error_response(404, f"unknown endpoint {name!r}")
+    async def _one_endpoint(self, rt: EndpointRuntime) -> web.Response:
+        counts = await self.d.store.delivery_counts()
+        return json_response(200, self._entry(rt.cfg.name, rt, rt.row, counts.get(rt.cfg.name, {})))
 
     async def enable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if await self.d.dispatcher.enable(name) is None:
+        rt = await self.d.dispatcher.enable(name)
+        if rt is None:
             return error_response(404, f"unknown endpoint {name!r}")
-        return await self._one_endpoint(name)
+        return await self._one_endpoint(rt)
 
     async def disable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if await self.d.dispatcher.disable(name, "operator") is None:
+        rt = await self.d.dispatcher.disable(name, "operator")
+        if rt is None:
             return error_response(404, f"unknown endpoint {name!r}")
-        return await self._one_endpoint(name)
+        return await self._one_endpoint(rt)
 
     async def test(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -186,8 +180,8 @@ class AdminAPI:
             return error_response(400, "limit must be between 1 and 100000")
         rows = await self.d.store.list_deliveries(status, request.query.get("endpoint") or None, limit)
         for row in rows:
-            row["next_attempt_at"] = _time(row["next_attempt_at"]) if row["status"] == "pending" else None
-            row["created_at"] = _time(row["created_at"])
+            row["next_attempt_at"] = rfc3339_opt(row["next_attempt_at"]) if row["status"] == "pending" else None
+            row["created_at"] = rfc3339_opt(row["created_at"])
         return json_response(200, rows)
 
     async def replay(self, request: web.Request) -> web.Response:

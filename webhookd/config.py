@@ -181,7 +181,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         return None
 
     def silence_timeout_for(self, device_id: str) -> float:
-        rule = self.device_rule(device_id)
+        return self.silence_timeout_under(self.device_rule(device_id))
+
+    def silence_timeout_under(self, rule: DeviceRule | None) -> float:
+        """The silence timeout of a device that `rule` (from `device_rule`) matched."""
         if rule is not None and rule.silence_timeout is not None:
             return rule.silence_timeout
         return self.presence.silence_timeout

@@ -54,7 +54,7 @@ def _prune_interval() -> float:
 def defaults_for(cfg: Config) -> Callable[[str], DeviceDefaults]:
     def lookup(device_id: str) -> DeviceDefaults:
         rule = cfg.device_rule(device_id)
-        timeout = cfg.silence_timeout_for(device_id)
+        timeout = cfg.silence_timeout_under(rule)
         if rule is None:
             return DeviceDefaults(timeout)
         return DeviceDefaults(timeout, rule.name, rule.owner)
@@ -71,7 +71,7 @@ class Daemon:
         self.cfg = cfg
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
-        self.store = Store(cfg.state_dir / "webhookd.db")
+        self.store = Store(cfg.db_path)
         self.engine = PresenceEngine(defaults_for(cfg), cfg.presence.notify_online_after_utilizing)
         self.dispatcher = Dispatcher(cfg, self.store)
         self.tracker = Tracker(self.engine, self.store, self.dispatcher)
@@ -306,7 +306,7 @@ class Daemon:
             await self.dispatcher.reconfigure(new)  # first: it writes to the store, which may fail
             configure_logging(new.logging.format, new.logging.level)
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
-            self.api.configure(new.listen.tokens, new.listen.max_body)
+            self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
             self.cfg = new
             log.info("config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices))
         except Exception as e:

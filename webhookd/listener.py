@@ -7,6 +7,7 @@ before any of it is applied.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -138,30 +139,23 @@ def parse_heartbeat(obj: object, peer: str | None, prefix: str = "", device: str
     )
 
 
-_peers: dict[str, str | None] = {}  # remote -> normalised address; a LAN has few peers
+@functools.lru_cache(maxsize=4096)  # a LAN has few peers; parsing one costs more than the rest of a heartbeat
+def _normalised(remote: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(remote))
+    except ValueError:
+        return None
 
 
 def _peer(request: web.BaseRequest) -> str | None:
     remote = request.remote
-    if not remote:
-        return None
-    peer = _peers.get(remote, "")
-    if peer != "":
-        return peer
-    try:
-        peer = str(ipaddress.ip_address(remote))
-    except ValueError:
-        peer = None
-    if len(_peers) >= 4096:
-        _peers.clear()
-    _peers[remote] = peer
-    return peer
+    return _normalised(remote) if remote else None
 
 
 class HeartbeatAPI:
     def __init__(self, tracker: Tracker, tokens: Sequence[str], max_body: int, healthy: Callable[[], bool]) -> None:
         self.tracker = tracker
-        self.tokens = [t.encode() for t in tokens]
+        self.configure(tokens)
         self.max_body = max_body
         self.body_timeout = BODY_TIMEOUT
         self.healthy = healthy
@@ -169,9 +163,9 @@ class HeartbeatAPI:
         self.on_heartbeats: Callable[[int], None] | None = None
         self.on_rejected: Callable[[int], None] | None = None
 
-    def configure(self, tokens: Sequence[str], max_body: int) -> None:
+    def configure(self, tokens: Sequence[str]) -> None:
+        """What a reload may change here: the tokens."""
         self.tokens = [t.encode() for t in tokens]
-        self.max_body = max_body
 
     def server(self, **kwargs: Any) -> web.Server:
         """The heartbeat port on aiohttp's low-level server: no router or middleware chain on the hot path
@@ -200,8 +194,7 @@ class HeartbeatAPI:
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
         if path == "/v1/heartbeat":
-            if method == "POST":
-                return await self.single(request)
+            pass  # POST was served by _serve; any other method is refused below
         elif path.startswith("/v1/heartbeat/"):
             if method in ("GET", "POST"):
                 return await self.by_path(request, path[len("/v1/heartbeat/") :])

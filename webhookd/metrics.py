@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = get_logger("webhookd.metrics")
 
 NS = "webhookd"
-OUTCOMES = ("delivered", "failed", "dead", "held")
 DELIVERY_STATUSES = ("pending", "held", "dead", "delivered")
 # Persisted delivery status after an attempt -> the attempt's outcome label.
 _OUTCOME_OF = {"delivered": "delivered", "pending": "failed", "dead": "dead", "held": "held"}

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVENT_TYPES",
-    "FORMATS",
     "TEST_DEVICE_ID",
     "EventData",
     "event_type_for",
@@ -31,6 +30,7 @@ __all__ = [
     "new_event_id",
     "render",
     "rfc3339",
+    "rfc3339_opt",
 ]
 
 #: Event types, in CONTRACT order.
@@ -42,7 +42,6 @@ EVENT_TYPES: tuple[str, ...] = (
     "device.address_changed",
     "webhook.test",
 )
-FORMATS: tuple[str, ...] = ("webhookd", "remoteit", "kobiton")
 #: Device id carried by ``webhook.test`` events in every format.
 TEST_DEVICE_ID = "webhookd-test"
 
@@ -138,7 +137,7 @@ def rfc3339(ts: float) -> str:
     return f"{_utc_seconds(sec)}.{ms:03d}Z"
 
 
-def _rfc3339_opt(ts: float | None) -> str | None:
+def rfc3339_opt(ts: float | None) -> str | None:
     return None if ts is None else rfc3339(ts)
 
 
@@ -161,7 +160,7 @@ def _webhookd(event: EventData, endpoint_name: str) -> dict[str, Any]:
             "previous_state": event.previous_state,
             "address": event.address,
             "owner": event.owner,
-            "last_seen": _rfc3339_opt(event.last_seen),
+            "last_seen": rfc3339_opt(event.last_seen),
         },
         "offline_for": None if event.offline_for is None else round(event.offline_for, 3),
         "endpoint": endpoint_name,

@@ -22,6 +22,8 @@ from typing import TextIO
 
 from aiohttp import web
 
+from webhookd.config import HostPort
+
 __all__ = ["TOLERANCE", "check_signature", "describe_event", "format_block", "run_sink"]
 
 TOLERANCE = 300.0  # seconds a signature timestamp may be off (either way), as common receivers do
@@ -135,7 +137,7 @@ def _make_app(secrets: Sequence[str], out: TextIO) -> web.Application:
 
 
 def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return f"http://{HostPort(host=host, port=port)}/"
 
 
 async def serve(host: str, port: int, secrets: Sequence[str], out: TextIO = sys.stdout) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 
 import msgspec
 
+from webhookd.config import HostPort
 from webhookd.listener import BadInput, parse_device_id, parse_heartbeat, parse_state
 from webhookd.logs import get_logger
 from webhookd.presence import Heartbeat
@@ -89,8 +90,17 @@ def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) 
 def peer_ip(addr: Any) -> str | None:
     """The sender's IP from a datagram's address tuple; an IPv4-mapped IPv6 address as plain IPv4."""
     try:
-        ip = ipaddress.ip_address(addr[0])
-    except (ValueError, TypeError, IndexError):
+        host = addr[0]
+    except (TypeError, IndexError):
+        return None
+    return _ip_text(host) if isinstance(host, str) else None
+
+
+@functools.lru_cache(maxsize=4096)  # called for every datagram; a LAN has few senders
+def _ip_text(host: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
@@ -321,5 +331,4 @@ class UDPListener:
 def _format_addr(addr: Any) -> str | None:
     if not isinstance(addr, tuple) or len(addr) < 2:
         return None
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(HostPort(host=str(addr[0]), port=addr[1]))
