@@ -1,12 +1,14 @@
-"""Fixtures shared by the in-process store tests."""
+"""Shared fixtures: `store` for the in-process store tests; `daemon` and `receiver` for the whole-daemon tests."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Sequence
 from pathlib import Path
+from typing import Any, Protocol, TypeVar, overload
 
 import pytest
 
+from tests.harness import Daemon, Receiver
 from webhookd.store import Store
 
 
@@ -17,3 +19,170 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.open()
     yield s
     await s.close()
+
+
+# --- whole-daemon tests: the real daemon and real receivers, stopped and checked at teardown ----------------------
+
+_Server = TypeVar("_Server", bound="Startable")
+_D = TypeVar("_D", bound=Daemon)
+
+
+class Startable(Protocol):
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+class ReceiverFactory:
+    """`await receiver()` is a started harness Receiver (its fields as keywords: `status=`, `port=`);
+    `await receiver(ScriptedReceiver(...))` starts any server with async start()/stop(); `start=False` leaves it
+    down (a receiver that comes up later). All of them are stopped at teardown, after the daemons."""
+
+    def __init__(self) -> None:
+        self.servers: list[Startable] = []
+
+    @overload
+    async def __call__(self, *, start: bool = True, **fields: Any) -> Receiver: ...
+
+    @overload
+    async def __call__(self, server: _Server, /, *, start: bool = True) -> _Server: ...
+
+    async def __call__(self, server: Any = None, /, *, start: bool = True, **fields: Any) -> Any:
+        if server is None:
+            server = Receiver(**fields)
+        elif fields:
+            raise TypeError("fields are for the harness Receiver; configure a given server yourself")
+        self.servers.append(server)
+        if start:
+            await server.start()
+        return server
+
+    async def stop_all(self) -> None:
+        for server in reversed(self.servers):
+            await server.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[ReceiverFactory]:
+    """Real aiohttp receivers on 127.0.0.1 (any number), stopped at teardown."""
+    factory = ReceiverFactory()
+    yield factory
+    await factory.stop_all()
+
+
+class DaemonFactory:
+    """`await daemon(endpoints, **overrides)` is `webhookd run` on a config written from the harness defaults
+    plus `overrides` (listen=, presence=, delivery=, logging=, ...), started and ready. The first daemon lives in
+    the test's tmp_path (config, state/, admin.sock, daemon.log), later ones in tmp_path/daemon-2, ...
+
+    start=False: not started (call d.start(env=..., wrapper=...) yourself); env=: extra environment; cls=: a
+    Daemon subclass; tmp=: another directory.
+
+    At teardown each daemon still running is asked /healthz and stopped with SIGTERM; then it must have answered
+    /healthz 200 when last asked (a test that stops it itself: stop() asks first) and exited 0, unless the test
+    SIGKILLed it (d.kill()) and did not start it again; and its output must hold no Traceback and no error-level
+    (or non-JSON) line. Opt-outs: allow_errors=True for a test whose daemon logs errors on purpose (the rest is
+    still checked), check=False for one that expects it to fail (the test checks what it expects itself)."""
+
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.tmp_path = tmp_path
+        self.request = request
+        self.started: list[tuple[Daemon, bool, bool]] = []
+
+    @overload
+    async def __call__(
+        self,
+        endpoints: Sequence[dict[str, Any]] = (),
+        /,
+        *,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        tmp: Path | None = None,
+        check: bool = True,
+        allow_errors: bool = False,
+        **overrides: Any,
+    ) -> Daemon: ...
+
+    @overload
+    async def __call__(
+        self,
+        endpoints: Sequence[dict[str, Any]] = (),
+        /,
+        *,
+        cls: type[_D],
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        tmp: Path | None = None,
+        check: bool = True,
+        allow_errors: bool = False,
+        **overrides: Any,
+    ) -> _D: ...
+
+    async def __call__(
+        self,
+        endpoints: Sequence[dict[str, Any]] = (),
+        /,
+        *,
+        cls: type[Daemon] = Daemon,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        tmp: Path | None = None,
+        check: bool = True,
+        allow_errors: bool = False,
+        **overrides: Any,
+    ) -> Daemon:
+        if tmp is None:
+            tmp = self.tmp_path if not self.started else self.tmp_path / f"daemon-{len(self.started) + 1}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        d = cls(tmp, list(endpoints), **overrides)
+        d.probe_on_stop = True
+        self.started.append((d, check, allow_errors))
+        if start:
+            await d.start(env=env)
+        return d
+
+    async def teardown(self) -> None:
+        report = getattr(self.request.node, "rep_call", None)
+        test_failed = report is not None and report.failed  # then stop quietly: the failure says it already
+        failures: list[str] = []
+        for d, check, allow_errors in self.started:
+            if d.running:
+                await d.probe_healthz()
+                try:
+                    await d.stop()
+                except AssertionError as e:  # it did not exit in time (wait_exit killed it)
+                    failures.append(f"daemon in {d.tmp}: {str(e)[:3000]}")
+                    continue
+            if not check or test_failed or d.proc is None:
+                continue
+            problems = []
+            if not d.killed:
+                if d.last_healthz != 200:
+                    problems.append(f"/healthz answered {d.last_healthz} when last asked before it stopped")
+                if d.proc.returncode != 0:
+                    problems.append(f"exit code {d.proc.returncode}")
+            problems += d.problems(errors=not allow_errors)
+            if problems:
+                failures.append(f"daemon in {d.tmp}:\n  " + "\n  ".join(problems[:20]))
+                failures.append("its output ends:\n" + d.logs_text()[-3000:])
+        assert not failures, "\n".join(failures)
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path, request: pytest.FixtureRequest, receiver: ReceiverFactory
+) -> AsyncIterator[DaemonFactory]:
+    """Real daemons as subprocesses; stopped and checked at teardown (see DaemonFactory). Depends on `receiver` so
+    that receivers are stopped only after the daemons."""
+    factory = DaemonFactory(tmp_path, request)
+    yield factory
+    await factory.teardown()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Keep the call phase's report on the item (`rep_call`): the daemon fixture's teardown reads it."""
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report

@@ -1,4 +1,6 @@
-"""Real parts for whole-daemon tests: the daemon as a subprocess, receivers as aiohttp servers on 127.0.0.1."""
+"""Real parts for whole-daemon tests: the daemon as a subprocess, receivers as aiohttp servers on 127.0.0.1, and a
+NOTIFY_SOCKET like systemd's. Tests get daemons and receivers from the `daemon` and `receiver` fixtures
+(tests/conftest.py), which stop them and check the daemon's health at teardown."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,9 @@ class Daemon:
                 cfg[key] = value
         self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed = False  # SIGKILLed by kill() and not started again
+        self.last_healthz: int | None = None  # what /healthz answered when last asked (wait_ready, probe_healthz)
+        self.probe_on_stop = False  # stop() asks /healthz first (the conftest `daemon` fixture sets it)
         self.write_config()
 
     def write_config(self) -> None:
@@ -135,15 +141,26 @@ class Daemon:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "webhookd", "run", "-c", str(self.config_path)]
 
-    async def start(self, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    async def start(
+        self,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        *,
+        wrapper: Sequence[str] = (),
+        preexec_fn: Callable[[], Any] | None = None,
+    ) -> Daemon:
+        """Start the daemon (through `wrapper`, e.g. a shell that sets WATCHDOG_PID, when given); with `wait`,
+        return once /healthz answers 200 and the admin socket exists."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.command(),
+            [*wrapper, *self.command()],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
         log.close()
+        self.killed = False
         if wait:
             await self.wait_ready()
         return self
@@ -158,6 +175,7 @@ class Daemon:
                 try:
                     async with s.get(self.base + "/healthz") as r:
                         if r.status == 200 and (self.tmp / "admin.sock").exists():
+                            self.last_healthz = 200
                             return
                 except aiohttp.ClientError:
                     pass
@@ -182,12 +200,46 @@ class Daemon:
     async def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        if self.probe_on_stop:
+            await self.probe_healthz()
         self.signal(signal.SIGTERM)
         return await self.wait_exit()
 
     async def kill(self) -> None:
         self.signal(signal.SIGKILL)
         await self.wait_exit()
+        self.killed = True
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def probe_healthz(self, timeout: float = 5.0) -> int | None:
+        """GET /healthz; its status (None when it did not answer) is kept in `last_healthz`."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                s.get(self.base + "/healthz") as r,
+            ):
+                self.last_healthz = r.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.last_healthz = None
+        return self.last_healthz
+
+    def problems(self, *, errors: bool = True) -> list[str]:
+        """What a healthy run never shows in its output: a traceback, and (with `errors`) error-level lines or
+        lines that are not JSON."""
+        text = self.logs_text()
+        found = ["a Traceback in the output"] if "Traceback" in text else []
+        if errors:
+            for line in text.splitlines():
+                try:
+                    level = json.loads(line).get("level")
+                except (json.JSONDecodeError, AttributeError):
+                    level = "not JSON"
+                if level in ("error", "critical", "not JSON"):
+                    found.append(f"{level} line: {line[:500]}")
+        return found
 
     def logs_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -235,6 +287,71 @@ class Daemon:
             text=True,
             timeout=30,
         )
+
+
+@dataclass
+class Message:
+    at: float  # time.monotonic() when received
+    raw: str
+
+    @property
+    def fields(self) -> dict[str, str]:
+        out = {}
+        for line in self.raw.split("\n"):
+            key, sep, value = line.partition("=")
+            if sep:
+                out[key] = value
+        return out
+
+
+class NotifySocket:
+    """What systemd listens on: an AF_UNIX datagram socket, bound to a path or to an abstract name."""
+
+    def __init__(self, tmp: Path, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"webhookd-test-{uuid.uuid4().hex}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            path = tmp / "notify.sock"
+            path.unlink(missing_ok=True)
+            self.sock.bind(str(path))
+            self.address = str(path)
+        self.sock.setblocking(False)
+        self.messages: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NotifySocket:
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 65536)
+            self.messages.append(Message(time.monotonic(), data.decode()))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": self.address, **extra}
+
+    def having(self, key: str, value: str | None = None, since: int = 0) -> list[Message]:
+        return [m for m in self.messages[since:] if key in m.fields and (value is None or m.fields[key] == value)]
+
+    async def wait_for(self, key: str, value: str | None = None, since: int = 0, timeout: float = 10.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.having(key, value, since)
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {key}={value or '*'} notification; got {[m.raw for m in self.messages]}")
+            await asyncio.sleep(0.005)
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -17,8 +17,8 @@ import pytest
 import stripe
 import yaml
 
-from tests.harness import SECRET, Receiver, endpoint
-from tests.test_sdnotify import NotifySocket, SdDaemon
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.harness import SECRET, NotifySocket, endpoint
 from webhookd import daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,9 @@ def _private_proc_works() -> bool:
     return out.returncode == 0
 
 
-async def test_daemon_works_under_memory_deny_write_execute_and_a_private_proc(tmp_path: Path) -> None:
+async def test_daemon_works_under_memory_deny_write_execute_and_a_private_proc(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
     if platform.system() != "Linux" or not _mdwe_supported():
         pytest.skip("the kernel has no prctl(PR_SET_MDWE) (Linux >= 6.3) to stand in for MemoryDenyWriteExecute=")
     assert _wx_mapping_refused()  # the stand-in really refuses writable+executable memory
@@ -208,27 +210,23 @@ async def test_daemon_works_under_memory_deny_write_execute_and_a_private_proc(t
     if private_proc:
         wrapper = ("unshare", "--mount", *PROC_SUBSET, *wrapper)
 
-    r = await Receiver().start()
-    d = SdDaemon(tmp_path, [endpoint("r", r, signature="hmac-sha256")])
-    try:
-        async with NotifySocket(tmp_path) as ns:
-            await d.start(env=ns.env(WATCHDOG_USEC="400000", WATCHDOG_PID=""), wrapper=wrapper)
-            await ns.wait_for("READY", "1")
-            assert (await d.heartbeat("sandboxed", name="Box"))["changed"] is True
-            got = (await r.wait_for(1))[0]
-            stripe.WebhookSignature.verify_header(got.body.decode(), got.headers["Webhookd-Signature"], SECRET, 300)
-            mark = len(ns.messages)
-            d.signal(signal.SIGHUP)
-            await ns.wait_for("READY", "1", since=mark)
-            await asyncio.sleep(0.3)
-            assert ns.having("WATCHDOG", "1", since=mark)
-            out = await d.cli("status", "--json")
-            assert out.returncode == 0, out.stderr
-            assert await d.stop() == 0
-        assert not [rec for rec in d.logs() if rec.get("level") in ("error", "critical")]
-    finally:
-        await d.stop()
-        await r.stop()
+    r = await receiver()
+    d = await daemon([endpoint("r", r, signature="hmac-sha256")], start=False)
+    async with NotifySocket(tmp_path) as ns:
+        await d.start(env=ns.env(WATCHDOG_USEC="400000", WATCHDOG_PID=""), wrapper=wrapper)
+        await ns.wait_for("READY", "1")
+        assert (await d.heartbeat("sandboxed", name="Box"))["changed"] is True
+        got = (await r.wait_for(1))[0]
+        stripe.WebhookSignature.verify_header(got.body.decode(), got.headers["Webhookd-Signature"], SECRET, 300)
+        mark = len(ns.messages)
+        d.signal(signal.SIGHUP)
+        await ns.wait_for("READY", "1", since=mark)
+        await asyncio.sleep(0.3)
+        assert ns.having("WATCHDOG", "1", since=mark)
+        out = await d.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        assert await d.stop() == 0
+    assert not [rec for rec in d.logs() if rec.get("level") in ("error", "critical")]
 
 
 def test_install_doc_config_is_valid_and_matches_the_unit() -> None:
