@@ -24,10 +24,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 
-from webhookd import cli, sink
+from webhookd import api_types, cli, sink
 from webhookd.cli import main, render_table
 
 GOOD_CONFIG = """\
@@ -382,6 +383,7 @@ STATUS: dict[str, Any] = {
     "devices": {"online": 10, "offline": 1, "utilizing": 1, "unplugged": 0, "total": 12},
     "endpoints": {"enabled": 2, "disabled": 1},
     "deliveries": {"pending": 3, "held": 4, "delivered": 1520, "dead": 1},
+    "store": {"healthy": True},
 }
 DEVICES: list[dict[str, Any]] = [
     {
@@ -464,11 +466,14 @@ class FakeAdmin:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.runner: web.AppRunner | None = None
+        self.wrong: dict[str, bytes] = {}  # path -> a 200 answer that replaces the canned one
 
     async def handle(self, request: web.Request) -> web.Response:
         body: Any = await request.json() if request.can_read_body else None
         self.requests.append((request.method, request.path_qs, body))
         path, m = request.path, request.method
+        if path in self.wrong:
+            return web.Response(body=self.wrong[path], content_type="application/json")
         if m == "GET" and path == "/v1/status":
             return web.json_response(STATUS)
         if m == "GET" and path == "/v1/devices":
@@ -664,12 +669,97 @@ def test_client_errors(fake_admin: tuple[FakeAdmin, Path]) -> None:
     server, _ = fake_admin
     client = cli.AdminClient(server.path)
     with pytest.raises(cli.AdminError) as e404:
-        client.get("/v1/nothing")
+        client.get("/v1/nothing", object)
     assert e404.value.status == 404 and e404.value.message == "no route /v1/nothing"
     with pytest.raises(cli.AdminError) as e500:
-        client.get("/v1/explode")
+        client.get("/v1/explode", object)
     assert e500.value.status == 500 and "Internal Server Error" in e500.value.message
-    assert client.get("/v1/status") == STATUS
+    assert client.get("/v1/status", object) == STATUS
+    assert client.get("/v1/status", api_types.Status).devices.total == 12
+
+
+@pytest.mark.parametrize(
+    ("document", "shape"),
+    [
+        (STATUS, api_types.Status),
+        *((d, api_types.DeviceInfo) for d in DEVICES),
+        *((e, api_types.EndpointInfo) for e in ENDPOINTS),
+        *((d, api_types.DeliveryInfo) for d in DELIVERIES),
+    ],
+)
+def test_canned_answers_are_the_api_shapes(document: dict[str, Any], shape: type[msgspec.Struct]) -> None:
+    """FakeAdmin answers what api_types describes (and admin.py sends): exactly these fields, these types."""
+    assert set(document) == set(shape.__struct_fields__)
+    msgspec.json.decode(msgspec.json.encode(document), type=shape)
+
+
+@pytest.mark.parametrize(
+    ("argv", "path", "answer", "expected"),
+    [
+        (["status"], "/v1/status", b"<html>oops</html>", "not JSON"),
+        (["status"], "/v1/status", b"[]", "Expected `object`, got `array`"),
+        (["devices"], "/v1/devices", b'{"devices": []}', "Expected `array`, got `object`"),
+        (
+            ["devices"],
+            "/v1/devices",
+            json.dumps([{**DEVICES[0], "name": 7}]).encode(),
+            "Expected `str | null`, got `int` - at `$[0].name`",
+        ),
+        (
+            ["devices"],
+            "/v1/devices",
+            json.dumps([{**DEVICES[0], "state": "sideways"}]).encode(),
+            "at `$[0].state`",
+        ),
+        (
+            ["status"],
+            "/v1/status",
+            json.dumps({k: v for k, v in STATUS.items() if k != "store"}).encode(),
+            "Object missing required field `store`",
+        ),
+        (
+            ["endpoints"],
+            "/v1/endpoints",
+            json.dumps([{**ENDPOINT_OPS, "pending": "2"}]).encode(),
+            "Expected `int`, got `str` - at `$[0].pending`",
+        ),
+        (
+            ["deliveries"],
+            "/v1/deliveries",
+            json.dumps([{**DELIVERIES[0], "created_at": "yesterday"}]).encode(),
+            "Invalid RFC3339 encoded datetime - at `$[0].created_at`",
+        ),
+        (["endpoints", "test", "ops"], "/v1/endpoints/ops/test", b'{"endpoint": "ops"}', "missing required field"),
+        (["deliveries", "replay", "1"], "/v1/deliveries/replay", b'{"replayed": -1}', "at `$.replayed`"),
+    ],
+)
+def test_wrong_answer_is_a_clear_error(
+    argv: list[str],
+    path: str,
+    answer: bytes,
+    expected: str,
+    fake_admin: tuple[FakeAdmin, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server, cfg = fake_admin
+    server.wrong[path] = answer
+    rc, out, err = run([*argv, "-c", str(cfg)], capsys)
+    assert rc == 1 and out == ""
+    assert err.startswith(f"bad answer from the daemon on {server.path}: ") and err.count("\n") == 1
+    assert expected in err
+
+
+def test_json_passes_unknown_fields_and_tables_ignore_them(
+    fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newer daemon may add fields (CONTRACT §12's `muted`): --json shows them, the table still works."""
+    server, cfg = fake_admin
+    newer = [{**DEVICES[0], "muted": False, "source": "http"}]
+    server.wrong["/v1/devices"] = json.dumps(newer).encode()
+    rc, out, _ = run(["devices", "--json", "-c", str(cfg)], capsys)
+    assert rc == 0 and json.loads(out) == newer
+    rc, out, _ = run(["devices", "-c", str(cfg)], capsys)
+    assert rc == 0 and "printer-17" in out
 
 
 # ------------------------------------------------------------------------------------------------------- sink

@@ -1,0 +1,152 @@
+"""The admin API's documents (CONTRACT §2 ``--json`` shapes, §8) as msgspec Structs, one place for both sides.
+
+The CLI decodes the daemon's answers into these: a missing or mistyped field is refused with the field's path
+(``Expected `int`, got `str` - at `$[0].attempts```), never half-read. Fields a newer daemon adds are ignored,
+so they do not break an older CLI. ``admin.py`` can build its answers from the same Structs. Times are
+RFC 3339 UTC strings on the wire and ``datetime`` here (msgspec validates and parses them).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+from webhookd.states import DeliveryStatus, DeviceState
+
+__all__ = [
+    "ApiError",
+    "DeliveryCounts",
+    "DeliveryInfo",
+    "DeviceCounts",
+    "DeviceInfo",
+    "EndpointCounts",
+    "EndpointInfo",
+    "EndpointTestResult",
+    "ReplayRequest",
+    "Replayed",
+    "Status",
+    "StoreHealth",
+]
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ApiError(msgspec.Struct, frozen=True):
+    """Every 4xx/5xx answer: ``{"error": "unknown endpoint 'x'"}``."""
+
+    error: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+# ---------------------------------------------------------------------------------------- GET /v1/status
+
+
+class DeviceCounts(msgspec.Struct, frozen=True):
+    online: Count
+    utilizing: Count
+    unplugged: Count
+    offline: Count
+    total: Count
+
+
+class EndpointCounts(msgspec.Struct, frozen=True):
+    enabled: Count
+    disabled: Count
+
+
+class DeliveryCounts(msgspec.Struct, frozen=True):
+    """Deliveries per status, over every endpoint."""
+
+    pending: Count
+    held: Count
+    delivered: Count
+    dead: Count
+
+
+class StoreHealth(msgspec.Struct, frozen=True):
+    healthy: bool  # false: the store cannot write (state changes are refused with 503)
+
+
+class Status(msgspec.Struct, frozen=True):
+    version: str
+    pid: int
+    started_at: datetime
+    uptime_s: float
+    devices: DeviceCounts
+    endpoints: EndpointCounts
+    deliveries: DeliveryCounts
+    store: StoreHealth
+
+
+# -------------------------------------------------------------------------- GET /v1/devices, /v1/devices/{id}
+
+
+class DeviceInfo(msgspec.Struct, frozen=True):
+    id: str
+    name: str | None
+    state: DeviceState
+    address: str | None
+    owner: str | None
+    last_seen: datetime | None
+
+
+# ------------------------------------------------------ GET /v1/endpoints; POST /v1/endpoints/{name}/enable|disable
+
+
+class EndpointInfo(msgspec.Struct, frozen=True):
+    """One endpoint; also the answer to enable and disable (the endpoint as they left it)."""
+
+    name: str
+    url: str  # without credentials; "" for an endpoint known to the store only (no longer in the config)
+    enabled: bool
+    disabled_reason: str | None
+    consecutive_failures: Count
+    pending: Count
+    held: Count
+    delivered: Count
+    dead: Count
+    last_error: str | None
+
+
+# ------------------------------------------------------------------------- POST /v1/endpoints/{name}/test
+
+
+class EndpointTestResult(msgspec.Struct, frozen=True):
+    endpoint: str
+    ok: bool  # a 2xx arrived in full
+    status: int | None  # None: no HTTP answer (refused, timed out, ...)
+    latency_ms: float
+    error: str | None
+
+
+# --------------------------------------------------------------------------------------- GET /v1/deliveries
+
+
+class DeliveryInfo(msgspec.Struct, frozen=True):
+    id: int
+    event_id: str
+    endpoint: str
+    device: str
+    type: str  # the event type: device.online, device.address_changed, webhook.test, ...
+    status: DeliveryStatus
+    attempts: Count
+    next_attempt_at: datetime | None  # only while pending
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+
+
+# ---------------------------------------------------------------------------------- POST /v1/deliveries/replay
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """``{"ids": [...]}``, or ``{"endpoint": NAME, "status": S}`` (the daemon takes ``dead`` without one)."""
+
+    ids: Annotated[list[int], msgspec.Meta(min_length=1)] | None = None
+    endpoint: str | None = None
+    status: DeliveryStatus | None = None
+
+
+class Replayed(msgspec.Struct, frozen=True):
+    replayed: Count

@@ -1,0 +1,240 @@
+"""The ``webhookd`` command line (CONTRACT §2): the argument parser and ``main``.
+
+``run`` runs the daemon; ``check-config``, ``gen-secret`` and ``sink`` work locally; every other command is
+a thin client of the daemon's admin API (HTTP over the unix socket ``admin.socket``, CONTRACT §8).
+``client.py`` reaches the daemon, ``render.py`` prints tables and times, ``commands.py`` holds the commands.
+
+Exit codes: 0 ok; 1 failure (bad config, API error, failed test delivery); 2 usage error or unexpected error;
+3 the daemon is not running; 130 interrupted. Never a traceback (``WEBHOOKD_DEBUG=1`` shows one for
+unexpected errors). Starting must stay fast: modules only some commands need are imported when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from webhookd.cli.client import (
+    EXIT_ERROR,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    AdminClient,
+    AdminError,
+    BadAnswer,
+    CLIError,
+    DaemonNotRunning,
+    config_path,
+)
+from webhookd.cli.commands import (
+    cmd_check_config,
+    cmd_deliveries,
+    cmd_devices,
+    cmd_endpoints,
+    cmd_gen_secret,
+    cmd_run,
+    cmd_sink,
+    cmd_status,
+)
+from webhookd.cli.render import cut, format_duration, format_time, render_table
+from webhookd.states import DELIVERY_STATUSES, DEVICE_STATES
+
+__all__ = [
+    "AdminClient",
+    "AdminError",
+    "BadAnswer",
+    "CLIError",
+    "DaemonNotRunning",
+    "build_parser",
+    "cmd_check_config",
+    "cmd_deliveries",
+    "cmd_devices",
+    "cmd_endpoints",
+    "cmd_gen_secret",
+    "cmd_run",
+    "cmd_sink",
+    "cmd_status",
+    "config_path",
+    "cut",
+    "format_duration",
+    "format_time",
+    "main",
+    "render_table",
+]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -------------------------------------------------------------------------------------------------- parser
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return n
+
+
+def _delivery_id(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {value}")
+    return n
+
+
+def _port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return n
+
+
+def _common(json_flag: bool) -> argparse.ArgumentParser:
+    """-c/--config (and --json) for a subcommand. SUPPRESS defaults, so that a value given before the
+    subcommand is not reset by the subparser's default."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default: $WEBHOOKD_CONFIG, else /etc/webhookd/config.yaml)",
+    )
+    if json_flag:
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON document")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from webhookd import __version__
+
+    plain, data = _common(False), _common(True)
+    parser = argparse.ArgumentParser(
+        prog="webhookd",
+        description="Device presence daemon: heartbeats in, signed durable webhooks out.",
+        parents=[plain],
+    )
+    parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[parent])
+        p.set_defaults(handler=handler)
+        return p
+
+    add("run", cmd_run, "run the daemon in the foreground", plain)
+    add("check-config", cmd_check_config, "validate the config file", plain)
+    add("status", cmd_status, "daemon summary", data)
+
+    p = add("devices", cmd_devices, "list devices", data)
+    p.add_argument("--state", choices=DEVICE_STATES, default=argparse.SUPPRESS, help="only devices in this state")
+
+    p = add("endpoints", cmd_endpoints, "list endpoints, or enable / disable / test one", data)
+    ep_sub = p.add_subparsers(dest="action", metavar="ACTION")
+    for action, text in (
+        ("enable", "enable an endpoint (resumes its held deliveries)"),
+        ("disable", "disable an endpoint (holds its deliveries)"),
+        ("test", "send a webhook.test event now; exit 0 on 2xx"),
+    ):
+        ap = ep_sub.add_parser(action, help=text, description=text, parents=[data])
+        ap.add_argument("name", metavar="NAME")
+
+    p = add("deliveries", cmd_deliveries, "list deliveries, or replay some", data)
+    p.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS)
+    p.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS)
+    p.add_argument("--limit", type=_positive_int, metavar="N", default=argparse.SUPPRESS)
+    dl_sub = p.add_subparsers(dest="action", metavar="ACTION")
+    rp = dl_sub.add_parser(
+        "replay",
+        help="queue deliveries again with a fresh attempt budget",
+        description="Queue deliveries again (a fresh attempt budget): by ID, or every delivery of an "
+        "endpoint in a status (`replay --endpoint NAME --status dead`).",
+        parents=[data],
+    )
+    rp.add_argument("ids", nargs="*", type=_delivery_id, metavar="ID", help="delivery ids (see `webhookd deliveries`)")
+    rp.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS)
+    rp.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS)
+
+    add("gen-secret", cmd_gen_secret, "print a new signing secret (whsec_...)", plain)
+
+    p = add("sink", cmd_sink, "a local webhook receiver that prints what it gets", plain)
+    p.add_argument("--port", type=_port, default=8479, help="port to listen on (default 8479; 0 = any)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--secret",
+        action="append",
+        metavar="S",
+        help="verify signatures with this secret (repeatable)",
+    )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _tolerant_output() -> None:
+    """Unencodable characters (``…`` on a latin-1 terminal) become ``?`` rather than an error."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                reconfigure(errors="replace")
+
+
+def _silence_stdout() -> None:
+    """After EPIPE (``webhookd devices | head``): point stdout at /dev/null so the exit flush is quiet."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``webhookd`` and ``python -m webhookd``; returns the exit code."""
+    try:
+        _tolerant_output()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return EXIT_ERROR
+        return handler(args)
+    except SystemExit as e:
+        return _exit_code(e.code)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_FAILURE
+    except CLIError as e:
+        print(e.message, file=sys.stderr)
+        return e.code
+    except Exception as e:
+        if os.environ.get("WEBHOOKD_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        print(f"error: {detail}", file=sys.stderr)
+        return EXIT_ERROR

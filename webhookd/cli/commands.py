@@ -1,0 +1,287 @@
+"""One function per command (CONTRACT §2): ``args`` in, the exit code out; failures raise ``CLIError``.
+
+``--json`` prints the API's document as the daemon sent it; the tables decode it into ``webhookd.api_types``
+first, so a wrong answer is a clear error. Each command imports what only it needs, when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from webhookd.cli.client import (
+    EXIT_ERROR,
+    EXIT_FAILURE,
+    EXIT_OK,
+    AdminError,
+    CLIError,
+    ConfigProblems,
+    admin_client,
+    config_path,
+    load_config,
+)
+from webhookd.cli.render import aware, dash, format_duration, format_time, print_json, render_table
+from webhookd.states import DELIVERY_STATUSES, DEVICE_STATES
+
+if TYPE_CHECKING:
+    from webhookd.api_types import DeliveryInfo, EndpointInfo, EndpointTestResult
+
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+# ------------------------------------------------------------------------------------------- local commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # imported by name: the daemon module pulls in everything else, and the CLI must import without it
+    daemon = importlib.import_module("webhookd.daemon")
+    from webhookd import config as config_mod
+
+    try:
+        return int(daemon.run(config_path(args)))
+    except config_mod.ConfigError as e:  # run reports a bad config itself; in case one escapes
+        raise ConfigProblems(e.problems) from e
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from webhookd import config as config_mod
+
+    cfg = load_config(config_path(args))
+    print(config_mod.summary(cfg))
+    return EXIT_OK
+
+
+def cmd_gen_secret(args: argparse.Namespace) -> int:
+    from webhookd import signing
+
+    print(signing.gen_secret())
+    return EXIT_OK
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from webhookd import sink
+
+    return sink.run_sink(args.host, args.port, list(args.secret or []))
+
+
+# ------------------------------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from webhookd.api_types import Status
+
+    client = admin_client(args)
+    if _json(args):
+        print_json(client.get("/v1/status", dict[str, object]))
+        return EXIT_OK
+    s = client.get("/v1/status", Status)
+    since = aware(s.started_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    states = ", ".join(f"{getattr(s.devices, state)} {state}" for state in DEVICE_STATES)
+    lines = [
+        f"webhookd {s.version}, pid {s.pid}, up {format_duration(s.uptime_s)} (since {since})",
+        f"devices:    {s.devices.total} ({states})",
+        f"endpoints:  {s.endpoints.enabled} enabled, {s.endpoints.disabled} disabled",
+        "deliveries: " + ", ".join(f"{getattr(s.deliveries, status)} {status}" for status in DELIVERY_STATUSES),
+    ]
+    if not s.store.healthy:
+        lines.append("store:      UNAVAILABLE (cannot write; state changes are refused with 503)")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from webhookd.api_types import DeviceInfo
+
+    state = getattr(args, "state", None)
+    client = admin_client(args)
+    if _json(args):
+        print_json(client.get("/v1/devices", object, {"state": state}))
+        return EXIT_OK
+    devices = client.get("/v1/devices", list[DeviceInfo], {"state": state})
+    if not devices:
+        print(f"no devices{f' in state {state}' if state else ''}")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    rows = [[dash(d.id), dash(d.name), d.state, format_time(d.last_seen, now), dash(d.address)] for d in devices]
+    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS"], rows, flexible=(1, 0)))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- endpoints
+
+
+def _endpoint_status(e: EndpointInfo) -> str:
+    if e.enabled:
+        return "enabled"
+    return f"disabled ({e.disabled_reason})" if e.disabled_reason else "disabled"
+
+
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from webhookd.api_types import EndpointInfo
+
+    action = getattr(args, "action", None)
+    if action in ("enable", "disable", "test"):
+        return _endpoint_action(args, action)
+    client = admin_client(args)
+    if _json(args):
+        print_json(client.get("/v1/endpoints", object))
+        return EXIT_OK
+    endpoints = client.get("/v1/endpoints", list[EndpointInfo])
+    if not endpoints:
+        print("no endpoints configured")
+        return EXIT_OK
+    rows = [
+        [
+            dash(e.name),
+            _endpoint_status(e),
+            str(e.consecutive_failures),
+            str(e.pending),
+            str(e.held),
+            str(e.delivered),
+            str(e.dead),
+            dash(e.last_error),
+        ]
+        for e in endpoints
+    ]
+    headers = ["NAME", "STATUS", "FAILS", "PENDING", "HELD", "DELIVERED", "DEAD", "LAST ERROR"]
+    print(render_table(headers, rows, flexible=(7,)))
+    return EXIT_OK
+
+
+def _endpoint_action(args: argparse.Namespace, action: str) -> int:
+    from webhookd.api_types import EndpointInfo, EndpointTestResult
+
+    name: str = args.name
+    client = admin_client(args)
+    path = f"/v1/endpoints/{quote(name, safe='')}/{action}"
+    try:
+        # a test waits for one delivery attempt (the endpoint's timeout); leave it room
+        raw = client.request("POST", path, {}, timeout=120.0 if action == "test" else None)
+    except AdminError as e:
+        if e.status == 404:
+            raise AdminError(404, f"unknown endpoint {name!r}") from e
+        raise
+    if action == "test":
+        result = client.decode(raw, EndpointTestResult)
+        return _print_test(name, result, client.decode(raw, object) if _json(args) else None)
+    if _json(args):
+        print_json(client.decode(raw, object))
+        return EXIT_OK
+    info = client.decode(raw, EndpointInfo)
+    if action == "enable":
+        extra = f" ({info.pending} pending)" if info.pending else ""
+        print(f"endpoint {name!r} enabled{extra}")
+    else:
+        extra = f" ({info.held} {'delivery' if info.held == 1 else 'deliveries'} held)" if info.held else ""
+        print(f"endpoint {name!r} disabled{extra}")
+    return EXIT_OK
+
+
+def _print_test(name: str, result: EndpointTestResult, document: object | None) -> int:
+    """The outcome of ``endpoints test``; ``document``: the answer for ``--json``."""
+    code = EXIT_OK if result.ok else EXIT_FAILURE
+    if document is not None:
+        print_json(document)
+        return code
+    took = f" in {result.latency_ms:.1f} ms"
+    if result.status is not None:
+        import http
+
+        try:
+            phrase = http.HTTPStatus(result.status).phrase
+        except ValueError:
+            phrase = ""
+        line = f"{name}: {result.status}{' ' + phrase if phrase else ''}{took}"
+        if result.error and not result.ok:
+            line += f" ({result.error})"
+    else:
+        line = f"{name}: failed{took}: {result.error or 'no answer'}"
+    print(line, file=sys.stdout if result.ok else sys.stderr)
+    return code
+
+
+# --------------------------------------------------------------------------------------------- deliveries
+
+
+def _last_result(d: DeliveryInfo) -> str:
+    if d.last_status is not None and d.last_error:
+        return f"{d.last_status} {d.last_error}"
+    if d.last_status is not None:
+        return str(d.last_status)
+    return dash(d.last_error)
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from webhookd.api_types import DeliveryInfo
+
+    if getattr(args, "action", None) == "replay":
+        return _replay(args)
+    query = {
+        "status": getattr(args, "status", None),
+        "endpoint": getattr(args, "endpoint", None),
+        "limit": getattr(args, "limit", None),
+    }
+    client = admin_client(args)
+    if _json(args):
+        print_json(client.get("/v1/deliveries", object, query))
+        return EXIT_OK
+    deliveries = client.get("/v1/deliveries", list[DeliveryInfo], query)
+    if not deliveries:
+        print("no deliveries")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    rows = [
+        [
+            str(d.id),
+            dash(d.endpoint),
+            dash(d.device),
+            dash(d.type).removeprefix("device."),
+            d.status,
+            str(d.attempts),
+            format_time(d.next_attempt_at, now) if d.status == "pending" else "-",
+            _last_result(d),
+            format_time(d.created_at, now),
+        ]
+        for d in deliveries
+    ]
+    headers = ["ID", "ENDPOINT", "DEVICE", "TYPE", "STATUS", "TRIES", "NEXT", "LAST RESULT", "CREATED"]
+    print(render_table(headers, rows, flexible=(7, 2)))
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from webhookd.api_types import Replayed, ReplayRequest
+
+    ids: list[int] = list(getattr(args, "ids", None) or [])
+    endpoint = getattr(args, "endpoint", None)
+    status = getattr(args, "status", None)
+    if ids and (endpoint or status):
+        raise CLIError("deliveries replay: give delivery IDs or --endpoint NAME --status dead, not both", EXIT_ERROR)
+    if ids:
+        body = ReplayRequest(ids=ids)
+    elif endpoint:
+        body = ReplayRequest(endpoint=endpoint, status=status or "dead")
+    else:
+        raise CLIError("deliveries replay: give delivery IDs or --endpoint NAME [--status dead]", EXIT_ERROR)
+    client = admin_client(args)
+    try:
+        raw = client.request("POST", "/v1/deliveries/replay", body)
+    except AdminError as e:
+        if e.status == 404 and endpoint:
+            raise AdminError(404, f"unknown endpoint {endpoint!r}") from e
+        raise
+    if _json(args):
+        print_json(client.decode(raw, object))
+        return EXIT_OK
+    n = client.decode(raw, Replayed).replayed
+    print(f"replayed {n} deliver{'y' if n == 1 else 'ies'}")
+    return EXIT_OK
