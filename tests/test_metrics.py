@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Daemon, Receiver, endpoint
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.harness import Daemon, endpoint
 from webhookd import __version__
 from webhookd.dispatch import Result
 from webhookd.metrics import Metrics
@@ -58,121 +58,117 @@ async def scrape_until(d: Daemon, check: Any, timeout: float = 15.0) -> Samples:
         await asyncio.sleep(0.05)
 
 
-async def test_metrics_follow_heartbeats_events_and_deliveries(tmp_path: Path) -> None:
-    flaky = await Receiver().start()
-    down = await Receiver(status=lambda _r: 500).start()
-    gone = await Receiver(status=lambda _r: 410).start()
-    ok = await Receiver().start()
+async def test_metrics_follow_heartbeats_events_and_deliveries(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    flaky = await receiver()
+    down = await receiver(status=lambda _r: 500)
+    gone = await receiver(status=lambda _r: 410)
+    ok = await receiver()
     flaky.status = lambda _r: 500 if flaky.attempts == 1 else 200  # the first attempt fails, then all succeed
-    d = await Daemon(
-        tmp_path,
+    d = await daemon(
         [
             endpoint("flaky", flaky),
             endpoint("down", down, devices=["dev-1"], events=["online"]),
             endpoint("gone", gone, devices=["dev-2"]),
             endpoint("ok", ok),
         ],
-    ).start()
-    try:
-        m = await scrape(d)
-        assert get(m, "webhookd_heartbeats_total", transport="http") == 0
-        assert ("webhookd_heartbeats_total", (("transport", "udp"),)) not in m  # no UDP listener configured
-        for state in ("online", "utilizing", "unplugged", "offline"):
-            assert get(m, "webhookd_devices", state=state) == 0
-        assert get(m, "webhookd_build_info", version=__version__, python=platform.python_version()) == 1
-        assert get(m, "webhookd_uptime_seconds") > 0
-        assert get(m, "webhookd_store_healthy") == 1
-        for name in ("flaky", "down", "gone", "ok"):
-            assert get(m, "webhookd_endpoint_disabled", endpoint=name) == 0
-            assert get(m, "webhookd_endpoint_consecutive_failures", endpoint=name) == 0
-            assert get(m, "webhookd_deliveries", endpoint=name, status="pending") == 0
-        assert any(k[0] == "process_resident_memory_bytes" for k in m)
+    )
+    m = await scrape(d)
+    assert get(m, "webhookd_heartbeats_total", transport="http") == 0
+    assert ("webhookd_heartbeats_total", (("transport", "udp"),)) not in m  # no UDP listener configured
+    for state in ("online", "utilizing", "unplugged", "offline"):
+        assert get(m, "webhookd_devices", state=state) == 0
+    assert get(m, "webhookd_build_info", version=__version__, python=platform.python_version()) == 1
+    assert get(m, "webhookd_uptime_seconds") > 0
+    assert get(m, "webhookd_store_healthy") == 1
+    for name in ("flaky", "down", "gone", "ok"):
+        assert get(m, "webhookd_endpoint_disabled", endpoint=name) == 0
+        assert get(m, "webhookd_endpoint_consecutive_failures", endpoint=name) == 0
+        assert get(m, "webhookd_deliveries", endpoint=name, status="pending") == 0
+    assert any(k[0] == "process_resident_memory_bytes" for k in m)
 
-        await d.heartbeat("dev-1")  # device.online
-        await d.heartbeat("dev-1")  # nothing changes
-        await d.heartbeat("dev-2", state="utilizing")  # device.utilizing
-        await d.heartbeat("dev-3", state="unplugged")  # device.unplugged
-        await d.heartbeat("dev-4", state="shutdown")  # first seen offline: no event
-        status, _ = await d.request(
-            "POST", "/v1/heartbeats", json=[{"device": "dev-1"}, {"device": "dev-5"}, {"device": "dev-6"}]
+    await d.heartbeat("dev-1")  # device.online
+    await d.heartbeat("dev-1")  # nothing changes
+    await d.heartbeat("dev-2", state="utilizing")  # device.utilizing
+    await d.heartbeat("dev-3", state="unplugged")  # device.unplugged
+    await d.heartbeat("dev-4", state="shutdown")  # first seen offline: no event
+    status, _ = await d.request(
+        "POST", "/v1/heartbeats", json=[{"device": "dev-1"}, {"device": "dev-5"}, {"device": "dev-6"}]
+    )
+    assert status == 200
+    # Rejections, each a 4xx answer.
+    bad_json = {"data": b"{", "headers": {"Content-Type": "application/json"}}
+    assert (await d.request("POST", "/v1/heartbeat", **bad_json))[0] == 400
+    assert (await d.request("POST", "/v1/heartbeat", json={"device": "x", "color": "red"}))[0] == 400
+    assert (await d.request("POST", "/v1/heartbeat", data=b"{}", headers={"Content-Type": "text/plain"}))[0] == 415
+
+    await flaky.wait_for(5)
+    await ok.wait_for(5)
+
+    def settled(m: Samples) -> bool:
+        def n(name: str, **labels: str) -> float:
+            return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        return (
+            n("webhookd_deliveries", endpoint="flaky", status="delivered") == 5
+            and n("webhookd_deliveries", endpoint="ok", status="delivered") == 5
+            and n("webhookd_deliveries", endpoint="down", status="dead") == 1
+            and n("webhookd_deliveries", endpoint="gone", status="held") == 1
         )
-        assert status == 200
-        # Rejections, each a 4xx answer.
-        bad_json = {"data": b"{", "headers": {"Content-Type": "application/json"}}
-        assert (await d.request("POST", "/v1/heartbeat", **bad_json))[0] == 400
-        assert (await d.request("POST", "/v1/heartbeat", json={"device": "x", "color": "red"}))[0] == 400
-        assert (await d.request("POST", "/v1/heartbeat", data=b"{}", headers={"Content-Type": "text/plain"}))[0] == 415
 
-        await flaky.wait_for(5)
-        await ok.wait_for(5)
+    m = await scrape_until(d, settled)
+    assert get(m, "webhookd_heartbeats_total", transport="http") == 8
+    assert get(m, "webhookd_heartbeat_rejected_total", status="400") == 2
+    assert get(m, "webhookd_heartbeat_rejected_total", status="415") == 1
+    assert get(m, "webhookd_events_total", type="device.online") == 3
+    assert get(m, "webhookd_events_total", type="device.utilizing") == 1
+    assert get(m, "webhookd_events_total", type="device.unplugged") == 1
+    assert get(m, "webhookd_devices", state="online") == 3
+    assert get(m, "webhookd_devices", state="utilizing") == 1
+    assert get(m, "webhookd_devices", state="unplugged") == 1
+    assert get(m, "webhookd_devices", state="offline") == 1
 
-        def settled(m: Samples) -> bool:
-            def n(name: str, **labels: str) -> float:
-                return m.get((name, tuple(sorted(labels.items()))), 0.0)
+    # Attempt outcomes: 500 then 200 (flaky), 500 until out of retries (down), 410 (gone).
+    assert get(m, "webhookd_deliveries_total", endpoint="flaky", outcome="failed") == 1
+    assert get(m, "webhookd_deliveries_total", endpoint="flaky", outcome="delivered") == 5
+    assert get(m, "webhookd_deliveries_total", endpoint="ok", outcome="delivered") == 5
+    assert get(m, "webhookd_deliveries_total", endpoint="down", outcome="failed") == 3
+    assert get(m, "webhookd_deliveries_total", endpoint="down", outcome="dead") == 1
+    assert get(m, "webhookd_deliveries_total", endpoint="gone", outcome="held") == 1
+    assert get(m, "webhookd_endpoint_disabled", endpoint="gone") == 1
+    assert get(m, "webhookd_endpoint_consecutive_failures", endpoint="gone") == 1
+    assert get(m, "webhookd_endpoint_consecutive_failures", endpoint="flaky") == 0
 
-            return (
-                n("webhookd_deliveries", endpoint="flaky", status="delivered") == 5
-                and n("webhookd_deliveries", endpoint="ok", status="delivered") == 5
-                and n("webhookd_deliveries", endpoint="down", status="dead") == 1
-                and n("webhookd_deliveries", endpoint="gone", status="held") == 1
-            )
+    # One histogram observation per attempt.
+    for name, attempts in (("flaky", 6), ("ok", 5), ("down", 4), ("gone", 1)):
+        assert get(m, "webhookd_delivery_duration_seconds_count", endpoint=name) == attempts
+        assert get(m, "webhookd_delivery_duration_seconds_bucket", endpoint=name, le="+Inf") == attempts
+        assert get(m, "webhookd_delivery_duration_seconds_sum", endpoint=name) > 0
+    assert get(m, "webhookd_delivery_duration_seconds_bucket", endpoint="ok", le="10.0") == 5
+    assert get(m, "webhookd_store_write_seconds_count") >= 5  # at least the five events' transactions
+    assert get(m, "webhookd_store_write_seconds_sum") > 0
 
-        m = await scrape_until(d, settled)
-        assert get(m, "webhookd_heartbeats_total", transport="http") == 8
-        assert get(m, "webhookd_heartbeat_rejected_total", status="400") == 2
-        assert get(m, "webhookd_heartbeat_rejected_total", status="415") == 1
-        assert get(m, "webhookd_events_total", type="device.online") == 3
-        assert get(m, "webhookd_events_total", type="device.utilizing") == 1
-        assert get(m, "webhookd_events_total", type="device.unplugged") == 1
-        assert get(m, "webhookd_devices", state="online") == 3
-        assert get(m, "webhookd_devices", state="utilizing") == 1
-        assert get(m, "webhookd_devices", state="unplugged") == 1
-        assert get(m, "webhookd_devices", state="offline") == 1
+    # Operator disable: the gauge flips, and a new event for that endpoint is held, not attempted.
+    status, _ = await d.admin("POST", "/v1/endpoints/ok/disable")
+    assert status == 200
+    m = await scrape(d)
+    assert get(m, "webhookd_endpoint_disabled", endpoint="ok") == 1
+    assert get(m, "webhookd_endpoint_disabled", endpoint="flaky") == 0
+    await d.heartbeat("dev-7")
+    await flaky.wait_for(6)
+    m = await scrape(d)
+    assert get(m, "webhookd_deliveries", endpoint="ok", status="held") == 1
+    assert get(m, "webhookd_events_total", type="device.online") == 4
+    assert get(m, "webhookd_heartbeats_total", transport="http") == 9
+    assert ok.attempts == 5
 
-        # Attempt outcomes: 500 then 200 (flaky), 500 until out of retries (down), 410 (gone).
-        assert get(m, "webhookd_deliveries_total", endpoint="flaky", outcome="failed") == 1
-        assert get(m, "webhookd_deliveries_total", endpoint="flaky", outcome="delivered") == 5
-        assert get(m, "webhookd_deliveries_total", endpoint="ok", outcome="delivered") == 5
-        assert get(m, "webhookd_deliveries_total", endpoint="down", outcome="failed") == 3
-        assert get(m, "webhookd_deliveries_total", endpoint="down", outcome="dead") == 1
-        assert get(m, "webhookd_deliveries_total", endpoint="gone", outcome="held") == 1
-        assert get(m, "webhookd_endpoint_disabled", endpoint="gone") == 1
-        assert get(m, "webhookd_endpoint_consecutive_failures", endpoint="gone") == 1
-        assert get(m, "webhookd_endpoint_consecutive_failures", endpoint="flaky") == 0
-
-        # One histogram observation per attempt.
-        for name, attempts in (("flaky", 6), ("ok", 5), ("down", 4), ("gone", 1)):
-            assert get(m, "webhookd_delivery_duration_seconds_count", endpoint=name) == attempts
-            assert get(m, "webhookd_delivery_duration_seconds_bucket", endpoint=name, le="+Inf") == attempts
-            assert get(m, "webhookd_delivery_duration_seconds_sum", endpoint=name) > 0
-        assert get(m, "webhookd_delivery_duration_seconds_bucket", endpoint="ok", le="10.0") == 5
-        assert get(m, "webhookd_store_write_seconds_count") >= 5  # at least the five events' transactions
-        assert get(m, "webhookd_store_write_seconds_sum") > 0
-
-        # Operator disable: the gauge flips, and a new event for that endpoint is held, not attempted.
-        status, _ = await d.admin("POST", "/v1/endpoints/ok/disable")
-        assert status == 200
-        m = await scrape(d)
-        assert get(m, "webhookd_endpoint_disabled", endpoint="ok") == 1
-        assert get(m, "webhookd_endpoint_disabled", endpoint="flaky") == 0
-        await d.heartbeat("dev-7")
-        await flaky.wait_for(6)
-        m = await scrape(d)
-        assert get(m, "webhookd_deliveries", endpoint="ok", status="held") == 1
-        assert get(m, "webhookd_events_total", type="device.online") == 4
-        assert get(m, "webhookd_heartbeats_total", transport="http") == 9
-        assert ok.attempts == 5
-
-        status, _ = await d.admin("POST", "/v1/endpoints/ok/enable")
-        assert status == 200
-        m = await scrape_until(
-            d, lambda m: m.get(("webhookd_deliveries_total", (("endpoint", "ok"), ("outcome", "delivered")))) == 6
-        )
-        assert get(m, "webhookd_endpoint_disabled", endpoint="ok") == 0
-    finally:
-        await d.stop()
-        for r in (flaky, down, gone, ok):
-            await r.stop()
+    status, _ = await d.admin("POST", "/v1/endpoints/ok/enable")
+    assert status == 200
+    m = await scrape_until(
+        d, lambda m: m.get(("webhookd_deliveries_total", (("endpoint", "ok"), ("outcome", "delivered")))) == 6
+    )
+    assert get(m, "webhookd_endpoint_disabled", endpoint="ok") == 0
 
 
 # --- the collector on fakes --------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import asyncio
 import json
 import socket
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import Daemon, Receiver, endpoint, eventually
 from webhookd.listener import BadInput
 from webhookd.presence import Heartbeat
@@ -267,9 +267,9 @@ class Sender:
         self.sock.close()
 
 
-async def udp_daemon(tmp_path: Path, r: Receiver, **listen: Any) -> tuple[Daemon, Sender]:
+async def udp_daemon(daemon: DaemonFactory, r: Receiver, **listen: Any) -> tuple[Daemon, Sender]:
     port = free_udp_port()
-    d = await Daemon(tmp_path, [endpoint("r", r)], listen={"udp": f"127.0.0.1:{port}", **listen}).start()
+    d = await daemon([endpoint("r", r)], listen={"udp": f"127.0.0.1:{port}", **listen})
     return d, Sender(port)
 
 
@@ -279,46 +279,45 @@ def udp_stats(d: Daemon) -> dict[str, Any]:
     return stopped[0]
 
 
-async def test_udp_heartbeats_plain_text_and_json(tmp_path: Path) -> None:
-    r = await Receiver().start()
-    d, s = await udp_daemon(tmp_path, r)
-    try:
-        s.send("lamp-1\n")
-        await r.wait_for(1)
-        e = r.events()[0]
-        assert e["type"] == "device.online" and e["reason"] == "heartbeat"
-        assert e["device"]["id"] == "lamp-1" and e["device"]["address"] == "127.0.0.1"
+async def test_udp_heartbeats_plain_text_and_json(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:
+    r = await receiver()
+    d, s = await udp_daemon(daemon, r)
+    s.send("lamp-1\n")
+    await r.wait_for(1)
+    e = r.events()[0]
+    assert e["type"] == "device.online" and e["reason"] == "heartbeat"
+    assert e["device"]["id"] == "lamp-1" and e["device"]["address"] == "127.0.0.1"
 
-        s.send("lamp-1 utilizing")
-        await r.wait_for(2)
-        e = r.events()[1]
-        assert e["type"] == "device.utilizing" and e["device"]["state"] == "utilizing"
+    s.send("lamp-1 utilizing")
+    await r.wait_for(2)
+    e = r.events()[1]
+    assert e["type"] == "device.utilizing" and e["device"]["state"] == "utilizing"
 
-        s.send(json.dumps({"device": "gw-7", "name": "Gateway 7", "state": "unplugged"}))
-        await r.wait_for(3)
-        e = r.events()[2]
-        assert e["device"]["id"] == "gw-7" and e["device"]["name"] == "Gateway 7"
-        assert e["device"]["state"] == "unplugged" and e["device"]["address"] == "127.0.0.1"
+    s.send(json.dumps({"device": "gw-7", "name": "Gateway 7", "state": "unplugged"}))
+    await r.wait_for(3)
+    e = r.events()[2]
+    assert e["device"]["id"] == "gw-7" and e["device"]["name"] == "Gateway 7"
+    assert e["device"]["state"] == "unplugged" and e["device"]["address"] == "127.0.0.1"
 
-        s.send("lamp-1 shutdown\n")
-        await r.wait_for(4)
-        e = r.events()[3]
-        assert e["type"] == "device.offline" and e["reason"] == "shutdown"
-        assert e["device"]["id"] == "lamp-1"
+    s.send("lamp-1 shutdown\n")
+    await r.wait_for(4)
+    e = r.events()[3]
+    assert e["type"] == "device.offline" and e["reason"] == "shutdown"
+    assert e["device"]["id"] == "lamp-1"
 
-        _, dev = await d.admin("GET", "/v1/devices/lamp-1")
-        assert dev["state"] == "offline"
-    finally:
-        s.close()
-        assert await d.stop() == 0
-        await r.stop()
+    _, dev = await d.admin("GET", "/v1/devices/lamp-1")
+    assert dev["state"] == "offline"
+    s.close()
+    assert await d.stop() == 0
     stats = udp_stats(d)
     assert (stats["received"], stats["rejected"], stats["dropped"], stats["failed"]) == (4, 0, 0, 0)
 
 
-async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(tmp_path: Path) -> None:
-    r = await Receiver().start()
-    d, s = await udp_daemon(tmp_path, r, max_body="16KiB")
+async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d, s = await udp_daemon(daemon, r, max_body="16KiB")
     bad: list[bytes] = [
         b"",
         b"\n",
@@ -332,22 +331,19 @@ async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(tmp_pat
         b'{"device": "dev-1"}' + b" " * 20_000,  # valid but over max_body
         b"x" * 60_000,
     ]
-    try:
-        for data in bad:
-            s.send(data)
-        s.send(b"good-1")  # sent last: once it is in, every bad datagram before it has been read
-        await r.wait_for(1)
-        await asyncio.sleep(0.2)
-        assert [e["device"]["id"] for e in r.events()] == ["good-1"]
-        _, devices = await d.admin("GET", "/v1/devices")
-        assert [dev["id"] for dev in devices] == ["good-1"]
-        status, _ = await d.request("GET", "/healthz")
-        assert status == 200
-        assert (await d.heartbeat("http-1"))["changed"] is True  # HTTP unaffected
-    finally:
-        s.close()
-        assert await d.stop() == 0
-        await r.stop()
+    for data in bad:
+        s.send(data)
+    s.send(b"good-1")  # sent last: once it is in, every bad datagram before it has been read
+    await r.wait_for(1)
+    await asyncio.sleep(0.2)
+    assert [e["device"]["id"] for e in r.events()] == ["good-1"]
+    _, devices = await d.admin("GET", "/v1/devices")
+    assert [dev["id"] for dev in devices] == ["good-1"]
+    status, _ = await d.request("GET", "/healthz")
+    assert status == 200
+    assert (await d.heartbeat("http-1"))["changed"] is True  # HTTP unaffected
+    s.close()
+    assert await d.stop() == 0
     stats = udp_stats(d)
     assert (stats["received"], stats["rejected"]) == (len(bad) + 1, len(bad))
     rejected_lines = [e for e in d.logs() if e.get("event") == "udp_datagram_rejected"]
@@ -355,41 +351,41 @@ async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(tmp_pat
     assert rejected_lines[0]["level"] == "debug"
 
 
-async def test_burst_of_2000_datagrams_for_200_devices(tmp_path: Path) -> None:
-    r = await Receiver().start()
-    d, s = await udp_daemon(tmp_path, r)
-    try:
-        for i in range(2000):
-            s.send(f"burst-{i % 200:03d}")
-        ids = {f"burst-{i:03d}" for i in range(200)}
+async def test_burst_of_2000_datagrams_for_200_devices(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:
+    r = await receiver()
+    d, s = await udp_daemon(daemon, r)
+    for i in range(2000):
+        s.send(f"burst-{i % 200:03d}")
+    ids = {f"burst-{i:03d}" for i in range(200)}
 
-        async def online() -> set[str]:
-            _, devices = await d.admin("GET", "/v1/devices?state=online")
-            return {dev["id"] for dev in devices}
+    async def online() -> set[str]:
+        _, devices = await d.admin("GET", "/v1/devices?state=online")
+        return {dev["id"] for dev in devices}
 
-        deadline = asyncio.get_running_loop().time() + 10
-        while (got := await online()) != ids:
-            assert asyncio.get_running_loop().time() < deadline, sorted(ids - got)[:10]
-            await asyncio.sleep(0.1)
-        await r.wait_for(200)
-        status, body = await d.request("GET", "/healthz")
-        assert status == 200 and body == {"status": "ok"}
-        assert (await d.heartbeat("after-burst"))["changed"] is True
-    finally:
-        s.close()
-        assert await d.stop() == 0
-        await r.stop()
+    deadline = asyncio.get_running_loop().time() + 10
+    while (got := await online()) != ids:
+        assert asyncio.get_running_loop().time() < deadline, sorted(ids - got)[:10]
+        await asyncio.sleep(0.1)
+    await r.wait_for(200)
+    status, body = await d.request("GET", "/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    assert (await d.heartbeat("after-burst"))["changed"] is True
+    s.close()
+    assert await d.stop() == 0
     stats = udp_stats(d)
     assert stats["rejected"] == 0 and stats["dropped"] == 0 and stats["failed"] == 0
     assert 200 <= stats["received"] <= 2000  # the kernel may drop some of a burst; every device got through
 
 
-async def test_udp_port_in_use_fails_startup_with_a_clear_message(tmp_path: Path) -> None:
-    r = Receiver()
+async def test_udp_port_in_use_fails_startup_with_a_clear_message(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver(start=False)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        d = Daemon(tmp_path, [endpoint("r", r)], listen={"udp": f"127.0.0.1:{port}"})
+        # check=False: it is meant to fail; what it must do instead is asserted here.
+        d = await daemon([endpoint("r", r)], start=False, check=False, listen={"udp": f"127.0.0.1:{port}"})
         await d.start(wait=False)
         assert await d.wait_exit() == 1
     failed = [e for e in d.logs() if e.get("event") == "startup_failed"]
@@ -397,17 +393,13 @@ async def test_udp_port_in_use_fails_startup_with_a_clear_message(tmp_path: Path
     assert "Traceback" not in d.logs_text()
 
 
-async def test_tokens_warn_that_udp_is_unauthenticated(tmp_path: Path) -> None:
-    r = await Receiver().start()
-    d, s = await udp_daemon(tmp_path, r, tokens=["t0ken-one"])
-    try:
-        warned = [e for e in d.logs() if e.get("event") == "udp_unauthenticated"]
-        assert len(warned) == 1 and warned[0]["level"] == "warning"
-        assert "t0ken-one" not in d.logs_text()
-        s.send("tok-1")
-        await r.wait_for(1)
-        assert r.events()[0]["device"]["id"] == "tok-1"
-    finally:
-        s.close()
-        await d.stop()
-        await r.stop()
+async def test_tokens_warn_that_udp_is_unauthenticated(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:
+    r = await receiver()
+    d, s = await udp_daemon(daemon, r, tokens=["t0ken-one"])
+    warned = [e for e in d.logs() if e.get("event") == "udp_unauthenticated"]
+    assert len(warned) == 1 and warned[0]["level"] == "warning"
+    assert "t0ken-one" not in d.logs_text()
+    s.send("tok-1")
+    await r.wait_for(1)
+    assert r.events()[0]["device"]["id"] == "tok-1"
+    s.close()
