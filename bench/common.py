@@ -109,6 +109,87 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, VmHWM of a process in bytes, from /proc/PID/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[key] = int(rest.split()[0]) * 1024
+    if "VmRSS" not in out:
+        raise RuntimeError(f"no VmRSS for {pid}")
+    return out
+
+
+@dataclass
+class RssSample:
+    t: float  # monotonic
+    rss: int  # VmRSS, bytes
+    anon: int  # RssAnon, bytes
+
+
+class RssSampler:
+    """Samples a process's VmRSS (and RssAnon) from outside every `interval` seconds, in this process's event
+    loop, until stopped, the process is gone, or `limit` seconds have passed (every loop here is time-bound)."""
+
+    def __init__(self, pid: int, interval: float = 0.1, limit: float = 3600.0) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.limit = limit
+        self.samples: list[RssSample] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> RssSample | None:
+        try:
+            m = proc_memory(self.pid)
+        except (OSError, RuntimeError):
+            return None
+        s = RssSample(time.monotonic(), m["VmRSS"], m.get("RssAnon", 0))
+        self.samples.append(s)
+        return s
+
+    async def _loop(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while time.monotonic() < deadline:
+            if self.sample() is None:
+                return
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> RssSampler:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def between(self, t0: float | None = None, t1: float | None = None) -> list[RssSample]:
+        return [s for s in self.samples if (t0 is None or s.t >= t0) and (t1 is None or s.t <= t1)]
+
+    def peak(self, t0: float | None = None, t1: float | None = None) -> int:
+        """The largest VmRSS sampled between t0 and t1 (monotonic; None: open end)."""
+        xs = self.between(t0, t1)
+        if not xs:
+            raise RuntimeError(f"no RSS sample of pid {self.pid} in that window")
+        return max(s.rss for s in xs)
+
+    def settled(self, seconds: float = 1.0) -> int:
+        """The median VmRSS over the last `seconds` of samples (one reading jitters by a page or two)."""
+        if not self.samples:
+            raise RuntimeError(f"no RSS sample of pid {self.pid}")
+        end = self.samples[-1].t
+        return int(statistics.median(s.rss for s in self.samples if s.t >= end - seconds))
+
+    async def hold(self, seconds: float) -> int:
+        """Keep sampling for `seconds` more, then the settled RSS over the last second."""
+        await asyncio.sleep(seconds)
+        self.sample()
+        return self.settled(min(1.0, seconds))
+
+
 # --- child processes --------------------------------------------------------------------------------------
 
 

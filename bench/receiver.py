@@ -1,8 +1,13 @@
 """A local webhook receiver for the benchmarks, in its own process: answers every POST with 200.
 
     python -m bench.receiver --port 8479
+    python -m bench.receiver --port 8479 --delay 1     # a slow receiver: each 200 comes 1 s after the body
 
-`GET /stats` -> {"count": N, "first": t, "last": t} (monotonic seconds of the first and last webhook);
+`--delay` is bounded (at most 4 s, below the bench endpoints' 5 s attempt timeout, so attempts succeed slowly
+rather than time out); `inflight_max` in /stats says how many requests it held at once.
+
+`GET /stats` -> {"count": N, "first": t, "last": t, "inflight": n, "inflight_max": n} (monotonic seconds of
+the first and last webhook);
 `GET /sample` -> the last body received, with its headers (so the bare delivery loop can POST the same body).
 """
 
@@ -21,8 +26,14 @@ from bench.common import run_main
 _encoder = msgspec.json.Encoder()
 
 
+MAX_DELAY = 4.0
+
+
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = min(max(delay, 0.0), MAX_DELAY)
+        self.inflight = 0
+        self.inflight_max = 0
         self.count = 0
         self.first: float | None = None
         self.last: float | None = None
@@ -30,6 +41,13 @@ class Receiver:
 
     async def hook(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.delay:
+            self.inflight += 1
+            self.inflight_max = max(self.inflight_max, self.inflight)
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                self.inflight -= 1
         now = time.monotonic()
         self.count += 1
         if self.first is None:
@@ -40,7 +58,15 @@ class Receiver:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=_encoder.encode({"count": self.count, "first": self.first, "last": self.last}),
+            body=_encoder.encode(
+                {
+                    "count": self.count,
+                    "first": self.first,
+                    "last": self.last,
+                    "inflight": self.inflight,
+                    "inflight_max": self.inflight_max,
+                }
+            ),
             content_type="application/json",
         )
 
@@ -53,8 +79,8 @@ class Receiver:
         return web.Response(body=b"{}", content_type="application/json")
 
 
-async def serve(port: int) -> None:
-    r = Receiver()
+async def serve(port: int, delay: float = 0.0) -> None:
+    r = Receiver(delay)
     app = web.Application()
     app.router.add_get("/stats", r.stats)
     app.router.add_get("/sample", r.get_sample)
@@ -70,8 +96,9 @@ async def serve(port: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay", type=float, default=0.0, help=f"seconds before each answer (at most {MAX_DELAY:g})")
     args = p.parse_args()
-    run_main(lambda: serve(args.port))
+    run_main(lambda: serve(args.port, args.delay))
 
 
 if __name__ == "__main__":
