@@ -13,7 +13,7 @@ import email.utils
 import itertools
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 import trustme
 from aiohttp import web
 
+from tests.conftest import ReceiverFactory
 from tests.faults.servers import (
     Conn,
     Hit,
@@ -40,34 +41,22 @@ def ep(name: str, url: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "url": url, "events": ["all"], "secret": SECRET, **extra}
 
 
-DaemonFactory = Callable[..., Any]
+ModuleDaemon = Callable[..., Awaitable[Daemon]]
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[DaemonFactory]:
-    """Start the daemon on the given endpoints; at teardown it must be healthy, error-free, and exit 0."""
-    started: list[Daemon] = []
+def daemon(daemon: ModuleDaemon, receiver: ReceiverFactory) -> ModuleDaemon:
+    """The conftest `daemon` (at teardown it must be healthy, error-free, and exit 0) on this module's schedule
+    and info-level logs: `await daemon(endpoints, **delivery)`."""
 
     async def make(endpoints: list[dict[str, Any]], **delivery: Any) -> Daemon:
-        d = Daemon(
-            tmp_path,
+        return await daemon(
             endpoints,
             delivery={"retry_schedule": SCHEDULE, "disable_after": 0, **delivery},
             logging={"format": "json", "level": "info"},
         )
-        started.append(d)
-        return await d.start()
 
-    yield make
-    for d in started:
-        if d.proc is None or d.proc.poll() is not None:
-            continue
-        status, _ = await d.request("GET", "/healthz")
-        assert status == 200
-        assert await d.stop() == 0, d.logs_text()[-3000:]
-        assert "Traceback" not in d.logs_text()
-        bad = [r for r in d.logs() if r.get("level") in ("error", "critical") or r.get("event") == "<not json>"]
-        assert not bad, bad
+    return make
 
 
 async def deliveries(d: Daemon, endpoint: str) -> list[dict[str, Any]]:
@@ -131,7 +120,7 @@ def attempt_log(d: Daemon, name: str) -> list[str]:
 # --- transport faults ------------------------------------------------------------------------------------
 
 
-async def test_connection_refused(daemon: DaemonFactory) -> None:
+async def test_connection_refused(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     port = free_port()  # nothing listens there
     d = await daemon([ep("refused", f"http://127.0.0.1:{port}/hook")])
     await d.heartbeat("dev-1")
@@ -139,22 +128,19 @@ async def test_connection_refused(daemon: DaemonFactory) -> None:
     assert attempt_log(d, "refused") == ["delivery_failed", "delivery_failed", "delivery_dead"]
 
 
-async def test_accept_then_hang_times_out_per_attempt(daemon: DaemonFactory) -> None:
+async def test_accept_then_hang_times_out_per_attempt(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     async def hang(reader: asyncio.StreamReader, _w: asyncio.StreamWriter, conn: Conn) -> None:
         conn.request = await read_request(reader)
         await wait_peer_close(reader)  # never answers; returns when the daemon gives up
 
-    server = await RawServer(hang).start()
-    try:
-        d = await daemon([ep("hang", server.url(), timeout="300ms")])
-        await d.heartbeat("dev-1")
-        await assert_dead_after_schedule(d, "hang", None, "timeout after 0.3s")
-        assert len(server.requests) == ATTEMPTS
-        for c in server.requests:
-            assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # the per-attempt timeout
-        assert b"Webhook-Attempt: 3" in server.requests[-1].request
-    finally:
-        await server.stop()
+    server = await receiver(RawServer(hang))
+    d = await daemon([ep("hang", server.url(), timeout="300ms")])
+    await d.heartbeat("dev-1")
+    await assert_dead_after_schedule(d, "hang", None, "timeout after 0.3s")
+    assert len(server.requests) == ATTEMPTS
+    for c in server.requests:
+        assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # the per-attempt timeout
+    assert b"Webhook-Attempt: 3" in server.requests[-1].request
 
 
 def path_of(request: bytes) -> str:
@@ -189,29 +175,28 @@ async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn:
         gone.cancel()
 
 
-async def check_timed_out(daemon: DaemonFactory, path: str) -> None:
-    server = await RawServer(slow).start()
-    try:
-        d = await daemon([ep("slow", server.url(path), timeout="300ms")])
-        await d.heartbeat("dev-1")
-        await assert_dead_after_schedule(d, "slow", None, "timeout after 0.3s")
-        assert len(server.requests) == ATTEMPTS
-        for c in server.requests:
-            assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # dropped at the timeout, not after 10 s
-    finally:
-        await server.stop()
+async def check_timed_out(daemon: ModuleDaemon, receiver: ReceiverFactory, path: str) -> None:
+    server = await receiver(RawServer(slow))
+    d = await daemon([ep("slow", server.url(path), timeout="300ms")])
+    await d.heartbeat("dev-1")
+    await assert_dead_after_schedule(d, "slow", None, "timeout after 0.3s")
+    assert len(server.requests) == ATTEMPTS
+    for c in server.requests:
+        assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # dropped at the timeout, not after 10 s
 
 
-async def test_slow_headers_time_out(daemon: DaemonFactory) -> None:
-    await check_timed_out(daemon, "/slow-head")
+async def test_slow_headers_time_out(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    await check_timed_out(daemon, receiver, "/slow-head")
 
 
-async def test_200_with_a_stalled_body_times_out(daemon: DaemonFactory) -> None:
-    await check_timed_out(daemon, "/stall")
+async def test_200_with_a_stalled_body_times_out(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    await check_timed_out(daemon, receiver, "/stall")
 
 
-async def test_200_with_a_body_dribbling_past_the_timeout_times_out(daemon: DaemonFactory) -> None:
-    await check_timed_out(daemon, "/dribble")
+async def test_200_with_a_body_dribbling_past_the_timeout_times_out(
+    daemon: ModuleDaemon, receiver: ReceiverFactory
+) -> None:
+    await check_timed_out(daemon, receiver, "/dribble")
 
 
 async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Conn) -> None:
@@ -226,24 +211,21 @@ async def rst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: 
     reset(writer)
 
 
-async def check_reset(daemon: DaemonFactory, path: str) -> None:
-    server = await RawServer(rst).start()
-    try:
-        d = await daemon([ep("rst", server.url(path))])
-        await d.heartbeat("dev-1")
-        row = await assert_dead_after_schedule(d, "rst", None, "")
-        assert row["last_error"], row
-        assert len(server.requests) == ATTEMPTS
-    finally:
-        await server.stop()
+async def check_reset(daemon: ModuleDaemon, receiver: ReceiverFactory, path: str) -> None:
+    server = await receiver(RawServer(rst))
+    d = await daemon([ep("rst", server.url(path))])
+    await d.heartbeat("dev-1")
+    row = await assert_dead_after_schedule(d, "rst", None, "")
+    assert row["last_error"], row
+    assert len(server.requests) == ATTEMPTS
 
 
-async def test_connection_reset_in_the_status_line(daemon: DaemonFactory) -> None:
-    await check_reset(daemon, "/in-head")
+async def test_connection_reset_in_the_status_line(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    await check_reset(daemon, receiver, "/in-head")
 
 
-async def test_connection_reset_mid_body_of_a_200(daemon: DaemonFactory) -> None:
-    await check_reset(daemon, "/in-body")
+async def test_connection_reset_mid_body_of_a_200(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    await check_reset(daemon, receiver, "/in-body")
 
 
 # --- HTTP status faults ----------------------------------------------------------------------------------
@@ -253,88 +235,76 @@ def answer(code: int, **headers: str) -> web.Response:
     return web.json_response({"status": code}, status=code, headers=headers)
 
 
-async def test_redirects_are_not_followed(daemon: DaemonFactory) -> None:
+async def test_redirects_are_not_followed(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     codes = (301, 302, 303, 307, 308)
-    target = await ScriptedReceiver().start()
-    recv = await ScriptedReceiver(lambda hit: answer(int(hit.path[2:]), Location=target.url("/target"))).start()
-    try:
-        d = await daemon([ep(f"redir-{c}", recv.url(f"/r{c}"), devices=[f"d{c}"]) for c in codes])
-        for c in codes:
-            await d.heartbeat(f"d{c}")
-        for c in codes:
-            await assert_dead_after_schedule(d, f"redir-{c}", c, f"HTTP {c}")
-            hits = recv.on(f"/r{c}")
-            assert [h.attempt for h in hits] == [1, 2, 3]
-            assert len({h.headers["Webhook-Id"] for h in hits}) == 1
-            assert_paced([h.at for h in hits])
-        assert target.hits == []  # the Location was never followed
-    finally:
-        await recv.stop()
-        await target.stop()
+    target = await receiver(ScriptedReceiver())
+    recv = await receiver(ScriptedReceiver(lambda hit: answer(int(hit.path[2:]), Location=target.url("/target"))))
+    d = await daemon([ep(f"redir-{c}", recv.url(f"/r{c}"), devices=[f"d{c}"]) for c in codes])
+    for c in codes:
+        await d.heartbeat(f"d{c}")
+    for c in codes:
+        await assert_dead_after_schedule(d, f"redir-{c}", c, f"HTTP {c}")
+        hits = recv.on(f"/r{c}")
+        assert [h.attempt for h in hits] == [1, 2, 3]
+        assert len({h.headers["Webhook-Id"] for h in hits}) == 1
+        assert_paced([h.at for h in hits])
+    assert target.hits == []  # the Location was never followed
 
 
-async def check_retried_until_dead(daemon: DaemonFactory, codes: tuple[int, ...], **headers: str) -> None:
+async def check_retried_until_dead(
+    daemon: ModuleDaemon, receiver: ReceiverFactory, codes: tuple[int, ...], **headers: str
+) -> None:
     """Each code, on its own endpoint, is a failed attempt: retried at the schedule's pace, then dead."""
-    recv = await ScriptedReceiver(lambda hit: answer(int(hit.path[2:]), **headers)).start()
-    try:
-        d = await daemon([ep(f"c{c}", recv.url(f"/c{c}"), devices=[f"d{c}"]) for c in codes])
-        for c in codes:
-            await d.heartbeat(f"d{c}")
-        for c in codes:
-            await assert_dead_after_schedule(d, f"c{c}", c, f"HTTP {c}")
-            hits = recv.on(f"/c{c}")
-            assert [h.attempt for h in hits] == [1, 2, 3]
-            assert_paced([h.at for h in hits])
-    finally:
-        await recv.stop()
+    recv = await receiver(ScriptedReceiver(lambda hit: answer(int(hit.path[2:]), **headers)))
+    d = await daemon([ep(f"c{c}", recv.url(f"/c{c}"), devices=[f"d{c}"]) for c in codes])
+    for c in codes:
+        await d.heartbeat(f"d{c}")
+    for c in codes:
+        await assert_dead_after_schedule(d, f"c{c}", c, f"HTTP {c}")
+        hits = recv.on(f"/c{c}")
+        assert [h.attempt for h in hits] == [1, 2, 3]
+        assert_paced([h.at for h in hits])
 
 
-async def test_4xx_is_a_failure_and_retried(daemon: DaemonFactory) -> None:
-    await check_retried_until_dead(daemon, (400, 401, 404, 422))
+async def test_4xx_is_a_failure_and_retried(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    await check_retried_until_dead(daemon, receiver, (400, 401, 404, 422))
 
 
-async def test_5xx_is_a_failure_and_retried(daemon: DaemonFactory) -> None:
+async def test_5xx_is_a_failure_and_retried(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     # 503 is below, with and without Retry-After. Retry-After is honoured on 429/503 only: on these the
     # retries keep the schedule's pace.
-    await check_retried_until_dead(daemon, (500, 502, 504), **{"Retry-After": "3600"})
+    await check_retried_until_dead(daemon, receiver, (500, 502, 504), **{"Retry-After": "3600"})
 
 
-async def test_503_without_retry_after_follows_the_schedule(daemon: DaemonFactory) -> None:
-    recv = await ScriptedReceiver(lambda _hit: answer(503)).start()
-    try:
-        d = await daemon([ep("c503", recv.url())])
-        await d.heartbeat("dev-1")
-        await assert_dead_after_schedule(d, "c503", 503, "HTTP 503")
-        assert [h.attempt for h in recv.hits] == [1, 2, 3]
-        assert_paced([h.at for h in recv.hits])
-    finally:
-        await recv.stop()
+async def test_503_without_retry_after_follows_the_schedule(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    recv = await receiver(ScriptedReceiver(lambda _hit: answer(503)))
+    d = await daemon([ep("c503", recv.url())])
+    await d.heartbeat("dev-1")
+    await assert_dead_after_schedule(d, "c503", 503, "HTTP 503")
+    assert [h.attempt for h in recv.hits] == [1, 2, 3]
+    assert_paced([h.at for h in recv.hits])
 
 
-async def test_410_disables_the_endpoint_at_once_and_holds(daemon: DaemonFactory) -> None:
-    gone = await ScriptedReceiver(lambda _hit: answer(410)).start()
-    fine = await ScriptedReceiver().start()
-    try:
-        d = await daemon([ep("gone", gone.url()), ep("fine", fine.url())], disable_after=50)
-        for state in ("online", "utilizing", "unplugged"):  # one lane: only its head is ever attempted
-            await d.heartbeat("dev-1", state=state)
-        rows = await settled(d, "gone", "held", n=3)
-        assert [r["attempts"] for r in rows] == [1, 0, 0], rows
-        assert rows[0]["last_status"] == 410
-        info = await endpoint_info(d, "gone")
-        assert info["enabled"] is False and "410" in info["disabled_reason"], info
-        assert (info["held"], info["dead"], info["pending"], info["delivered"]) == (3, 0, 0, 0), info
-        # New events for the disabled endpoint are recorded as held, and nothing is attempted.
-        await d.heartbeat("dev-2")
-        await settled(d, "gone", "held", n=4)
-        assert len(gone.hits) == 1
-        warnings = [r for r in d.logs() if r.get("event") == "endpoint_disabled"]
-        assert len(warnings) == 1 and warnings[0]["endpoint"] == "gone" and "410" in warnings[0]["reason"]
-        # The other endpoint is not affected.
-        await settled(d, "fine", "delivered", n=4)
-    finally:
-        await gone.stop()
-        await fine.stop()
+async def test_410_disables_the_endpoint_at_once_and_holds(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
+    gone = await receiver(ScriptedReceiver(lambda _hit: answer(410)))
+    fine = await receiver(ScriptedReceiver())
+    d = await daemon([ep("gone", gone.url()), ep("fine", fine.url())], disable_after=50)
+    for state in ("online", "utilizing", "unplugged"):  # one lane: only its head is ever attempted
+        await d.heartbeat("dev-1", state=state)
+    rows = await settled(d, "gone", "held", n=3)
+    assert [r["attempts"] for r in rows] == [1, 0, 0], rows
+    assert rows[0]["last_status"] == 410
+    info = await endpoint_info(d, "gone")
+    assert info["enabled"] is False and "410" in info["disabled_reason"], info
+    assert (info["held"], info["dead"], info["pending"], info["delivered"]) == (3, 0, 0, 0), info
+    # New events for the disabled endpoint are recorded as held, and nothing is attempted.
+    await d.heartbeat("dev-2")
+    await settled(d, "gone", "held", n=4)
+    assert len(gone.hits) == 1
+    warnings = [r for r in d.logs() if r.get("event") == "endpoint_disabled"]
+    assert len(warnings) == 1 and warnings[0]["endpoint"] == "gone" and "410" in warnings[0]["reason"]
+    # The other endpoint is not affected.
+    await settled(d, "fine", "delivered", n=4)
 
 
 # --- Retry-After -----------------------------------------------------------------------------------------
@@ -364,34 +334,34 @@ def expected_delay(sent_at: float, value: str) -> float:
     return min(max(wait, STEP), 2 * STEP)
 
 
-async def check_retry_after(daemon: DaemonFactory, values: dict[str, tuple[int, Callable[[], str]]]) -> None:
-    recv = await retry_after_receiver(values).start()
-    try:
-        names = {path: path.strip("/") for path in values}
-        d = await daemon(
-            [ep(n, recv.url(p), devices=[f"{n}.dev"]) for p, n in names.items()],
-            retry_schedule=[f"{STEP}s", f"{STEP}s"],
-        )
-        for n in names.values():
-            await d.heartbeat(f"{n}.dev")
-        for path, n in names.items():
-            (row,) = await settled(d, n, "delivered", timeout=10)
-            assert row["attempts"] == 2, row
-            hits = recv.on(path)
-            assert [(h.attempt, h.answered) for h in hits] == [(1, values[path][0]), (2, 200)]
-            gap = hits[1].at - hits[0].at
-            sent_at, value = recv.sent[path]  # type: ignore[attr-defined]
-            want = expected_delay(sent_at, value)
-            assert STEP - 0.02 <= gap <= 2 * STEP + 0.25, (n, value, gap)
-            assert want - 0.03 <= gap <= want + 0.25, (n, value, gap, want)
-            assert (await endpoint_info(d, n))["consecutive_failures"] == 0
-    finally:
-        await recv.stop()
+async def check_retry_after(
+    daemon: ModuleDaemon, receiver: ReceiverFactory, values: dict[str, tuple[int, Callable[[], str]]]
+) -> None:
+    recv = await receiver(retry_after_receiver(values))
+    names = {path: path.strip("/") for path in values}
+    d = await daemon(
+        [ep(n, recv.url(p), devices=[f"{n}.dev"]) for p, n in names.items()],
+        retry_schedule=[f"{STEP}s", f"{STEP}s"],
+    )
+    for n in names.values():
+        await d.heartbeat(f"{n}.dev")
+    for path, n in names.items():
+        (row,) = await settled(d, n, "delivered", timeout=10)
+        assert row["attempts"] == 2, row
+        hits = recv.on(path)
+        assert [(h.attempt, h.answered) for h in hits] == [(1, values[path][0]), (2, 200)]
+        gap = hits[1].at - hits[0].at
+        sent_at, value = recv.sent[path]  # type: ignore[attr-defined]
+        want = expected_delay(sent_at, value)
+        assert STEP - 0.02 <= gap <= 2 * STEP + 0.25, (n, value, gap)
+        assert want - 0.03 <= gap <= want + 0.25, (n, value, gap, want)
+        assert (await endpoint_info(d, n))["consecutive_failures"] == 0
 
 
-async def test_429_and_503_retry_after_in_seconds(daemon: DaemonFactory) -> None:
+async def test_429_and_503_retry_after_in_seconds(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     await check_retry_after(
         daemon,
+        receiver,
         {
             "/s429": (429, lambda: "1"),  # inside [step, 2 step]: waited exactly
             "/s503": (503, lambda: "1"),
@@ -405,9 +375,10 @@ def http_date(offset: float) -> Callable[[], str]:
     return lambda: email.utils.formatdate(time.time() + offset, usegmt=True)
 
 
-async def test_429_and_503_retry_after_as_http_date(daemon: DaemonFactory) -> None:
+async def test_429_and_503_retry_after_as_http_date(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     await check_retry_after(
         daemon,
+        receiver,
         {
             "/d429": (429, http_date(1.9)),  # 0.9..1.9 s away (1 s resolution): within or at 2 * step
             "/d503": (503, http_date(1.6)),
@@ -430,7 +401,7 @@ def vm_kib(pid: int, key: str) -> int:
     raise AssertionError(f"{key} not in /proc/{pid}/status")
 
 
-async def test_huge_response_body_is_not_read_into_memory(daemon: DaemonFactory) -> None:
+async def test_huge_response_body_is_not_read_into_memory(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
     """A 2xx with a 50 MiB body (Content-Length, and chunked): delivered, the body dropped unread."""
 
     async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Conn) -> None:
@@ -454,64 +425,60 @@ async def test_huge_response_body_is_not_read_into_memory(daemon: DaemonFactory)
             pass
         conn.closed = time.monotonic()
 
-    server = await RawServer(huge).start()
-    try:
-        d = await daemon(
-            [
-                ep("huge", server.url("/length"), devices=["l-*"]),
-                ep("huge-chunked", server.url("/chunked"), devices=["c-*"]),
-            ]
-        )
-        assert d.proc is not None
-        pid = d.proc.pid
-        await d.heartbeat("l-warm")  # both endpoints deliver once, so sessions and code paths are warm
-        await d.heartbeat("c-warm")
-        await settled(d, "huge", "delivered", n=1)
-        await settled(d, "huge-chunked", "delivered", n=1)
-        before = vm_kib(pid, "VmHWM")
-        for i in range(3):
-            await d.heartbeat(f"l-{i}")
-            await d.heartbeat(f"c-{i}")
-        await settled(d, "huge", "delivered", n=4)
-        await settled(d, "huge-chunked", "delivered", n=4)
-        for name in ("huge", "huge-chunked"):
-            assert all(r["attempts"] == 1 and r["last_status"] == 200 for r in await deliveries(d, name))
-        growth_mib = (vm_kib(pid, "VmHWM") - before) / 1024
-        rss_mib = vm_kib(pid, "VmRSS") / 1024
-        print(f"\nhuge body: RSS {rss_mib:.0f} MiB, peak growth {growth_mib:.1f} MiB over 8 x 50 MiB responses")
-        assert growth_mib < 16, growth_mib  # reading even one body would add >= 50 MiB
-        # The daemon hung up early instead of draining 50 MiB.
-        assert len(server.requests) == 8
-        assert all(c.closed is not None and c.sent < HUGE for c in server.requests), server.requests
-    finally:
-        await server.stop()
+    server = await receiver(RawServer(huge))
+    d = await daemon(
+        [
+            ep("huge", server.url("/length"), devices=["l-*"]),
+            ep("huge-chunked", server.url("/chunked"), devices=["c-*"]),
+        ]
+    )
+    assert d.proc is not None
+    pid = d.proc.pid
+    await d.heartbeat("l-warm")  # both endpoints deliver once, so sessions and code paths are warm
+    await d.heartbeat("c-warm")
+    await settled(d, "huge", "delivered", n=1)
+    await settled(d, "huge-chunked", "delivered", n=1)
+    before = vm_kib(pid, "VmHWM")
+    for i in range(3):
+        await d.heartbeat(f"l-{i}")
+        await d.heartbeat(f"c-{i}")
+    await settled(d, "huge", "delivered", n=4)
+    await settled(d, "huge-chunked", "delivered", n=4)
+    for name in ("huge", "huge-chunked"):
+        assert all(r["attempts"] == 1 and r["last_status"] == 200 for r in await deliveries(d, name))
+    growth_mib = (vm_kib(pid, "VmHWM") - before) / 1024
+    rss_mib = vm_kib(pid, "VmRSS") / 1024
+    print(f"\nhuge body: RSS {rss_mib:.0f} MiB, peak growth {growth_mib:.1f} MiB over 8 x 50 MiB responses")
+    assert growth_mib < 16, growth_mib  # reading even one body would add >= 50 MiB
+    # The daemon hung up early instead of draining 50 MiB.
+    assert len(server.requests) == 8
+    assert all(c.closed is not None and c.sent < HUGE for c in server.requests), server.requests
 
 
 # --- TLS -------------------------------------------------------------------------------------------------
 
 
-async def test_tls_self_signed_needs_tls_verify_false_or_ca_file(daemon: DaemonFactory, tmp_path: Path) -> None:
+async def test_tls_self_signed_needs_tls_verify_false_or_ca_file(
+    daemon: ModuleDaemon, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
     ca_pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
-    recv = await ScriptedReceiver(ssl_context=server_ctx).start()
-    try:
-        d = await daemon(
-            [
-                ep("tls-default", recv.url("/default")),
-                ep("tls-insecure", recv.url("/insecure"), tls_verify=False),
-                ep("tls-ca", recv.url("/ca"), ca_file=str(ca_pem)),
-            ]
-        )
-        await d.heartbeat("dev-1")
-        row = await assert_dead_after_schedule(d, "tls-default", None, "tls")
-        assert "certificate" in row["last_error"].lower(), row
-        for name in ("tls-insecure", "tls-ca"):
-            (ok,) = await settled(d, name, "delivered")
-            assert ok["attempts"] == 1 and ok["last_status"] == 200, ok
-        assert recv.on("/default") == []  # the handshake failed: no request ever reached the receiver
-        assert len(recv.on("/insecure")) == 1 and len(recv.on("/ca")) == 1
-    finally:
-        await recv.stop()
+    recv = await receiver(ScriptedReceiver(ssl_context=server_ctx))
+    d = await daemon(
+        [
+            ep("tls-default", recv.url("/default")),
+            ep("tls-insecure", recv.url("/insecure"), tls_verify=False),
+            ep("tls-ca", recv.url("/ca"), ca_file=str(ca_pem)),
+        ]
+    )
+    await d.heartbeat("dev-1")
+    row = await assert_dead_after_schedule(d, "tls-default", None, "tls")
+    assert "certificate" in row["last_error"].lower(), row
+    for name in ("tls-insecure", "tls-ca"):
+        (ok,) = await settled(d, name, "delivered")
+        assert ok["attempts"] == 1 and ok["last_status"] == 200, ok
+    assert recv.on("/default") == []  # the handshake failed: no request ever reached the receiver
+    assert len(recv.on("/insecure")) == 1 and len(recv.on("/ca")) == 1
