@@ -2,6 +2,7 @@
 
 import base64
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -730,3 +731,20 @@ def test_summary_never_shows_secrets_or_tokens() -> None:
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_deep_nesting_is_refused_quickly(tmp_path: Path) -> None:
+    # PyYAML's scanner does work proportional to the flow depth for every token: 10 KB of `[` took seconds.
+    p = write(tmp_path, "endpoints: " + "[" * 5000 + "]" * 5000 + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, env={})
+    assert time.monotonic() - started < 1.0
+    assert ei.value.problems == [f"{p}: line 1, column 139: nested more than 128 levels deep"]
+    block = write(tmp_path, "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "x\n", "b.yaml")
+    with pytest.raises(ConfigError, match=r"b.yaml: line 129, column \d+: nested more than 128 levels deep"):
+        load_config(block, env={})
+    # Deep, but within what the YAML scanner allows: refused by the shape check, with its key path.
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "devices: " + "[" * 80 + "]" * 80 + "\n", "c.yaml"), env={})
+    assert ei.value.problems == ["devices" + "[0]" * 63 + ": nested more than 64 levels deep"]

@@ -1099,12 +1099,38 @@ def parse_config(
     )
 
 
+YAML_MAX_NESTING = 2 * MAX_DEPTH  # collections inside each other in the text (`_check_shape` allows MAX_DEPTH)
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        self.mark = mark
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that also records duplicate mapping keys (PyYAML silently keeps the last one)."""
+    """`yaml.SafeLoader` that also records duplicate mapping keys (PyYAML silently keeps the last one) and
+    refuses nesting deeper than YAML_MAX_NESTING while scanning.
+
+    The depth limit is checked where the scanner opens a collection, before PyYAML pays for it: its scanner
+    does work proportional to the flow depth for every token (10 KB of ``[`` took seconds), and its composer
+    recurses once per level."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[tuple[int, int, str]] = []
+
+    def _nest(self) -> None:
+        if self.flow_level + len(self.indents) >= YAML_MAX_NESTING:
+            raise _TooDeep(self.get_mark())
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        self._nest()  # '[' or '{'
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column: int) -> bool:
+        if self.indent < column:
+            self._nest()  # a block mapping or sequence (called outside flow collections only)
+        return super().add_indent(column)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
@@ -1140,6 +1166,9 @@ def _load_yaml(text: str, shown: str) -> object:
         raise ConfigError([f"{shown}: invalid YAML{where}: {what}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{shown}: invalid YAML: {e}"]) from None
+    except _TooDeep as e:
+        where = f"line {e.mark.line + 1}, column {e.mark.column + 1}"
+        raise ConfigError([f"{shown}: {where}: nested more than {YAML_MAX_NESTING} levels deep"]) from None
     except RecursionError:
         raise ConfigError([f"{shown}: invalid YAML: nested too deeply"]) from None
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
