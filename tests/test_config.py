@@ -467,6 +467,14 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"endpoints": [ep(headers={"Content-Type": "text/plain"})]}, "endpoints[0].headers.Content-Type: reserved"),
     ({"endpoints": [ep(headers={"X-A": ["v"]})]}, "endpoints[0].headers.X-A: expected a string, got a list"),
     ({"endpoints": [ep(headers=["X-A: v"])]}, "endpoints[0].headers: expected a mapping"),
+    (
+        {"endpoints": [ep(url="http://alice:pw@h/x", headers={"authorization": "Bearer t"})]},
+        "endpoints[0].headers.authorization: cannot be used with credentials in url (user:password@...)",
+    ),
+    (
+        {"endpoints": [ep(url="https://tok@h/", headers={"X-A": "1", "AUTHORIZATION": "Basic x"})]},
+        "endpoints[0].headers.AUTHORIZATION: cannot be used with credentials in url",
+    ),
     ({"endpoints": [ep(timeout="0s")]}, "endpoints[0].timeout: must be greater than 0"),
     ({"endpoints": [ep(concurrency=0)]}, "endpoints[0].concurrency: must be >= 1"),
     ({"endpoints": [ep(concurrency="8")]}, "endpoints[0].concurrency: expected an integer, got a string"),
@@ -563,6 +571,23 @@ def test_duplicate_names_case_sensitive() -> None:
     assert probs == [
         "endpoints[2].name: duplicate endpoint name 'x' (also endpoints[0])",
         "endpoints[3].name: duplicate endpoint name 'x' (also endpoints[0])",
+    ]
+
+
+def test_authorization_header_or_url_credentials() -> None:
+    cfg = parse(
+        {
+            "endpoints": [
+                ep(name="header", headers={"Authorization": "Bearer t"}),
+                ep(name="url", url="https://alice:pw@h/x", headers={"X-Authorization": "x"}),
+            ]
+        }
+    )
+    assert [e.name for e in cfg.endpoints] == ["header", "url"]
+    probs = problems_of({"endpoints": [ep(url="https://alice:" + SECRET + "@h/x", headers={"Authorization": "x"})]})
+    assert probs == [
+        "endpoints[0].headers.Authorization: cannot be used with credentials in url (user:password@...); "
+        "keep one of the two"
     ]
 
 

@@ -895,6 +895,16 @@ def _headers(c: _Checker, raw: dict[Any, Any] | None, path: str, signature_heade
     return out
 
 
+AUTH_WITH_CREDENTIALS = "cannot be used with credentials in url (user:password@...); keep one of the two"
+
+
+def _auth_once(c: _Checker, path: str, url: str, headers: Mapping[str, str]) -> None:
+    """aiohttp refuses every request that has both (`Cannot combine AUTHORIZATION header with ...`)."""
+    auth = [name for name in headers if name.lower() == "authorization"]
+    if auth and not c.bad(f"{path}.url") and "@" in urlsplit(url).netloc:
+        c.add(_key(f"{path}.headers", auth[0]), AUTH_WITH_CREDENTIALS)
+
+
 def _endpoint(c: _Checker, item: object, i: int, delivery: DeliveryConfig) -> EndpointConfig | None:
     path = f"endpoints[{i}]"
     raw = c.section(item, _RawEndpoint, path, none_ok=False)
@@ -974,6 +984,7 @@ def _endpoint(c: _Checker, item: object, i: int, delivery: DeliveryConfig) -> En
             c.add(f"{path}.secret_field", "needs a secret (set secret or secret_file)")
 
     headers = _headers(c, raw.headers, f"{path}.headers", sig_header)
+    _auth_once(c, path, raw.url, headers)
 
     timeout = delivery.timeout
     if raw.timeout is not None:
