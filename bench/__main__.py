@@ -1,13 +1,17 @@
-"""`make bench` / `python -m bench`: the six rows of issue 5 against the real daemon, each beside a bare baseline
-measured in the same run, with and without uvloop.
+"""`make bench` / `python -m bench`: the rows of issues 5 and 9 against the real daemon, each beside a bare
+baseline measured in the same run, with and without uvloop.
 
     python -m bench                       # every row, uvloop and plain asyncio, 3 repeats (medians)
     python -m bench --rows 1,2,3 --loops uvloop --repeats 5
     python -m bench --profile --rows 1,2,3 --repeats 1     # py-spy profiles of the daemon (rows 1-3, 5, 6)
     BENCH_QUICK=1 python -m bench         # every row shrunk, for a smoke run
     BENCH_LOG_LEVEL=warning python -m bench --rows 3       # row 3 without its info line per delivery
+    python -m bench --rows 7,8 --repeats 1                 # the memory rows of issue 9 (~8 min)
 
-Rows 4 (RSS, startup) and 6 (idle over HTTP, over UDP) print two lines each.
+Rows 1-6 are issue 5's. Rows 7-9 are issue 9's: 7 a backlog of 1,000,000 pending deliveries for a slow
+endpoint (7a RSS over the idle daemon, 7b time to READY), 8 memory through row 5's power cut (8a peak, 8b
+after the backlog is delivered), both sampled from /proc/PID/status; 9 the stdlib sqlite3 writer beside
+aiosqlite (bench.aiosqlite_compare, 9a-c: 1, 8, 64 writers). Rows 4, 6, 7 and 8 print two lines, row 9 three.
 
 The daemon runs on core 0 and the load (wrk, receivers, load generators, this driver) on core 1 when the
 machine has two cores (BENCH_NO_PIN=1 turns pinning off). Results: a table on stdout, plus results.json and
@@ -170,9 +174,9 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--rows", default="1,2,3,4,5,6", help="comma-separated rows to run (1-6)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run ({min(ROWS)}-{max(ROWS)})")
     p.add_argument("--loops", default="auto", help="uvloop,asyncio (auto: both when uvloop is installed)")
-    p.add_argument("--repeats", type=int, default=None, help="runs of rows 1-4 (default 3, BENCH_QUICK: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="runs of rows 1-4, 7, 9 (default 3, BENCH_QUICK: 1)")
     p.add_argument("--profile", action="store_true", help="py-spy the daemon (first run of rows 1-3; rows 5, 6)")
     p.add_argument("--top", type=int, default=15, help="functions per profile summary")
     p.add_argument("--quiet-wait", type=float, default=45, help="seconds to wait for a quiet machine per row")
@@ -180,7 +184,7 @@ def main() -> None:
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in args.rows:
         if r not in ROWS:
-            p.error(f"no row {r!r} (rows are 1-6)")
+            p.error(f"no row {r!r} (rows are {', '.join(ROWS)})")
     if args.loops == "auto":
         args.loops = ["uvloop", "asyncio"] if uvloop_available() else ["asyncio"]
         if not uvloop_available():

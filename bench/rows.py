@@ -21,12 +21,13 @@ from typing import Any
 
 import aiohttp
 
-from bench import baseline_store
+from bench import backlog, baseline_store
 from bench.common import (
     DAEMON_CORE,
     LOAD_CORE,
     Child,
     DaemonUnderTest,
+    RssSampler,
     closed_load,
     cpu_seconds,
     daemon_config,
@@ -442,11 +443,36 @@ def _iso(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-async def row_power_cut(ctx: Ctx) -> Row:
-    n = 5_000 if ctx.quick else 100_000
-    timeout = 8.0 if ctx.quick else 20.0
+@dataclass
+class PowerCutRun:
+    """What one power cut (`_power_cut`) saw; `d` has been stopped, its store and log are still there."""
+
+    d: DaemonUnderTest
+    n: int
+    timeout: float
+    storm_start: float  # monotonic: the earliest silence deadline
+    storm_start_wall: float
+    t_done: float  # monotonic: every pending delivery persisted as delivered
+    probe_result: dict[str, Any] | None
+    probe_rate: float
+
+
+async def _power_cut(
+    ctx: Ctx,
+    wd: Path,
+    n: int,
+    timeout: float,
+    *,
+    probe: bool = True,
+    profile: str | None = None,
+    on_started: Callable[[DaemonUnderTest], Any] | None = None,
+    on_drained: Callable[[DaemonUnderTest], Any] | None = None,
+) -> PowerCutRun:
+    """n devices come online, heartbeat once more in a short burst, then go silent at once; waits (time-bound)
+    until the receiver has every offline webhook and the store has no pending delivery. With `probe`, 400
+    other devices heartbeat at 200/s throughout (latency samples in wd/probe-samples.txt). `on_started` runs
+    before the first heartbeat, `on_drained` once the backlog is delivered, both while the daemon runs."""
     probe_rate, probe_devices = 200.0, 400  # every probe device heartbeats every 2 s: never times out
-    wd = ctx.dir("5-power-cut")
     recv, recv_port = await _start_child("receiver", "bench.receiver", wd, LOAD_CORE)
     d = await _start_daemon(
         wd,
@@ -454,9 +480,12 @@ async def row_power_cut(ctx: Ctx) -> Row:
         events=["offline"],
         silence_timeout=f"{timeout:g}s",
     )
-    probe: Child | None = None
+    prober: Child | None = None
     ids = device_ids("pc-", n)
+    probe_result: dict[str, Any] | None = None
     try:
+        if on_started is not None:
+            await on_started(d)
         t_reg0 = time.monotonic()
         reg = await register(d.base, ids, concurrency=4)
         # One more liveness pass so that every deadline falls within one short burst.
@@ -468,35 +497,39 @@ async def row_power_cut(ctx: Ctx) -> Row:
                 f"registering {n:,} devices took {reg + burst:.1f}s, too close to the {timeout:g}s silence timeout"
             )
         ctx.log(f"    {n:,} devices online ({n / reg:,.0f} transitions/s), last heartbeats in {burst:.2f}s; silence")
-        probe = spawn(
-            "probe",
-            python_cmd(
-                "bench.loadgen",
-                "rate",
-                "--url",
-                d.base,
-                "--devices",
-                str(probe_devices),
-                "--prefix",
-                "probe-",
-                "--rate",
-                str(probe_rate),
-                "--connections",
-                "16",
-                "--seconds",
-                "3600",
-                "--samples",
-                str(wd / "probe-samples.txt"),
-            ),
-            wd / "probe.log",
-            LOAD_CORE,
-        )
+        if probe:
+            prober = spawn(
+                "probe",
+                python_cmd(
+                    "bench.loadgen",
+                    "rate",
+                    "--url",
+                    d.base,
+                    "--devices",
+                    str(probe_devices),
+                    "--prefix",
+                    "probe-",
+                    "--rate",
+                    str(probe_rate),
+                    "--connections",
+                    "16",
+                    "--seconds",
+                    "3600",
+                    "--samples",
+                    str(wd / "probe-samples.txt"),
+                ),
+                wd / "probe.log",
+                LOAD_CORE,
+            )
         storm_start = burst_start + timeout
         storm_start_wall = time.time() - (time.monotonic() - storm_start)
 
         # Poll the receiver (its own process) until everything arrived; the daemon's /v1/status (a GROUP BY on
         # the store's thread, a walk over every device) only at the very end, so as not to load the daemon.
-        async with ctx.profile(d.pid, "row5-power-cut", 0), aiohttp.ClientSession() as s:
+        async with (
+            ctx.profile(d.pid, profile, 0) if profile else contextlib.nullcontext(),
+            aiohttp.ClientSession() as s,
+        ):
 
             async def received() -> bool:
                 return int((await _receiver_stats(s, recv_port))["count"]) >= n
@@ -507,13 +540,26 @@ async def row_power_cut(ctx: Ctx) -> Row:
 
             await eventually(received, timeout=timeout + 900, interval=0.25)
             t_done = await eventually(persisted, timeout=120, interval=0.1)
-        await probe.stop(timeout=30)
-        probe_result = json.loads((await wait_line(probe, "RESULT ")).removeprefix("RESULT "))
+        if on_drained is not None:
+            await on_drained(d)
+        if prober is not None:
+            await prober.stop(timeout=30)
+            probe_result = json.loads((await wait_line(prober, "RESULT ")).removeprefix("RESULT "))
     finally:
-        if probe is not None:
-            await probe.stop()
+        if prober is not None:
+            await prober.stop()
         await d.stop()
         await recv.stop()
+    return PowerCutRun(d, n, timeout, storm_start, storm_start_wall, t_done, probe_result, probe_rate)
+
+
+async def row_power_cut(ctx: Ctx) -> Row:
+    n = 5_000 if ctx.quick else 100_000
+    timeout = 8.0 if ctx.quick else 20.0
+    wd = ctx.dir("5-power-cut")
+    run = await _power_cut(ctx, wd, n, timeout, profile="row5-power-cut")
+    d, storm_start, storm_start_wall, t_done = run.d, run.storm_start, run.storm_start_wall, run.t_done
+    probe_result, probe_rate = run.probe_result or {}, run.probe_rate
     # Lateness: the event's time (detection) and its device_offline log line (after the commit) vs the deadline.
     conn = sqlite3.connect(d.db_path)
     deadline: dict[str, float] = {}
@@ -699,6 +745,270 @@ async def row_idle(ctx: Ctx) -> list[Row]:
     ]
 
 
+# --- 7. a big backlog for a slow endpoint (issue 9 §2) ------------------------------------------------------
+
+SLOW_DELAY = 1.0  # seconds the slow receiver takes per answer (bench.receiver --delay, bounded there)
+
+
+def _backlog_daemon(wd: Path, hook: str) -> DaemonUnderTest:
+    port = free_port()
+    return DaemonUnderTest(wd, daemon_config(wd, port, hook), port)
+
+
+async def _settled_rss(d: DaemonUnderTest, seconds: float) -> tuple[int, int, int]:
+    """Sample the daemon's RSS every 100 ms for `seconds` from now: (settled VmRSS, peak VmRSS, RssAnon)."""
+    sampler = RssSampler(d.pid, 0.1, limit=seconds + 30).start()
+    try:
+        settled = await sampler.hold(seconds)
+    finally:
+        await sampler.stop()
+    last = sampler.samples[-1]
+    return settled, sampler.peak(), last.anon
+
+
+async def row_backlog(ctx: Ctx) -> list[Row]:
+    """7a: RSS of a daemon holding `n` pending deliveries for a slow endpoint, over the same daemon on an empty
+    store. 7b: seconds from exec to READY=1 on that store. The store is made by the daemon (a first start on
+    an empty state_dir: that start is also the first idle measurement), then filled straight through SQLite
+    (bench.backlog) with `devices` devices and n pending deliveries for the endpoint; the endpoint points at a
+    local receiver that answers after SLOW_DELAY s, so the backlog stays while the daemon works on it."""
+    n = 20_000 if ctx.quick else 1_000_000
+    devices = 100 if ctx.quick else 1_000
+    hold = ctx.seconds(10, 2)  # seconds after READY before the RSS is read
+    wd = ctx.dir("7-backlog")
+    recv, recv_port = await _start_child("receiver", "bench.receiver", wd, LOAD_CORE, "--delay", f"{SLOW_DELAY:g}")
+    hook = f"http://127.0.0.1:{recv_port}/hook"
+    idle: list[int] = []
+    idle_ready: list[float] = []
+    full: list[int] = []
+    full_peak: list[int] = []
+    full_anon: list[int] = []
+    ready: list[float] = []
+    sent: list[int] = []
+    store_wd = wd / "store"
+    built = 0.0
+    try:
+        async with aiohttp.ClientSession() as s:
+            for r in range(ctx.repeats):
+                # The idle daemon: the same config on an empty store (the first one creates the fixture's schema).
+                d = _backlog_daemon(store_wd if r == 0 else wd / f"idle{r}", hook)
+                try:
+                    idle_ready.append(await d.start())
+                    rss, _, _ = await _settled_rss(d, hold)
+                    idle.append(rss)
+                finally:
+                    rc = await d.stop()
+                if rc != 0:
+                    raise RuntimeError(f"the idle daemon exited with {rc}; its log: {d.log_path}")
+                if r == 0:
+                    built = await asyncio.to_thread(
+                        backlog.fill_pending, d.db_path, pending=n, devices=devices, endpoint="bench"
+                    )
+                    ctx.log(f"    filled the daemon's store with {devices:,} devices, {n:,} pending in {built:.1f}s")
+                else:
+                    shutil.rmtree(wd / f"idle{r}", ignore_errors=True)
+                # The same store with the backlog (each start finds it as the last one left it: a few hundred
+                # deliveries fewer per run).
+                async with s.post(f"http://127.0.0.1:{recv_port}/reset") as resp:
+                    await resp.read()
+                d = _backlog_daemon(store_wd, hook)
+                try:
+                    ready.append(await d.start(timeout=300))
+                    rss, peak, anon = await _settled_rss(d, hold)
+                    full.append(rss)
+                    full_peak.append(peak)
+                    full_anon.append(anon)
+                    got = await _receiver_stats(s, recv_port)
+                    sent.append(int(got["count"]) + int(got["inflight"]))
+                    st = await d.status()
+                    if int(st["deliveries"].get("pending", 0)) < n * 0.99:
+                        raise RuntimeError(f"the backlog was not loaded: {st['deliveries']}")
+                finally:
+                    await d.stop()
+                ctx.log(
+                    f"    run {r + 1}: READY after {ready[-1]:.2f}s (empty store {idle_ready[-1]:.2f}s);"
+                    f" RSS {full[-1] / MiB:.0f} MiB after {hold:g}s (peak {full_peak[-1] / MiB:.0f}), idle"
+                    f" {idle[-1] / MiB:.0f} MiB; {sent[-1]} requests to the slow receiver"
+                )
+            final = backlog.count_rows(store_wd / "state" / "webhookd.db", "bench")
+    finally:
+        await recv.stop()
+    shutil.rmtree(store_wd / "state", ignore_errors=True)
+    base, rss_m = median(idle), median(full)
+    delta = (rss_m - base) / MiB
+    peak_delta = (median(full_peak) - base) / MiB
+    t, t_empty = median(ready), median(idle_ready)
+    data = {
+        "pending": n,
+        "devices": devices,
+        "idle_rss": idle,
+        "rss": full,
+        "rss_peak": full_peak,
+        "rss_anon": full_anon,
+        "delta_mib": delta,
+        "ready": ready,
+        "ready_empty": idle_ready,
+        "sent": sent,
+        "fill_s": built,
+        "left": final,
+    }
+    return [
+        Row(
+            "7a",
+            f"backlog: RSS of {n:,} pending, slow endpoint",
+            f"+{delta:.1f} MiB ({rss_m / MiB:.0f} MiB total)",
+            f"idle daemon {base / MiB:.0f} MiB",
+            "limit <= 60 MiB",
+            delta <= 60,
+            notes=[
+                f"{n:,} pending deliveries over {devices:,} devices for one endpoint whose receiver answers after"
+                f" {SLOW_DELAY:g} s (concurrency 64); RSS {hold:g} s after READY (median of the last second of"
+                f" 100 ms samples), peak +{peak_delta:.1f} MiB, RssAnon {median(full_anon) / MiB:.0f} MiB;"
+                f" {median(sent):.0f} requests reached the receiver per run; store filled in {built:.0f}s",
+            ],
+            data=data,
+        ),
+        Row(
+            "7b",
+            f"backlog: startup, {n:,} pending",
+            f"READY in {t:.2f} s",
+            f"empty store {t_empty:.2f} s",
+            "limit <= 3 s",
+            t <= 3.0,
+            notes=[f"exec to READY=1 (NOTIFY_SOCKET), runs: {', '.join(f'{x:.2f}' for x in ready)} s"],
+            data=data,
+        ),
+    ]
+
+
+# --- 8. memory through a power cut (issue 9 §2) ----------------------------------------------------------
+
+
+async def row_power_cut_memory(ctx: Ctx) -> list[Row]:
+    """Row 5's power cut with the daemon's RSS sampled every 100 ms from its start: 8a the peak from the first
+    silence deadline until the backlog is persisted as delivered, 8b the RSS once it is (after a few seconds'
+    settling), both over the same daemon's RSS before its first heartbeat (the empty daemon)."""
+    n = 5_000 if ctx.quick else 100_000
+    timeout = 8.0 if ctx.quick else 20.0
+    settle = ctx.seconds(5, 2)
+    wd = ctx.dir("8-power-cut-memory")
+    sampler: RssSampler | None = None
+    empty = after = 0
+
+    async def started(d: DaemonUnderTest) -> None:
+        nonlocal sampler, empty
+        sampler = RssSampler(d.pid, 0.1, limit=timeout + 1200).start()
+        empty = await sampler.hold(1.0)
+
+    async def drained(d: DaemonUnderTest) -> None:
+        nonlocal after
+        assert sampler is not None
+        after = await sampler.hold(settle)
+
+    try:
+        run = await _power_cut(ctx, wd, n, timeout, probe=False, on_started=started, on_drained=drained)
+    finally:
+        if sampler is not None:
+            await sampler.stop()
+    assert sampler is not None
+    before_cut = sampler.between(run.storm_start - 1.5, run.storm_start - 0.1)
+    devices_only = int(median([x.rss for x in before_cut])) if before_cut else 0
+    peak = sampler.peak(run.storm_start, run.t_done)
+    peak_all = sampler.peak()
+    peak_d, after_d = (peak - empty) / MiB, (after - empty) / MiB
+    storm = run.t_done - run.storm_start
+    data = {
+        "empty": empty,
+        "devices_only": devices_only,
+        "peak": peak,
+        "peak_all": peak_all,
+        "after": after,
+        "storm_s": storm,
+        "samples": len(sampler.samples),
+    }
+    note = (
+        f"empty daemon {empty / MiB:.0f} MiB; {n:,} devices online, before the cut {devices_only / MiB:.0f} MiB"
+        f" (+{(devices_only - empty) / MiB:.1f}); peak during the cut {peak / MiB:.0f} MiB; backlog delivered"
+        f" {storm:.1f}s after the first deadline, {settle:g}s later {after / MiB:.0f} MiB"
+        f" ({len(sampler.samples):,} samples, every 100 ms)"
+    )
+    return [
+        Row(
+            "8a",
+            f"power cut memory: {n:,} silent, peak",
+            f"+{peak_d:.1f} MiB peak ({peak / MiB:.0f} MiB)",
+            f"empty daemon {empty / MiB:.0f} MiB",
+            "limit <= 100 MiB",
+            peak_d <= 100,
+            notes=[note],
+            data=data,
+        ),
+        Row(
+            "8b",
+            f"power cut memory: {n:,}, after delivery",
+            f"+{after_d:.1f} MiB ({after / MiB:.0f} MiB)",
+            f"empty daemon {empty / MiB:.0f} MiB",
+            "limit <= 60 MiB",
+            after_d <= 60,
+            data=data,
+        ),
+    ]
+
+
+# --- 9. aiosqlite side by side (issue 9 §5) ----------------------------------------------------------------
+
+
+async def row_aiosqlite(ctx: Ctx) -> list[Row]:
+    """bench.aiosqlite_compare on the daemon's core: (A) the stdlib writer thread as webhookd.store uses it vs
+    (C) aiosqlite written per table, transitions/s at W = 1, 8, 64 concurrent writers, in the same run."""
+    wd = ctx.dir("9-aiosqlite")
+    writers = (1, 8, 64)
+    seconds = ctx.seconds(3, 0.5)
+    runs = ctx.repeats
+    child = spawn(
+        "aiosqlite_compare",
+        python_cmd(
+            "bench.aiosqlite_compare",
+            "--writers",
+            ",".join(map(str, writers)),
+            "--seconds",
+            f"{seconds:g}",
+            "--repeats",
+            str(runs),
+            "--dir",
+            str(wd),
+        ),
+        wd / "aiosqlite_compare.log",
+        DAEMON_CORE,
+    )
+    try:
+        line = await wait_line(child, "RESULT ", timeout=120 + len(writers) * 2 * runs * (seconds + 3))
+    finally:
+        await child.stop()
+    result = json.loads(line.removeprefix("RESULT "))
+    out = []
+    for i, w in enumerate(writers):
+        r = result[str(w)]
+        a, c = r["A"], r["C"]
+        out.append(
+            Row(
+                f"9{'abc'[i]}",
+                f"aiosqlite vs sqlite3, W={w}",
+                f"C {fmt_rate(c['tps'])} vs A {fmt_rate(a['tps'])} tx/s",
+                f"loop CPU/tx A {a['loop_us']:.0f} us, C {c['loop_us']:.0f} us",
+                f"C/A {r['ratio']:.2f} (sqlite3 kept while < 1)",
+                r["ratio"] < 1.0,
+                notes=[
+                    f"p50 A {a['p50_ms']:.2f} ms, C {c['p50_ms']:.2f} ms; loop CPU C/A {r['loop_ratio']:.2f};"
+                    f" per-run C/A {', '.join(f'{x:.2f}' for x in r['ratios'])}"
+                    + ("; A = stdlib, one hop per batch; C = aiosqlite, 7 awaits per commit" if i == 0 else "")
+                ],
+                data=r,
+            )
+        )
+    return out
+
+
 ROWS: dict[str, Callable[[Ctx], Any]] = {
     "1": row_liveness,
     "2": row_transitions,
@@ -706,4 +1016,7 @@ ROWS: dict[str, Callable[[Ctx], Any]] = {
     "4": row_scale,
     "5": row_power_cut,
     "6": row_idle,
+    "7": row_backlog,
+    "8": row_power_cut_memory,
+    "9": row_aiosqlite,
 }

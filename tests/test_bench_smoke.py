@@ -21,6 +21,8 @@ BENCH_MODULES = [
     "bench.baseline_ingest",
     "bench.baseline_store",
     "bench.baseline_delivery",
+    "bench.backlog",
+    "bench.aiosqlite_compare",
 ]
 
 WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8470/
@@ -48,7 +50,53 @@ def test_bench_module_imports(name: str) -> None:
 def test_every_row_is_registered() -> None:
     from bench.rows import ROWS
 
-    assert sorted(ROWS) == ["1", "2", "3", "4", "5", "6"]
+    assert sorted(ROWS) == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+
+
+def test_backlog_fixture_fills_a_daemon_store(tmp_path: Path) -> None:
+    from bench import backlog, baseline_store
+
+    db = tmp_path / "webhookd.db"
+    baseline_store.create_db(db)
+    backlog.fill_pending(db, pending=300, devices=7, endpoint="bench", chunk=128)
+    assert backlog.count_rows(db, "bench") == {"pending": 300, "devices": 7}
+
+
+def test_backlog_fixture_refuses_an_unknown_required_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bench import backlog
+
+    db = tmp_path / "other.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE devices (id TEXT PRIMARY KEY, state TEXT NOT NULL, shiny TEXT NOT NULL)")
+    conn.close()
+    with pytest.raises(RuntimeError, match="shiny"):
+        backlog.fill_pending(db, pending=1, devices=1, endpoint="bench")
+
+
+async def test_rss_sampler_reads_proc() -> None:
+    import os
+
+    from bench.common import RssSampler
+
+    sampler = RssSampler(os.getpid(), 0.02, limit=5).start()
+    settled = await sampler.hold(0.2)
+    await sampler.stop()
+    assert len(sampler.samples) >= 3
+    assert 0 < settled <= sampler.peak()
+    assert all(s.anon <= s.rss for s in sampler.samples)
+
+
+async def test_aiosqlite_compare_runs(tmp_path: Path) -> None:
+    pytest.importorskip("aiosqlite")  # the bench extra only
+    from bench.aiosqlite_compare import compare, table
+
+    result = await compare(tmp_path, [1, 4], 0.2, 1, 0.05)
+    for w in ("1", "4"):
+        assert result[w]["A"]["tps"] > 0 and result[w]["C"]["tps"] > 0
+        assert result[w]["ratio"] > 0
+    assert "C/A" in table(result, [1, 4])
 
 
 def test_bare_store_baseline_runs(tmp_path: Path) -> None:
