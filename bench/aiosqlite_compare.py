@@ -3,6 +3,7 @@
     python -m bench.aiosqlite_compare                          # W = 1, 8, 64; 3 repeats of 3 s; medians
     python -m bench.aiosqlite_compare --writers 1,64 --seconds 5 --repeats 5
     WEBHOOKD_NO_UVLOOP=1 python -m bench.aiosqlite_compare     # plain asyncio instead of uvloop
+    python -m bench.aiosqlite_compare --synchronous OFF        # no fsync: the hops' cost without the disk's
     python -m bench --rows 9                                   # the same as bench row 9 (pinned, both loops)
 
 One transition = one device upsert + one event + two deliveries (two endpoints), committed. W coroutines each
@@ -49,12 +50,18 @@ MAX_ID = "SELECT coalesce(max(id), 0) FROM deliveries"
 NEW_IDS = "SELECT id FROM deliveries WHERE id > ? ORDER BY id"
 ENDPOINTS = ("bench-a", "bench-b")
 MAX_BATCH = 512  # as webhookd.store
-PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=FULL",
-    "PRAGMA busy_timeout=5000",
-    "PRAGMA foreign_keys=OFF",
-)
+SYNCHRONOUS = ["FULL"]  # webhookd's; --synchronous NORMAL/OFF only to take the disk out of the comparison
+
+
+def pragmas() -> tuple[str, ...]:
+    return (
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={SYNCHRONOUS[0]}",
+        "PRAGMA busy_timeout=5000",
+        "PRAGMA foreign_keys=OFF",
+    )
+
+
 VARIANTS = {
     "A": "stdlib sqlite3, one writer thread, one hop per batch",
     "C": "aiosqlite, executemany per table (7 awaits/commit)",
@@ -149,7 +156,7 @@ class Stdlib(GroupCommit):
 
     def _open(self) -> None:
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for p in PRAGMAS:
+        for p in pragmas():
             self.conn.execute(p)
 
     async def open(self) -> None:
@@ -194,7 +201,7 @@ class Aiosqlite(GroupCommit):
         import aiosqlite
 
         self.db = await aiosqlite.connect(self.path, isolation_level=None)
-        for p in PRAGMAS:
+        for p in pragmas():
             await self.db.execute(p)
 
     async def commit(self, items: list[Item]) -> list[list[int]]:
@@ -297,7 +304,12 @@ async def compare(workdir: Path, writers: Sequence[int], seconds: float, repeats
                 )
                 for suffix in ("", "-wal", "-shm"):
                     Path(str(db) + suffix).unlink(missing_ok=True)
-    out: dict[str, Any] = {"loop": "asyncio" if no_uvloop() else _loop_name(), "seconds": seconds, "repeats": repeats}
+    out: dict[str, Any] = {
+        "loop": "asyncio" if no_uvloop() else _loop_name(),
+        "seconds": seconds,
+        "repeats": repeats,
+        "synchronous": SYNCHRONOUS[0],
+    }
     for w in writers:
         a, c = runs[w]["A"], runs[w]["C"]
         out[str(w)] = {
@@ -318,7 +330,8 @@ def _loop_name() -> str:
 
 def table(result: dict[str, Any], writers: Sequence[int]) -> str:
     lines = [
-        f"loop: {result['loop']}; medians of {result['repeats']} runs of {result['seconds']:g} s",
+        f"loop: {result['loop']}; synchronous={result['synchronous']}; medians of {result['repeats']} runs of"
+        f" {result['seconds']:g} s",
         "  A = " + VARIANTS["A"],
         "  C = " + VARIANTS["C"],
         "",
@@ -345,7 +358,10 @@ def main() -> None:
     p.add_argument("--warm", type=float, default=0.5, help="warm-up seconds before each measurement")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant and W (default 3; medians)")
     p.add_argument("--dir", type=Path, default=None, help="where the databases go (default var/bench/aiosqlite)")
+    p.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL", "OFF"],
+                   help="PRAGMA synchronous for both variants (default FULL, as webhookd)")  # fmt: skip
     args = p.parse_args()
+    SYNCHRONOUS[0] = args.synchronous
     writers = [int(x) for x in args.writers.split(",") if x.strip()]
     try:
         import aiosqlite  # noqa: F401
