@@ -27,11 +27,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.faults.servers import ScriptedReceiver
-from tests.harness import Daemon, Receiver
 from webhookd.config import parse_config
 from webhookd.dispatch import Dispatcher
 from webhookd.presence import DeviceDefaults, Heartbeat, PresenceEngine
@@ -40,6 +41,11 @@ from webhookd.tracker import Tracker
 
 HOURS5 = 5 * 3600.0
 STEP = 0.3  # retry_schedule step for the failing receiver
+# The kept-alive devices beat every BEAT seconds against a LIVE_TIMEOUT silence timeout: 25 beats of slack, so a
+# loaded machine (a parallel run on 2 cores) does not time them out for real, which would look like a clock bug.
+# The wait after the jump forward is LIVE_TIMEOUT + 0.5 s: a deadline kept on the wall clock would have fired.
+LIVE_TIMEOUT = 5.0
+BEAT = 0.2
 
 
 def _libfaketime() -> str | None:
@@ -67,7 +73,9 @@ def test_the_package_never_blocks_in_time_sleep() -> None:
     assert not hits, hits
 
 
-async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
+async def test_wall_clock_jumps_under_libfaketime(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
     lib = _libfaketime()
     if lib is None:
         pytest.skip("libfaketime is not installed (make test installs Debian's faketime); see the in-process test")
@@ -80,28 +88,38 @@ async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
         "DONT_FAKE_MONOTONIC": "1",  # libfaketime <= 0.9.10
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # newer releases
     }
-    ok = await Receiver().start()
-    failing = await ScriptedReceiver(respond=lambda _hit: web.json_response({"no": 1}, status=500)).start()
-    d = Daemon(
-        tmp_path,
+    ok = await receiver()
+    failing = await receiver(ScriptedReceiver(respond=lambda _hit: web.json_response({"no": 1}, status=500)))
+    d = await daemon(
         [
             {"name": "ok", "url": ok.url, "events": ["all"]},
             {"name": "failing", "url": failing.url(), "events": ["all"]},
         ],
-        presence={"silence_timeout": "1s"},  # the kept-alive devices; the others, which change state, have 1 h
-        devices=[{"match": "ev-*", "silence_timeout": "1h"}],
+        env=env,
+        presence={"silence_timeout": f"{int(LIVE_TIMEOUT * 1000)}ms"},  # the kept-alive devices
+        devices=[{"match": "ev-*", "silence_timeout": "1h"}],  # the others, which change state
         delivery={"retry_schedule": [f"{int(STEP * 1000)}ms"] * 30, "disable_after": 0},
         logging={"format": "json", "level": "info"},
     )
-    await d.start(env=env)
     live = [f"live-{i}" for i in range(5)]
     stop = asyncio.Event()
+    beats: dict[str, list[tuple[float, float]]] = {dev: [] for dev in live}  # (sent, answered), monotonic
+    online: list[str] = []  # the kept-alive devices brought online so far
+
+    async def beat(s: aiohttp.ClientSession, dev: str) -> None:
+        sent = time.monotonic()
+        async with s.post(d.base + "/v1/heartbeat", json={"device": dev}) as r:
+            assert r.status == 200, await r.text()
+        beats[dev].append((sent, time.monotonic()))
 
     async def keep_alive() -> None:
-        while not stop.is_set():
-            for dev in live:
-                await d.heartbeat(dev)
-            await asyncio.sleep(0.2)
+        # Each device is kept alive from its first heartbeat on, on one keep-alive connection: the slow first
+        # transitions of the others (each commits before its 2xx) do not leave it silent.
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                for dev in list(online):
+                    await beat(s, dev)
+                await asyncio.sleep(BEAT)
 
     marks: dict[str, tuple[float, float]] = {}  # name -> (real wall, monotonic) when the clock was set
 
@@ -110,18 +128,20 @@ async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
         marks[offset] = (time.time(), time.monotonic())
         await asyncio.sleep(0.05)
 
+    beating = asyncio.create_task(keep_alive())
     try:
-        for dev in live:
-            await d.heartbeat(dev)
+        async with aiohttp.ClientSession() as s:
+            for dev in live:
+                await beat(s, dev)
+                online.append(dev)
         await d.heartbeat("ev-traveller")
         await d.heartbeat("ev-traveller", state="shutdown")
-        beat = asyncio.create_task(keep_alive())
         await asyncio.sleep(0.6)
 
         await jump("+5h")
         await d.heartbeat("ev-fwd")  # an event now: its time is 5 h ahead
         await d.heartbeat("ev-traveller")  # back online: offline for ~5 h, as the daemon's clock says
-        await asyncio.sleep(1.5)  # > silence_timeout: a deadline on the wall clock would fire now
+        await asyncio.sleep(LIVE_TIMEOUT + 0.5)  # > silence_timeout: a deadline on the wall clock would fire now
 
         await jump("+0")  # 5 h back
         await d.heartbeat("ev-traveller", state="shutdown")
@@ -132,17 +152,26 @@ async def test_wall_clock_jumps_under_libfaketime(tmp_path: Path) -> None:
         await jump("-5h")  # and 5 h further back
         await d.heartbeat("ev-bwd2")
         await asyncio.sleep(0.8)
-        stop.set()
-        await beat
-        status, _ = await d.request("GET", "/healthz")
-        assert status == 200
-        assert d.proc is not None and d.proc.poll() is None
     finally:
         stop.set()
-        code = await d.stop()
-        await ok.stop()
-        await failing.stop()
+        await beating
+    status, _ = await d.request("GET", "/healthz")
+    assert status == 200
+    assert d.proc is not None and d.proc.poll() is None
+    stopping = time.monotonic()
+    code = await d.stop()
     assert code == 0, d.logs_text()[-3000:]
+
+    # The premise: no kept-alive device was really silent for its timeout (the daemon handled each heartbeat
+    # between its sent and answered times; the last one is followed by the stop). A loaded machine that breaks
+    # it fails here, saying so, instead of as timeouts that look like a clock bug.
+    def longest_silence(dev: str) -> float:
+        got = beats[dev]
+        gaps = [nxt[1] - prev[0] for prev, nxt in itertools.pairwise(got)]
+        return max([*gaps, stopping - got[-1][0]])
+
+    silences = {dev: round(longest_silence(dev), 2) for dev in live}
+    assert max(silences.values()) < LIVE_TIMEOUT, f"too slow to test: kept-alive devices went silent {silences}"
 
     events = ok.events()
     by_device: dict[str, list[dict[str, Any]]] = {}
@@ -208,10 +237,10 @@ class Wall:
         return time.time() + self.offset
 
 
-async def test_wall_clock_jumps_in_process(tmp_path: Path) -> None:
+async def test_wall_clock_jumps_in_process(tmp_path: Path, store: Store, receiver: ReceiverFactory) -> None:
     """The fallback (and a fast check everywhere): engine, Tracker and Dispatcher with an injected wall clock."""
     wall = Wall()
-    failing = await ScriptedReceiver(respond=lambda _hit: web.json_response({}, status=503)).start()
+    failing = await receiver(ScriptedReceiver(respond=lambda _hit: web.json_response({}, status=503)))
     cfg = parse_config(
         {
             "state_dir": str(tmp_path),
@@ -221,8 +250,6 @@ async def test_wall_clock_jumps_in_process(tmp_path: Path) -> None:
         tmp_path,
         env={},
     )
-    store = Store(tmp_path / "webhookd.db")
-    await store.open()
     engine = PresenceEngine(lambda _id: DeviceDefaults(1.0))
     dispatcher = Dispatcher(cfg, store, wall=wall)
     tracker = Tracker(engine, store, dispatcher, wall=wall)
@@ -251,8 +278,6 @@ async def test_wall_clock_jumps_in_process(tmp_path: Path) -> None:
         await dispatcher.stop(0)
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
-        await store.close()
-        await failing.stop()
     # Both lanes' first attempts go out together; from the first failure on, the endpoint paces its attempts.
     gaps = _gaps([h.at for h in failing.hits])[1:]
     assert len(failing.hits) >= 5 and min(gaps) >= 0.8 * 0.2 - 0.03, gaps  # paced through the jumps

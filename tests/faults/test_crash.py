@@ -29,13 +29,13 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.faults.servers import Hit, ScriptedReceiver
 from tests.harness import SECRET, Daemon
 from webhookd.dispatch import UNSAVED_FACTOR
@@ -174,13 +174,12 @@ def subscribed(device: str) -> list[str]:
     return [name for name, pats in FILTERS.items() if any(device.startswith(p.rstrip("*")) for p in pats)]
 
 
-async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
+async def run_crash(daemon: DaemonFactory, receiver: ReceiverFactory, run: Run) -> dict[str, Any]:
     rng = random.Random(run.seed)
-    receivers = {name: FlappingReceiver() for name in FILTERS}
+    receivers = {name: await receiver(FlappingReceiver(), start=False) for name in FILTERS}
     for r in receivers.values():
         await r.up()
-    d = Daemon(
-        tmp_path,
+    d = await daemon(
         [
             {
                 "name": name,
@@ -200,6 +199,7 @@ async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
             "disable_after": 0,
         },
         logging={"format": "json", "level": "info"},
+        start=False,
     )
     n = run.devices_per_group
     devices = {p + str(i): DeviceLog(p + str(i)) for p in ("a-", "b-", "c-") for i in range(n)}
@@ -239,14 +239,10 @@ async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
     load_end = time.monotonic()
     for r in receivers.values():
         await r.up()
-    try:
-        eps = await wait_drained(d)
-        await asyncio.sleep(0.3)
-        _, final_devices = await d.admin("GET", "/v1/devices")
-    finally:
-        assert await d.stop() == 0
-        for r in receivers.values():
-            await r.down()
+    eps = await wait_drained(d)
+    await asyncio.sleep(0.3)
+    _, final_devices = await d.admin("GET", "/v1/devices")
+    assert await d.stop() == 0
     load_s = load_end - started
     drain_s = time.monotonic() - load_end
 
@@ -344,7 +340,7 @@ async def run_crash(tmp_path: Path, run: Run) -> dict[str, Any]:
         "duplicates_without_a_kill": len(unexplained),
         "final_endpoints": [{k: e[k] for k in ("name", "delivered", "pending", "held", "dead")} for e in eps],
     }
-    out = tmp_path / "crash_figures.json"
+    out = d.tmp / "crash_figures.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\ncrash figures ({out}):\n{json.dumps(figures)}")
 
@@ -367,53 +363,57 @@ def seed() -> int:
     return int(os.environ.get("CRASH_SEED") or time.time_ns() % 2**31)
 
 
-async def test_sigkill_under_load_with_flapping_receivers_quick(tmp_path: Path) -> None:
-    await run_crash(tmp_path, Run(kills=4, devices_per_group=6, seed=seed(), kill_every=(2.0, 4.0)))
+async def test_sigkill_under_load_with_flapping_receivers_quick(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    await run_crash(daemon, receiver, Run(kills=4, devices_per_group=6, seed=seed(), kill_every=(2.0, 4.0)))
 
 
 @pytest.mark.long
 @pytest.mark.timeout(1200)
-async def test_sigkill_under_load_with_flapping_receivers_long(tmp_path: Path) -> None:
+async def test_sigkill_under_load_with_flapping_receivers_long(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
     await run_crash(
-        tmp_path, Run(kills=25, devices_per_group=10, seed=seed(), kill_every=(1.0, 5.0), tail=5.0, pace=(0.05, 0.15))
+        daemon,
+        receiver,
+        Run(kills=25, devices_per_group=10, seed=seed(), kill_every=(1.0, 5.0), tail=5.0, pace=(0.05, 0.15)),
     )
 
 
-async def test_batch_racing_single_heartbeats_keeps_order_and_persisted_state(tmp_path: Path) -> None:
+async def test_batch_racing_single_heartbeats_keeps_order_and_persisted_state(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
     """Device B has a commit in flight; a batch [A, B] waits for it; meanwhile a single heartbeat moves A on.
 
     Whatever order the daemon applies them in, the events of A must reach the receiver in that order (an unbroken
     previous_state chain), and the state persisted for A must be the one the daemon answers, so that a restart
     (or a kill) does not take A back to an older state."""
-    recv = await ScriptedReceiver().start()
-    d = await Daemon(
-        tmp_path,
+    recv = await receiver(ScriptedReceiver())
+    d = await daemon(
         [{"name": "r", "url": recv.url(), "events": ["all"], "secret": SECRET}],
         logging={"format": "json", "level": "info"},
-    ).start()
+    )
     trials = 40
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
-            async def post(path: str, body: Any) -> None:
-                async with s.post(d.base + path, json=body) as r:
-                    assert r.status == 200, await r.text()
+        async def post(path: str, body: Any) -> None:
+            async with s.post(d.base + path, json=body) as r:
+                assert r.status == 200, await r.text()
 
-            await post("/v1/heartbeats", [{"device": f"{p}{i}"} for i in range(trials) for p in "AB"])
-            for i in range(trials):
-                await asyncio.gather(
-                    post("/v1/heartbeat", {"device": f"B{i}", "state": "unplugged"}),
-                    post("/v1/heartbeats", [{"device": f"A{i}", "state": "utilizing"}, {"device": f"B{i}"}]),
-                    post("/v1/heartbeat", {"device": f"A{i}", "state": "unplugged"}),
-                )
-        _, before = await d.admin("GET", "/v1/devices")
-        await eventually_drained(d)
-        await d.kill()
-        await d.start()
-        _, after = await d.admin("GET", "/v1/devices")
-    finally:
-        await d.stop()
-        await recv.stop()
+        await post("/v1/heartbeats", [{"device": f"{p}{i}"} for i in range(trials) for p in "AB"])
+        for i in range(trials):
+            await asyncio.gather(
+                post("/v1/heartbeat", {"device": f"B{i}", "state": "unplugged"}),
+                post("/v1/heartbeats", [{"device": f"A{i}", "state": "utilizing"}, {"device": f"B{i}"}]),
+                post("/v1/heartbeat", {"device": f"A{i}", "state": "unplugged"}),
+            )
+    _, before = await d.admin("GET", "/v1/devices")
+    await eventually_drained(d)
+    await d.kill()
+    await d.start()
+    _, after = await d.admin("GET", "/v1/devices")
+    assert await d.stop() == 0
     chains: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for h in recv.hits:
         ev = json.loads(h.body)["device"]
