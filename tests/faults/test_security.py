@@ -41,6 +41,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.faults.servers import ScriptedReceiver
 from tests.harness import Daemon, Receiver, free_port
 from webhookd import dispatch, listener
@@ -59,44 +60,42 @@ def ep(name: str, url: str, **extra: Any) -> dict[str, Any]:
 TOKENS = ["tok-alpha-0123456789abcdef", "tok-bravo-fedcba9876543210"]  # equal length
 
 
-async def test_bearer_tokens_on_the_running_daemon(tmp_path: Path) -> None:
-    d = await Daemon(tmp_path, [], listen={"tokens": TOKENS}).start()
-    try:
-        body = {"device": "tok-dev"}
+async def test_bearer_tokens_on_the_running_daemon(daemon: DaemonFactory) -> None:
+    d = await daemon([], listen={"tokens": TOKENS})
+    body = {"device": "tok-dev"}
 
-        async def post(headers: dict[str, str], path: str = "/v1/heartbeat") -> tuple[int, Any]:
-            return await d.request("POST", path, json=body, headers=headers)
+    async def post(headers: dict[str, str], path: str = "/v1/heartbeat") -> tuple[int, Any]:
+        return await d.request("POST", path, json=body, headers=headers)
 
-        for t in TOKENS:
-            assert (await post({"Authorization": f"Bearer {t}"}))[0] == 200
-        assert (await post({"Authorization": f"bearer {TOKENS[0]}"}))[0] == 200  # the scheme is case-insensitive
-        wrong = [
-            "",
-            "x",
-            TOKENS[0][:-1],  # a prefix
-            TOKENS[0] + "0",  # a longer one
-            "X" + TOKENS[0][1:],  # equal length, first byte differs
-            TOKENS[0][:-1] + "X",  # equal length, last byte differs
-            TOKENS[1][:-1] + "X",
-            TOKENS[0].upper(),
-            f"{TOKENS[0]},{TOKENS[1]}",
-        ]
-        for w in wrong:
-            assert len(w) != len(TOKENS[0]) or w not in TOKENS
-            status, answer = await post({"Authorization": f"Bearer {w}"})
-            assert (status, answer) == (401, {"error": "missing or invalid token"}), w
-        assert (await post({}))[0] == 401
-        assert (await post({"Authorization": f"Basic {TOKENS[0]}"}))[0] == 401
-        assert (await post({"Authorization": TOKENS[0]}))[0] == 401
-        # ?token= is for GET only (a one-line wget on a device); never on POST.
-        assert (await d.request("GET", f"/v1/heartbeat/tok-dev?token={TOKENS[1]}"))[0] == 200
-        assert (await d.request("GET", f"/v1/heartbeat/tok-dev?token={TOKENS[1][:-1]}X"))[0] == 401
-        assert (await post({}, f"/v1/heartbeat?token={TOKENS[0]}"))[0] == 401
-        assert (await d.request("POST", f"/v1/heartbeats?token={TOKENS[0]}", json=[body]))[0] == 401
-        # /healthz stays open (a load balancer's probe has no token).
-        assert (await d.request("GET", "/healthz"))[0] == 200
-    finally:
-        assert await d.stop() == 0
+    for t in TOKENS:
+        assert (await post({"Authorization": f"Bearer {t}"}))[0] == 200
+    assert (await post({"Authorization": f"bearer {TOKENS[0]}"}))[0] == 200  # the scheme is case-insensitive
+    wrong = [
+        "",
+        "x",
+        TOKENS[0][:-1],  # a prefix
+        TOKENS[0] + "0",  # a longer one
+        "X" + TOKENS[0][1:],  # equal length, first byte differs
+        TOKENS[0][:-1] + "X",  # equal length, last byte differs
+        TOKENS[1][:-1] + "X",
+        TOKENS[0].upper(),
+        f"{TOKENS[0]},{TOKENS[1]}",
+    ]
+    for w in wrong:
+        assert len(w) != len(TOKENS[0]) or w not in TOKENS
+        status, answer = await post({"Authorization": f"Bearer {w}"})
+        assert (status, answer) == (401, {"error": "missing or invalid token"}), w
+    assert (await post({}))[0] == 401
+    assert (await post({"Authorization": f"Basic {TOKENS[0]}"}))[0] == 401
+    assert (await post({"Authorization": TOKENS[0]}))[0] == 401
+    # ?token= is for GET only (a one-line wget on a device); never on POST.
+    assert (await d.request("GET", f"/v1/heartbeat/tok-dev?token={TOKENS[1]}"))[0] == 200
+    assert (await d.request("GET", f"/v1/heartbeat/tok-dev?token={TOKENS[1][:-1]}X"))[0] == 401
+    assert (await post({}, f"/v1/heartbeat?token={TOKENS[0]}"))[0] == 401
+    assert (await d.request("POST", f"/v1/heartbeats?token={TOKENS[0]}", json=[body]))[0] == 401
+    # /healthz stays open (a load balancer's probe has no token).
+    assert (await d.request("GET", "/healthz"))[0] == 200
+    assert await d.stop() == 0
     for t in TOKENS:
         assert t not in d.logs_text()
 
@@ -165,31 +164,29 @@ def _connect_as(path: Path, uid: int, gid: int) -> str:
     return (r.stdout.strip() or r.stderr.strip()).splitlines()[-1]
 
 
-async def test_admin_socket_is_0660_and_refuses_other_users(open_dir: Path) -> None:
-    d = await Daemon(open_dir, []).start()
+async def test_admin_socket_is_0660_and_refuses_other_users(open_dir: Path, daemon: DaemonFactory) -> None:
+    d = await daemon([], tmp=open_dir)
+    sock = open_dir / "admin.sock"
+    st = sock.stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+    assert st.st_uid == os.geteuid()
+    if os.geteuid() != 0:
+        pytest.skip("not root: cannot try the socket as another user (the mode was checked)")
+    nobody = 65534
+    other_gid = next(g for g in (65534, 65533, 12345) if g != st.st_gid)
+    # Another user, not in the socket's group: refused by the kernel.
+    assert _connect_as(sock, nobody, other_gid) == "PermissionError"
+    # The same user in the socket's group (e.g. a `webhookd` group for operators): allowed.
+    assert _connect_as(sock, nobody, st.st_gid) == "ok"
+    # Control: were the socket 0666, the other user would get in (so the check above tests the mode).
+    sock.chmod(0o666)
     try:
-        sock = open_dir / "admin.sock"
-        st = sock.stat()
-        assert stat.S_ISSOCK(st.st_mode)
-        assert stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
-        assert st.st_uid == os.geteuid()
-        if os.geteuid() != 0:
-            pytest.skip("not root: cannot try the socket as another user (the mode was checked)")
-        nobody = 65534
-        other_gid = next(g for g in (65534, 65533, 12345) if g != st.st_gid)
-        # Another user, not in the socket's group: refused by the kernel.
-        assert _connect_as(sock, nobody, other_gid) == "PermissionError"
-        # The same user in the socket's group (e.g. a `webhookd` group for operators): allowed.
-        assert _connect_as(sock, nobody, st.st_gid) == "ok"
-        # Control: were the socket 0666, the other user would get in (so the check above tests the mode).
-        sock.chmod(0o666)
-        try:
-            assert _connect_as(sock, nobody, other_gid) == "ok"
-        finally:
-            sock.chmod(0o660)
-        print(f"admin socket {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}:{grp.getgrgid(st.st_gid).gr_name}")
+        assert _connect_as(sock, nobody, other_gid) == "ok"
     finally:
-        assert await d.stop() == 0
+        sock.chmod(0o660)
+    print(f"admin socket {oct(stat.S_IMODE(st.st_mode))} owner {st.st_uid}:{grp.getgrgid(st.st_gid).gr_name}")
+    assert await d.stop() == 0
 
 
 # --------------------------------------------------------------------------------- secrets never leak
@@ -203,8 +200,10 @@ def _whsec() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-async def test_no_secret_or_token_in_any_log_line_or_cli_output(tmp_path: Path) -> None:
-    good = await Receiver().start()
+async def test_no_secret_or_token_in_any_log_line_or_cli_output(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    good = await receiver()
     echo_state = {"n": 0}
 
     def echoing(hit: Any) -> web.StreamResponse:
@@ -216,7 +215,7 @@ async def test_no_secret_or_token_in_any_log_line_or_cli_output(tmp_path: Path) 
         auth = hit.headers.get("Authorization", "")
         return web.Response(status=status, text=text, headers={"X-Echo": auth, "Retry-After": "1"})
 
-    echo = await ScriptedReceiver(respond=echoing).start()
+    echo = await receiver(ScriptedReceiver(respond=echoing))
 
     s_single = _whsec()
     s_list = [_rand("list-one"), _rand("list-two")]
@@ -244,9 +243,10 @@ async def test_no_secret_or_token_in_any_log_line_or_cli_output(tmp_path: Path) 
         ]
         return eps + (extra or [])
 
-    d = Daemon(
-        tmp_path,
+    d = await daemon(
         endpoints(),
+        start=False,
+        allow_errors=True,  # the broken reload below logs config_reload_failed at error level, on purpose
         listen={"tokens": tokens},
         delivery={"retry_schedule": ["100ms", "100ms"], "disable_after": 0},
         logging={"format": "json", "level": "debug"},  # the chattiest level
@@ -270,90 +270,84 @@ async def test_no_secret_or_token_in_any_log_line_or_cli_output(tmp_path: Path) 
         return r
 
     await d.start(env=env)
-    try:
-        auth = {"Authorization": f"Bearer {tokens[0]}"}
-        events = 0
-        for i, state in enumerate(["online", "utilizing", "unplugged", "shutdown"]):
-            status, answer = await d.request(
-                "POST", "/v1/heartbeat", json={"device": f"sec-{i % 2}", "state": state}, headers=auth
-            )
-            assert status == 200, answer
-            events += answer["changed"]
-        # Wrong tokens (equal length) are refused and not logged either.
-        wrong = tokens[1][:-1] + ("0" if tokens[1][-1] != "0" else "1")
-        assert (await d.request("POST", "/v1/heartbeat", json={"device": "x"}, headers={"Authorization": wrong}))[
-            0
-        ] == 401
-        assert (await d.request("GET", f"/v1/heartbeat/x?token={wrong}"))[0] == 401
-        await good.wait_for(events * 3, timeout=10)  # std, apikey and file endpoints get every event
-        await asyncio.sleep(1.0)  # the echoing endpoints fail their attempts (logged with their errors)
+    auth = {"Authorization": f"Bearer {tokens[0]}"}
+    events = 0
+    for i, state in enumerate(["online", "utilizing", "unplugged", "shutdown"]):
+        status, answer = await d.request(
+            "POST", "/v1/heartbeat", json={"device": f"sec-{i % 2}", "state": state}, headers=auth
+        )
+        assert status == 200, answer
+        events += answer["changed"]
+    # Wrong tokens (equal length) are refused and not logged either.
+    wrong = tokens[1][:-1] + ("0" if tokens[1][-1] != "0" else "1")
+    assert (await d.request("POST", "/v1/heartbeat", json={"device": "x"}, headers={"Authorization": wrong}))[0] == 401
+    assert (await d.request("GET", f"/v1/heartbeat/x?token={wrong}"))[0] == 401
+    await good.wait_for(events * 3, timeout=10)  # std, apikey and file endpoints get every event
+    await asyncio.sleep(1.0)  # the echoing endpoints fail their attempts (logged with their errors)
 
-        # Good reload: a new endpoint with a new secret; the list rotated.
-        s_list.reverse()
-        d.cfg["endpoints"] = endpoints([ep("new", good.url, secret=s_reload)])
-        secrets_all.append(s_reload)
-        d.write_config()
-        d.signal(signal.SIGHUP)
-        await _wait_log(d, "config_reloaded")
-        # Broken reloads: the problems must name the key, never the value.
-        broken_eps = [
-            ep("b1", good.url, secret=s_broken * 10),  # too long
-            ep("b2", good.url, signature="standard-webhooks", secret=s_broken),  # not whsec_
-            ep("b3", f"ftp://ops:{s_broken}@example.com/x", secret=s_broken),  # bad scheme, credentials
-            ep("b4", good.url, secret=[s_broken, 7]),  # a non-string in the list
-            ep("b5", good.url, headers={"Authorization": f"Bearer {s_broken}\n"}),  # control character
-            ep("b6", good.url, secret_file=str(tmp_path / "nope"), secret=s_broken),  # both
-            {**ep("b7", good.url, secret=s_broken), "secrett": s_broken},  # unknown key holding a secret
-            ep("b8", good.url, headers={"X-Bad\x01": s_broken}),  # (key paths name keys; values are secret)
-        ]
-        secrets_all.append(s_broken)
-        d.cfg["endpoints"] = endpoints(broken_eps)
-        d.cfg["listen"] = {**d.cfg["listen"], "tokens": [*tokens, s_broken + "\x00"]}
-        d.write_config()
-        d.signal(signal.SIGHUP)
-        await _wait_log(d, "config_reload_failed")
-        r = await cli("check-config", ok=False)
-        assert r.returncode == 1 and "endpoints[7]" in r.stdout + r.stderr, outputs[-1]
-        # Back to the good config for the CLI session.
-        d.cfg["endpoints"] = endpoints([ep("new", good.url, secret=s_reload)])
-        d.cfg["listen"] = {**d.cfg["listen"], "tokens": tokens}
-        d.write_config()
-        await cli("check-config")
+    # Good reload: a new endpoint with a new secret; the list rotated.
+    s_list.reverse()
+    d.cfg["endpoints"] = endpoints([ep("new", good.url, secret=s_reload)])
+    secrets_all.append(s_reload)
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    await _wait_log(d, "config_reloaded")
+    # Broken reloads: the problems must name the key, never the value.
+    broken_eps = [
+        ep("b1", good.url, secret=s_broken * 10),  # too long
+        ep("b2", good.url, signature="standard-webhooks", secret=s_broken),  # not whsec_
+        ep("b3", f"ftp://ops:{s_broken}@example.com/x", secret=s_broken),  # bad scheme, credentials
+        ep("b4", good.url, secret=[s_broken, 7]),  # a non-string in the list
+        ep("b5", good.url, headers={"Authorization": f"Bearer {s_broken}\n"}),  # control character
+        ep("b6", good.url, secret_file=str(tmp_path / "nope"), secret=s_broken),  # both
+        {**ep("b7", good.url, secret=s_broken), "secrett": s_broken},  # unknown key holding a secret
+        ep("b8", good.url, headers={"X-Bad\x01": s_broken}),  # (key paths name keys; values are secret)
+    ]
+    secrets_all.append(s_broken)
+    d.cfg["endpoints"] = endpoints(broken_eps)
+    d.cfg["listen"] = {**d.cfg["listen"], "tokens": [*tokens, s_broken + "\x00"]}
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    await _wait_log(d, "config_reload_failed")
+    r = await cli("check-config", ok=False)
+    assert r.returncode == 1 and "endpoints[7]" in r.stdout + r.stderr, outputs[-1]
+    # Back to the good config for the CLI session.
+    d.cfg["endpoints"] = endpoints([ep("new", good.url, secret=s_reload)])
+    d.cfg["listen"] = {**d.cfg["listen"], "tokens": tokens}
+    d.write_config()
+    await cli("check-config")
 
-        # The CLI calls run concurrently (each is a Python start-up); none of them changes state.
-        calls = [
-            cli("endpoints", "test", name, *fmt, ok=False)
-            for name in ("std", "list", "field", "hdr", "apikey", "file", "creds")
-            for fmt in ((), ("--json",))
-        ]
-        for args in (
-            ("status",),
-            ("devices",),
-            ("endpoints",),
-            ("deliveries",),
-            ("deliveries", "--status", "dead"),
-            ("deliveries", "--status", "pending"),
-        ):
-            calls += [cli(*args), cli(*args, "--json")]
-        for r in await asyncio.gather(*calls):
-            if "--json" in r.args:
-                json.loads(r.stdout)
-        r = await cli("endpoints", "--json")
-        urls = {e["name"]: e["url"] for e in json.loads(r.stdout)}
-        assert "ops" not in urls["creds"] and "@" not in urls["creds"], urls["creds"]  # url without credentials
-        await cli("endpoints", "disable", "list")
-        await cli("endpoints", "enable", "list")
-        await cli("deliveries", "replay", "--endpoint", "hdr", "--status", "dead")
-        status, metrics = await d.admin("GET", "/v1/status")
-        outputs.append(json.dumps(metrics))
-        conn = aiohttp.UnixConnector(path=str(tmp_path / "admin.sock"))
-        async with aiohttp.ClientSession(connector=conn) as s, s.get("http://webhookd/metrics") as resp:
-            outputs.append(await resp.text())
-        await asyncio.sleep(0.5)
-    finally:
-        code = await d.stop()
-        await good.stop()
-        await echo.stop()
+    # The CLI calls run concurrently (each is a Python start-up); none of them changes state.
+    calls = [
+        cli("endpoints", "test", name, *fmt, ok=False)
+        for name in ("std", "list", "field", "hdr", "apikey", "file", "creds")
+        for fmt in ((), ("--json",))
+    ]
+    for args in (
+        ("status",),
+        ("devices",),
+        ("endpoints",),
+        ("deliveries",),
+        ("deliveries", "--status", "dead"),
+        ("deliveries", "--status", "pending"),
+    ):
+        calls += [cli(*args), cli(*args, "--json")]
+    for r in await asyncio.gather(*calls):
+        if "--json" in r.args:
+            json.loads(r.stdout)
+    r = await cli("endpoints", "--json")
+    urls = {e["name"]: e["url"] for e in json.loads(r.stdout)}
+    assert "ops" not in urls["creds"] and "@" not in urls["creds"], urls["creds"]  # url without credentials
+    await cli("endpoints", "disable", "list")
+    await cli("endpoints", "enable", "list")
+    await cli("deliveries", "replay", "--endpoint", "hdr", "--status", "dead")
+    status, metrics = await d.admin("GET", "/v1/status")
+    outputs.append(json.dumps(metrics))
+    conn = aiohttp.UnixConnector(path=str(tmp_path / "admin.sock"))
+    async with aiohttp.ClientSession(connector=conn) as s, s.get("http://webhookd/metrics") as resp:
+        outputs.append(await resp.text())
+    await asyncio.sleep(0.5)
+    code = await d.stop()
     assert code == 0
 
     # The echoing receiver really did get the secrets (so a leak had every chance to happen).
@@ -459,9 +453,8 @@ async def _wait_dead(d: Daemon, names: list[str], timeout: float = 15.0) -> dict
         await asyncio.sleep(0.05)
 
 
-async def test_link_local_literals_fail_without_a_connection_attempt(tmp_path: Path) -> None:
-    d = await Daemon(
-        tmp_path,
+async def test_link_local_literals_fail_without_a_connection_attempt(daemon: DaemonFactory) -> None:
+    d = await daemon(
         [
             ep("meta", "http://169.254.169.254/latest/meta-data/"),
             ep("v6", "http://[fe80::1]/hook"),
@@ -470,12 +463,10 @@ async def test_link_local_literals_fail_without_a_connection_attempt(tmp_path: P
         ],
         delivery={"retry_schedule": ["50ms"], "disable_after": 0},
         logging={"format": "json", "level": "info"},
-    ).start()
-    try:
-        await d.heartbeat("ll-dev")
-        by = await _wait_dead(d, ["meta", "v6", "mapped", "optin"])
-    finally:
-        assert await d.stop() == 0
+    )
+    await d.heartbeat("ll-dev")
+    by = await _wait_dead(d, ["meta", "v6", "mapped", "optin"])
+    assert await d.stop() == 0
     for name in ("meta", "v6", "mapped"):
         row = by[name]
         assert row["status"] == "dead" and row["last_status"] is None, row
@@ -551,12 +542,12 @@ async def lan_receivers() -> AsyncIterator[list[tuple[str, Receiver]]]:
 
 
 async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
-    tmp_path: Path, lan_receivers: list[tuple[str, Receiver]]
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, lan_receivers: list[tuple[str, Receiver]]
 ) -> None:
     why = _can_unshare()
     if why is not None:
         pytest.skip(why)
-    local = await Receiver().start()
+    local = await receiver()
     hosts = tmp_path / "hosts"
     hosts.write_text(
         "127.0.0.1 localhost\n"
@@ -569,8 +560,7 @@ async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
     for i, (addr, r) in enumerate(lan_receivers):
         host = f"[{addr}]" if ":" in addr else addr
         lan_eps.append(ep(f"lan{i}", f"http://{host}:{r.port}/hook"))
-    d = NamespacedDaemon(
-        tmp_path,
+    d = await daemon(
         [
             ep("dns-meta", f"http://metadata.webhookd.test:{free_port()}/hook"),
             ep("dns-v6", f"http://v6meta.webhookd.test:{free_port()}/hook"),
@@ -578,18 +568,17 @@ async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
             ep("dns-optin", "http://optin.webhookd.test:9/hook", allow_link_local=True, timeout="300ms"),
             *lan_eps,
         ],
+        cls=NamespacedDaemon,
+        start=False,
         delivery={"retry_schedule": ["50ms"], "disable_after": 0},
         logging={"format": "json", "level": "info"},
     )
     d.hosts = hosts
     await d.start()
-    try:
-        await d.heartbeat("dns-dev")
-        names = ["dns-meta", "dns-v6", "dns-local", "dns-optin", *(e["name"] for e in lan_eps)]
-        by = await _wait_dead(d, names)
-    finally:
-        assert await d.stop() == 0
-        await local.stop()
+    await d.heartbeat("dns-dev")
+    names = ["dns-meta", "dns-v6", "dns-local", "dns-optin", *(e["name"] for e in lan_eps)]
+    by = await _wait_dead(d, names)
+    assert await d.stop() == 0
     assert Path("/etc/hosts").read_text() != hosts.read_text()  # the machine's file was never touched
     for name in ("dns-meta", "dns-v6"):
         assert by[name]["status"] == "dead", by[name]
@@ -605,54 +594,52 @@ async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
 # ---------------------------------------------------------------------------------------- body bounds
 
 
-async def test_request_bodies_are_bounded(tmp_path: Path) -> None:
+async def test_request_bodies_are_bounded(daemon: DaemonFactory) -> None:
     udp_port = free_port()
-    d = await Daemon(tmp_path, [], listen={"max_body": "1KiB", "udp": f"127.0.0.1:{udp_port}"}).start()
-    try:
-        too_big = {"error": "request body larger than 1024 bytes"}
-        big_name = {"device": "b", "name": "n" * 2000}
-        assert await d.request("POST", "/v1/heartbeat", json=big_name) == (413, too_big)
-        assert await d.request("POST", "/v1/heartbeats", json=[{"device": f"d{i}"} for i in range(100)]) == (
-            413,
-            too_big,
-        )
-        assert await d.request("POST", "/v1/heartbeat/b", json=big_name) == (413, too_big)
+    d = await daemon([], listen={"max_body": "1KiB", "udp": f"127.0.0.1:{udp_port}"})
+    too_big = {"error": "request body larger than 1024 bytes"}
+    big_name = {"device": "b", "name": "n" * 2000}
+    assert await d.request("POST", "/v1/heartbeat", json=big_name) == (413, too_big)
+    assert await d.request("POST", "/v1/heartbeats", json=[{"device": f"d{i}"} for i in range(100)]) == (
+        413,
+        too_big,
+    )
+    assert await d.request("POST", "/v1/heartbeat/b", json=big_name) == (413, too_big)
 
-        async def chunked(path: str, payload: bytes) -> tuple[int, Any]:
-            async def gen() -> AsyncIterator[bytes]:
-                for i in range(0, len(payload), 100):
-                    yield payload[i : i + 100]
+    async def chunked(path: str, payload: bytes) -> tuple[int, Any]:
+        async def gen() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 100):
+                yield payload[i : i + 100]
 
-            return await d.request("POST", path, data=gen(), headers={"Content-Type": "application/json"}, chunked=True)
+        return await d.request("POST", path, data=gen(), headers={"Content-Type": "application/json"}, chunked=True)
 
-        # Chunked: no Content-Length to check up front; the read itself is bounded.
-        assert await chunked("/v1/heartbeat", json.dumps(big_name).encode()) == (413, too_big)
-        batch = json.dumps([{"device": f"d{i}"} for i in range(100)]).encode()
-        assert await chunked("/v1/heartbeats", batch) == (413, too_big)
-        status, answer = await chunked("/v1/heartbeat", b'{"device": "small-chunked"}')
-        assert status == 200 and answer["changed"] is True
-        # A Content-Length that lies (says small, sends more) cannot smuggle a bigger body either.
-        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
-        body = json.dumps(big_name).encode()
-        writer.write(
-            b"POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        assert b" 413 " in head, head
-        writer.close()
-        # UDP: a datagram over max_body is dropped (and nothing recorded).
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(json.dumps({"device": "udp-big", "name": "n" * 2000}).encode(), ("127.0.0.1", udp_port))
-            s.sendto(b"udp-small", ("127.0.0.1", udp_port))
-        for _ in range(100):
-            _, devices = await d.admin("GET", "/v1/devices")
-            if any(x["id"] == "udp-small" for x in devices):
-                break
-            await asyncio.sleep(0.05)
-        assert {x["id"] for x in devices} == {"small-chunked", "udp-small"}
-    finally:
-        assert await d.stop() == 0
+    # Chunked: no Content-Length to check up front; the read itself is bounded.
+    assert await chunked("/v1/heartbeat", json.dumps(big_name).encode()) == (413, too_big)
+    batch = json.dumps([{"device": f"d{i}"} for i in range(100)]).encode()
+    assert await chunked("/v1/heartbeats", batch) == (413, too_big)
+    status, answer = await chunked("/v1/heartbeat", b'{"device": "small-chunked"}')
+    assert status == 200 and answer["changed"] is True
+    # A Content-Length that lies (says small, sends more) cannot smuggle a bigger body either.
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    body = json.dumps(big_name).encode()
+    writer.write(
+        b"POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    assert b" 413 " in head, head
+    writer.close()
+    # UDP: a datagram over max_body is dropped (and nothing recorded).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(json.dumps({"device": "udp-big", "name": "n" * 2000}).encode(), ("127.0.0.1", udp_port))
+        s.sendto(b"udp-small", ("127.0.0.1", udp_port))
+    for _ in range(100):
+        _, devices = await d.admin("GET", "/v1/devices")
+        if any(x["id"] == "udp-small" for x in devices):
+            break
+        await asyncio.sleep(0.05)
+    assert {x["id"] for x in devices} == {"small-chunked", "udp-small"}
+    assert await d.stop() == 0
 
 
 async def test_a_dribbled_body_times_out_with_408() -> None:
