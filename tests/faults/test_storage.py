@@ -13,8 +13,8 @@ mounting is impossible (not root, no CAP_SYS_ADMIN), the disk-full case is injec
 Expected, while the store cannot write: a heartbeat that would create an event gets 503
 `{"error": "store unavailable"}`, is not acknowledged and sends no webhook; liveness heartbeats of known devices
 still get 200; /healthz is 503; an error-level `store_unavailable` line is logged; the process keeps running.
-Once space returns, /healthz is 200 again within a few seconds without any new transition (the liveness-flush
-loop probes the store every 5 s with a real row write), and the next transition is recorded and delivered.
+Once space returns, /healthz is 200 again within a second without any new transition (the store probes itself
+every 0.2 s with a real row write while it is unhealthy), and the next transition is recorded and delivered.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, Receiver, endpoint, free_port
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.harness import Daemon, endpoint, free_port
 
-RECOVERY_WITHIN = 8.0  # the probe runs every 5 s (FLUSH_INTERVAL); allow a second of slack and some more
+RECOVERY_WITHIN = 1.5  # the store probes itself every 0.2 s while unhealthy: <= 1 s, plus slack for a loaded box
 
 INJECT = '''\
 """Test-only fault injection for webhookd's store (tests/faults/test_storage.py)."""
@@ -46,23 +47,20 @@ import sqlite3
 
 _flag = os.environ.get("WEBHOOKD_TEST_STORE_FAULT")
 if _flag:
-    from webhookd import store as _store
+    from webhookd.store import sqlite as _sqlite
 
-    _orig = _store.Store._transaction
+    _orig = _sqlite.SQLiteStore._apply
 
-    def _transaction(self, conn, ops):
+    def _apply(self, conn, ops):
+        # Inside the writer's transaction (after BEGIN IMMEDIATE): the real rollback and health paths run.
         try:
             with open(_flag) as f:
                 message = f.read().strip()
         except FileNotFoundError:
             return _orig(self, conn, ops)
+        raise sqlite3.OperationalError(message)
 
-        def fail(_c):
-            raise sqlite3.OperationalError(message)
-
-        return _orig(self, conn, [fail for _ in ops])
-
-    _store.Store._transaction = _transaction
+    _sqlite.SQLiteStore._apply = _apply
 '''
 
 
@@ -135,86 +133,91 @@ async def _wait_healthz(d: Daemon, want: int, within: float) -> float:
             return time.monotonic() - started
         if time.monotonic() - started > within:
             raise AssertionError(f"/healthz still {status} after {within}s, wanted {want}:\n{d.logs_text()[-3000:]}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.02)
 
 
 Fault = Callable[[], Awaitable[None]]
 
 
-async def _store_outage(tmp_path: Path, break_store: Fault, heal_store: Fault, env: dict[str, str]) -> None:
-    r = await Receiver().start()
-    d = Daemon(tmp_path, [endpoint("r", r)], logging={"format": "json", "level": "info"})
-    await d.start(env=env)
-    try:
-        assert (await d.heartbeat("known-1"))["changed"] is True
-        assert (await d.heartbeat("known-2", state="utilizing"))["changed"] is True
-        await r.wait_for(2)
-        # Their outcomes must be saved before the fault: an outcome that cannot be saved keeps the delivery at
-        # its lane's head, and it is sent again later (at-least-once), which this test does not count on.
-        for _ in range(100):
-            _, eps = await d.admin("GET", "/v1/endpoints")
-            if eps[0]["delivered"] == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert eps[0]["delivered"] == 2, eps
+async def _store_outage(
+    daemon: DaemonFactory, receiver: ReceiverFactory, break_store: Fault, heal_store: Fault, env: dict[str, str]
+) -> None:
+    r = await receiver()
+    # allow_errors: store_unavailable is an error-level line, on purpose; the rest is checked at teardown.
+    d = await daemon([endpoint("r", r)], env=env, allow_errors=True, logging={"format": "json", "level": "info"})
+    assert (await d.heartbeat("known-1"))["changed"] is True
+    assert (await d.heartbeat("known-2", state="utilizing"))["changed"] is True
+    await r.wait_for(2)
+    # Their outcomes must be saved before the fault: an outcome that cannot be saved keeps the delivery at
+    # its lane's head, and it is sent again later (at-least-once), which this test does not count on.
+    for _ in range(100):
+        _, eps = await d.admin("GET", "/v1/endpoints")
+        if eps[0]["delivered"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert eps[0]["delivered"] == 2, eps
 
-        await break_store()
+    await break_store()
 
-        # Heartbeats that would create an event: 503, not acknowledged.
-        unavailable = {"error": "store unavailable"}
-        assert await d.request("POST", "/v1/heartbeat", json={"device": "new-1"}) == (503, unavailable)
-        assert await d.request("POST", "/v1/heartbeat", json={"device": "known-1", "state": "unplugged"}) == (
-            503,
-            unavailable,
+    # Heartbeats that would create an event: 503, not acknowledged.
+    unavailable = {"error": "store unavailable"}
+    assert await d.request("POST", "/v1/heartbeat", json={"device": "new-1"}) == (503, unavailable)
+    assert await d.request("POST", "/v1/heartbeat", json={"device": "known-1", "state": "unplugged"}) == (
+        503,
+        unavailable,
+    )
+    assert await d.request("GET", "/v1/heartbeat/new-2") == (503, unavailable)
+    batch = [{"device": "known-1"}, {"device": "new-3"}]
+    assert await d.request("POST", "/v1/heartbeats", json=batch) == (503, unavailable)
+    assert await d.request("GET", "/healthz") == (503, {"status": "unhealthy", "error": "store unavailable"})
+
+    # Liveness of known devices keeps working.
+    for _ in range(3):
+        assert await d.request("POST", "/v1/heartbeat", json={"device": "known-1"}) == (
+            200,
+            {"device": "known-1", "state": "online", "changed": False},
         )
-        assert await d.request("GET", "/v1/heartbeat/new-2") == (503, unavailable)
-        batch = [{"device": "known-1"}, {"device": "new-3"}]
-        assert await d.request("POST", "/v1/heartbeats", json=batch) == (503, unavailable)
-        assert await d.request("GET", "/healthz") == (503, {"status": "unhealthy", "error": "store unavailable"})
+        assert await d.request("GET", "/v1/heartbeat/known-2?state=utilizing") == (
+            200,
+            {"device": "known-2", "state": "utilizing", "changed": False},
+        )
+    # The admin API still answers and shows nothing of what was refused.
+    status, devices = await d.admin("GET", "/v1/devices")
+    assert status == 200, devices
+    assert {x["id"]: x["state"] for x in devices} == {"known-1": "online", "known-2": "utilizing"}
 
-        # Liveness of known devices keeps working.
-        for _ in range(3):
-            assert await d.request("POST", "/v1/heartbeat", json={"device": "known-1"}) == (
-                200,
-                {"device": "known-1", "state": "online", "changed": False},
-            )
-            assert await d.request("GET", "/v1/heartbeat/known-2?state=utilizing") == (
-                200,
-                {"device": "known-2", "state": "utilizing", "changed": False},
-            )
-        # The admin API still answers and shows nothing of what was refused.
-        status, devices = await d.admin("GET", "/v1/devices")
-        assert status == 200, devices
-        assert {x["id"]: x["state"] for x in devices} == {"known-1": "online", "known-2": "utilizing"}
+    await asyncio.sleep(0.5)
+    assert len(r.got) == 2  # no webhook for anything refused
+    assert d.proc is not None and d.proc.poll() is None
+    errors = [x for x in d.logs() if x.get("level") == "error"]
+    assert any(x.get("event") == "store_unavailable" for x in errors), d.logs_text()[-3000:]
+    assert await d.request("GET", "/healthz") == (503, {"status": "unhealthy", "error": "store unavailable"})
 
-        await asyncio.sleep(0.5)
-        assert len(r.got) == 2  # no webhook for anything refused
-        assert d.proc is not None and d.proc.poll() is None
-        errors = [x for x in d.logs() if x.get("level") == "error"]
-        assert any(x.get("event") == "store_unavailable" for x in errors), d.logs_text()[-3000:]
-        assert await d.request("GET", "/healthz") == (503, {"status": "unhealthy", "error": "store unavailable"})
+    await heal_store()
+    took = await _wait_healthz(d, 200, RECOVERY_WITHIN)  # by itself: no heartbeat sent meanwhile
+    print(f"store recovered by itself {took:.2f}s after the fault was removed")
+    # One line each per outage, however many probes failed meanwhile.
+    assert [x["event"] for x in d.logs() if x.get("event") in ("store_unavailable", "store_recovered")] == [
+        "store_unavailable",
+        "store_recovered",
+    ], d.logs_text()[-3000:]
 
-        await heal_store()
-        took = await _wait_healthz(d, 200, RECOVERY_WITHIN)  # by itself: no heartbeat sent meanwhile
-        print(f"store recovered by itself {took:.1f}s after the fault was removed")
-        assert any(x.get("event") == "store_recovered" for x in d.logs())
-
-        # The refused transitions were never recorded: sent again, they are new events now.
-        assert (await d.heartbeat("new-1"))["changed"] is True
-        assert (await d.heartbeat("known-1", state="unplugged"))["changed"] is True
-        await r.wait_for(4)
-        await asyncio.sleep(0.3)
-        got = [(e["device"]["id"], e["type"], e["device"]["previous_state"]) for e in r.events()]
-        assert sorted(got[2:]) == [("known-1", "device.unplugged", "online"), ("new-1", "device.online", "unknown")]
-        assert len(got) == 4, got
-        assert "Traceback" not in d.logs_text()
-    finally:
-        code = await d.stop()
-        await r.stop()
+    # The refused transitions were never recorded: sent again, they are new events now.
+    assert (await d.heartbeat("new-1"))["changed"] is True
+    assert (await d.heartbeat("known-1", state="unplugged"))["changed"] is True
+    await r.wait_for(4)
+    await asyncio.sleep(0.3)
+    got = [(e["device"]["id"], e["type"], e["device"]["previous_state"]) for e in r.events()]
+    assert sorted(got[2:]) == [("known-1", "device.unplugged", "online"), ("new-1", "device.online", "unknown")]
+    assert len(got) == 4, got
+    assert "Traceback" not in d.logs_text()
+    code = await d.stop()
     assert code == 0, d.logs_text()[-3000:]
 
 
-async def test_disk_full_refuses_transitions_keeps_liveness_and_recovers(tmp_path: Path, state_dir: StateDir) -> None:
+async def test_disk_full_refuses_transitions_keeps_liveness_and_recovers(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, state_dir: StateDir
+) -> None:
     ballast: list[Path] = []
     if state_dir.mounted:
         print("disk full: REAL (8 MiB tmpfs filled with a ballast file)")
@@ -236,10 +239,12 @@ async def test_disk_full_refuses_transitions_keeps_liveness_and_recovers(tmp_pat
         async def heal_store() -> None:
             flag.unlink()
 
-    await _store_outage(tmp_path, break_store, heal_store, env)
+    await _store_outage(daemon, receiver, break_store, heal_store, env)
 
 
-async def test_read_only_state_dir_refuses_transitions_and_recovers(tmp_path: Path, state_dir: StateDir) -> None:
+async def test_read_only_state_dir_refuses_transitions_and_recovers(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, state_dir: StateDir
+) -> None:
     flag, env = _injecting(tmp_path)  # inert unless the real remount is refused (see the module docstring)
     mode: list[str] = []
 
@@ -265,7 +270,7 @@ async def test_read_only_state_dir_refuses_transitions_and_recovers(tmp_path: Pa
         else:
             flag.unlink()
 
-    await _store_outage(tmp_path, break_store, heal_store, env)
+    await _store_outage(daemon, receiver, break_store, heal_store, env)
 
 
 # --------------------------------------------------------------------------------------------- at startup
@@ -345,11 +350,10 @@ def test_foreign_sqlite_database_stops_startup_untouched(tmp_path: Path) -> None
     print("foreign:", msg)
 
 
-async def test_corrupt_webhookd_database_stops_startup_untouched(tmp_path: Path) -> None:
+async def test_corrupt_webhookd_database_stops_startup_untouched(daemon: DaemonFactory, tmp_path: Path) -> None:
     """A real webhookd database whose pages after the first were overwritten (a torn disk, a bad copy): it
     opens (page 1 holds the header and schema) and fails only when the state is loaded."""
-    d = _config(tmp_path)
-    await d.start()
+    d = await daemon([], logging={"format": "json", "level": "info"})
     for i in range(50):
         await d.heartbeat(f"dev-{i}", name="x" * 200)
     assert await d.stop() == 0
@@ -367,24 +371,28 @@ async def test_corrupt_webhookd_database_stops_startup_untouched(tmp_path: Path)
     print("corrupt:", msg)
 
 
-async def test_store_unavailable_is_not_a_traceback_for_udp(tmp_path: Path) -> None:
+async def test_store_unavailable_is_not_a_traceback_for_udp(daemon: DaemonFactory, tmp_path: Path) -> None:
     """UDP heartbeats during an outage (injected) are counted as failed, logged throttled; the daemon lives on."""
     flag, env = _injecting(tmp_path)
     udp_port = free_port()
-    d = Daemon(tmp_path, [], listen={"udp": f"127.0.0.1:{udp_port}"}, logging={"format": "json", "level": "info"})
-    await d.start(env=env)
-    try:
-        flag.write_text("database or disk is full")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for i in range(200):
-                s.sendto(f"udp-{i}".encode(), ("127.0.0.1", udp_port))
-        await asyncio.sleep(0.5)
-        assert d.proc is not None and d.proc.poll() is None
-        status, devices = await d.admin("GET", "/v1/devices")
-        assert status == 200 and devices == [], devices
-        assert (await d.request("GET", "/healthz"))[0] == 503
-        not_recorded = [x for x in d.logs() if x.get("event") == "udp_heartbeat_not_recorded"]
-        assert len(not_recorded) == 1, not_recorded  # throttled: one line per 10 s
-        assert "Traceback" not in d.logs_text()
-    finally:
-        assert await d.stop() == 0
+    # check=False: it ends unhealthy (the store stays broken) on purpose; exit 0, no traceback checked below.
+    d = await daemon(
+        [],
+        env=env,
+        check=False,
+        listen={"udp": f"127.0.0.1:{udp_port}"},
+        logging={"format": "json", "level": "info"},
+    )
+    flag.write_text("database or disk is full")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(200):
+            s.sendto(f"udp-{i}".encode(), ("127.0.0.1", udp_port))
+    await asyncio.sleep(0.5)
+    assert d.proc is not None and d.proc.poll() is None
+    status, devices = await d.admin("GET", "/v1/devices")
+    assert status == 200 and devices == [], devices
+    assert (await d.request("GET", "/healthz"))[0] == 503
+    not_recorded = [x for x in d.logs() if x.get("event") == "udp_heartbeat_not_recorded"]
+    assert len(not_recorded) == 1, not_recorded  # throttled: one line per 10 s
+    assert "Traceback" not in d.logs_text()
+    assert await d.stop() == 0
