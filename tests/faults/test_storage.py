@@ -216,7 +216,7 @@ async def _store_outage(
 
 
 async def test_disk_full_refuses_transitions_keeps_liveness_and_recovers(
-    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, state_dir: StateDir
+    tmp_path: Path, state_dir: StateDir, daemon: DaemonFactory, receiver: ReceiverFactory
 ) -> None:
     ballast: list[Path] = []
     if state_dir.mounted:
@@ -243,7 +243,7 @@ async def test_disk_full_refuses_transitions_keeps_liveness_and_recovers(
 
 
 async def test_read_only_state_dir_refuses_transitions_and_recovers(
-    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, state_dir: StateDir
+    tmp_path: Path, state_dir: StateDir, daemon: DaemonFactory, receiver: ReceiverFactory
 ) -> None:
     flag, env = _injecting(tmp_path)  # inert unless the real remount is refused (see the module docstring)
     mode: list[str] = []
@@ -394,5 +394,5 @@ async def test_store_unavailable_is_not_a_traceback_for_udp(daemon: DaemonFactor
     assert (await d.request("GET", "/healthz"))[0] == 503
     not_recorded = [x for x in d.logs() if x.get("event") == "udp_heartbeat_not_recorded"]
     assert len(not_recorded) == 1, not_recorded  # throttled: one line per 10 s
-    assert "Traceback" not in d.logs_text()
     assert await d.stop() == 0
+    assert "Traceback" not in d.logs_text()
