@@ -21,7 +21,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import ReceiverFactory
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.faults.servers import (
     Conn,
     Hit,
@@ -45,7 +45,7 @@ ModuleDaemon = Callable[..., Awaitable[Daemon]]
 
 
 @pytest.fixture
-def daemon(daemon: ModuleDaemon, receiver: ReceiverFactory) -> ModuleDaemon:
+def daemon(daemon: DaemonFactory) -> ModuleDaemon:
     """The conftest `daemon` (at teardown it must be healthy, error-free, and exit 0) on this module's schedule
     and info-level logs: `await daemon(endpoints, **delivery)`."""
 
