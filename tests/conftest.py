@@ -42,7 +42,7 @@ class ReceiverFactory:
         self.servers: list[Startable] = []
 
     @overload
-    async def __call__(self, *, start: bool = True, **fields: Any) -> Receiver: ...
+    async def __call__(self, server: None = None, /, *, start: bool = True, **fields: Any) -> Receiver: ...
 
     @overload
     async def __call__(self, server: _Server, /, *, start: bool = True) -> _Server: ...
@@ -95,20 +95,6 @@ class DaemonFactory:
         endpoints: Sequence[dict[str, Any]] = (),
         /,
         *,
-        start: bool = True,
-        env: dict[str, str] | None = None,
-        tmp: Path | None = None,
-        check: bool = True,
-        allow_errors: bool = False,
-        **overrides: Any,
-    ) -> Daemon: ...
-
-    @overload
-    async def __call__(
-        self,
-        endpoints: Sequence[dict[str, Any]] = (),
-        /,
-        *,
         cls: type[_D],
         start: bool = True,
         env: dict[str, str] | None = None,
@@ -117,6 +103,20 @@ class DaemonFactory:
         allow_errors: bool = False,
         **overrides: Any,
     ) -> _D: ...
+
+    @overload
+    async def __call__(
+        self,
+        endpoints: Sequence[dict[str, Any]] = (),
+        /,
+        *,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        tmp: Path | None = None,
+        check: bool = True,
+        allow_errors: bool = False,
+        **overrides: Any,
+    ) -> Daemon: ...
 
     async def __call__(
         self,
