@@ -39,6 +39,7 @@ from webhookd.store.api import (
     StoreError,
     StoreUnavailable,
 )
+from webhookd.store.compat import SQLiteCompat
 from webhookd.store.sqlite_schema import connect, connect_reader
 from webhookd.store.sqlite_writes import (
     CallOp,
@@ -71,7 +72,7 @@ def _probe(c: sqlite3.Connection) -> None:
     )
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteCompat):
     """`DeliveryStore` on a SQLite file (see the module docstring)."""
 
     def __init__(self, path: Path, *, probe_interval: float = PROBE_INTERVAL) -> None:
@@ -386,33 +387,6 @@ class SQLiteStore:
         self, older_than: float, batch: int = retention.PRUNE_BATCH, vacuum_pages: int = retention.VACUUM_PAGES
     ) -> Pruned:
         return await retention.prune(self, older_than, batch, vacuum_pages)
-
-    # --- compatibility aliases, until dispatch/tracker/admin/daemon use the names above --------------------
-
-    async def load_pending(self, endpoint: str | None = None) -> list[DeliveryRow]:
-        """Every pending row (of one endpoint), in id order. Deprecated: unbounded; use load_pending_page."""
-        return await self.read(functools.partial(sqlite_queries.all_pending, endpoint=endpoint))
-
-    async def save_outcomes(self, outcomes: Sequence[Receipt], endpoints: Sequence[EndpointRow]) -> None:
-        """Deprecated: `await save_receipts(...)`."""
-        await self.save_receipts(outcomes, endpoints)
-
-    async def replay(
-        self, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
-    ) -> tuple[list[DeliveryRow], int]:
-        """Deprecated (loads every replayed row): use requeue. Returns the rows that became pending (in id
-        order) and how many rows were replayed in all, from one transaction."""
-        return await self.write(
-            functools.partial(
-                sqlite_queries.replay, ids=ids, endpoint=endpoint, status=status, held=held_endpoints, now=time.time()
-            )
-        )
-
-    async def retention_loop(
-        self, retention_of: Callable[[], float], interval: float = 60.0, first_delay: float = 10.0
-    ) -> None:
-        """Deprecated: `webhookd.store.retention_loop(store, ...)`."""
-        await retention.retention_loop(self, retention_of, interval, first_delay)
 
 
 def _conforms(store: SQLiteStore) -> DeliveryStore:

@@ -66,13 +66,6 @@ def pending_lane(c: sqlite3.Connection, endpoint: str, device_id: str, after_id:
     return _rows(c.execute(_LANE, (endpoint, device_id, after_id, limit)))
 
 
-def all_pending(c: sqlite3.Connection, endpoint: str | None) -> list[DeliveryRow]:
-    """Every pending row (of one endpoint): the unbounded read the paging queries replace."""
-    if endpoint is None:
-        return _rows(c.execute(_PENDING.format(index="", where="")))
-    return _rows(c.execute(_PENDING.format(index="", where=" AND d.endpoint = ?"), (endpoint,)))
-
-
 # A covering index range (1,000,000 pending rows: ~0.1 s, on the reader's thread without holding the GIL).
 _COUNT = "SELECT count(*) FROM deliveries INDEXED BY deliveries_by_status WHERE status = 'pending'"
 
@@ -193,35 +186,6 @@ async def requeue(
     if target == "held":
         out.held = out.total
     return out
-
-
-def replay(
-    c: sqlite3.Connection,
-    ids: Sequence[int] | None,
-    endpoint: str | None,
-    status: str | None,
-    held: set[str],
-    now: float,
-) -> tuple[list[DeliveryRow], int]:
-    """The old replay: every requeued row in one transaction, the pending ones returned (compatibility only)."""
-    if ids is not None:
-        rows = c.execute(
-            f"SELECT id, endpoint FROM deliveries WHERE id IN ({','.join('?' * len(ids))})",  # noqa: S608
-            tuple(ids),
-        ).fetchall()
-    else:
-        rows = c.execute(
-            "SELECT id, endpoint FROM deliveries WHERE endpoint=? AND status=?", (endpoint, status)
-        ).fetchall()
-    c.executemany(_REQUEUE, [("held" if ep in held else "pending", now, now, did) for did, ep in rows])
-    queued = [did for did, ep in rows if ep not in held]
-    pending: list[DeliveryRow] = []
-    for i in range(0, len(queued), IDS_CHUNK):
-        chunk = queued[i : i + IDS_CHUNK]
-        sql = _PENDING.format(index="", where=f" AND d.id IN ({','.join('?' * len(chunk))})")
-        pending += _rows(c.execute(sql, chunk))
-    pending.sort(key=lambda r: r.id)
-    return pending, len(rows)
 
 
 def delivery_counts(c: sqlite3.Connection) -> dict[str, dict[str, int]]:
