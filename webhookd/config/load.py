@@ -1,0 +1,359 @@
+"""Loading: the YAML file -> data (strictly), data -> a validated `Config`, and the rules that span fields.
+
+`load_config` reads the file with a strict YAML loader (duplicate keys, deep nesting, alias bombs and
+self-containing values are refused before anything walks the data), `parse_config` converts the data key by
+key (`convert.Converter`) and applies the endpoint rules that involve more than one key (secrets and
+signatures, headers). Every problem is collected as ``key.path: message``; `ConfigError.problems` carries the
+list. Messages never contain secrets, tokens or values taken from the environment.
+"""
+
+import base64
+import binascii
+import functools
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .convert import Converter, key_path, kind
+from .schema import (
+    DEFAULT_SIGNATURE_HEADER,
+    HEADER_NAME,
+    RESERVED_HEADERS,
+    Config,
+    DeliveryConfig,
+    EndpointConfig,
+    check_secret,
+)
+
+
+class ConfigError(Exception):
+    """The config is invalid; `problems` lists every problem as ``key.path: message``."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Endpoints: the rules that span keys
+# ----------------------------------------------------------------------------------------------------
+
+_HEADER_NAME = re.compile(HEADER_NAME)
+AUTH_WITH_CREDENTIALS = "cannot be used with credentials in url (user:password@...); keep one of the two"
+
+
+def _endpoints(c: Converter, value: object, delivery: DeliveryConfig) -> tuple[EndpointConfig, ...]:
+    ok, items = c.value(value, list[Any], "endpoints")
+    if not ok:
+        return ()
+    endpoints: list[EndpointConfig] = []
+    names: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = f"endpoints[{i}]"
+        ep = _endpoint(c, item, path, delivery)
+        name = ep.name if ep is not None else None
+        if name is None and isinstance(item, dict) and isinstance(item.get("name"), str):
+            name = item["name"]
+        if name is not None:
+            if name in names:
+                c.add(f"{path}.name", f"duplicate endpoint name {name!r} (also endpoints[{names[name]}])")
+                ep = None
+            else:
+                names[name] = i
+        if ep is not None:
+            endpoints.append(ep)
+    return tuple(endpoints)
+
+
+def _endpoint(c: Converter, item: object, path: str, delivery: DeliveryConfig) -> EndpointConfig | None:
+    n_before = len(c.problems)
+    values = c.fields(item, EndpointConfig, path, custom={"headers": functools.partial(_headers, c)})
+    if values is None or not isinstance(item, dict):
+        return None
+    # Given, even if invalid (then its problem is enough: no "needs a secret" follows).
+    has_secret, has_file = isinstance(item.get("secret"), str | list), isinstance(item.get("secret_file"), str)
+    secret_given = has_secret or has_file
+    if has_secret and has_file:
+        c.add(f"{path}.secret_file", "use either secret or secret_file, not both")
+    pairs = [] if has_secret and has_file else _secrets(c, item, values, path)
+    values["secrets"] = tuple(s for _, s in pairs)
+    explicit = values.get("signature")
+    signature = values.setdefault("signature", "hmac-sha256" if secret_given else "none")
+    if explicit not in (None, "none") and not secret_given:
+        c.add(f"{path}.signature", f"{signature} needs a secret (set secret or secret_file)")
+    if signature == "standard-webhooks":
+        for spath, s in pairs:
+            if not _is_whsec(s):
+                c.add(spath, "standard-webhooks needs secrets of the form whsec_<base64>")
+    if values.get("secret_field") is not None and not secret_given:
+        c.add(f"{path}.secret_field", "needs a secret (set secret or secret_file)")
+    values.setdefault("timeout", delivery.timeout)
+    if len(c.problems) != n_before:
+        return None
+    return EndpointConfig(**values)
+
+
+def _secrets(c: Converter, item: dict[Any, Any], values: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """(key path, secret) pairs from `secret` or `secret_file`; problems for the invalid ones."""
+    if "secrets" in values:
+        raw = item["secret"]
+        if isinstance(raw, str):
+            return [(f"{path}.secret", s) for s in values["secrets"]]
+        return [
+            (f"{path}.secret[{i}]", s)
+            for i, s in enumerate(raw)
+            if isinstance(s, str) and not c.bad(f"{path}.secret[{i}]")
+        ]
+    if values.get("secret_file") is None:
+        return []
+    fpath, p = f"{path}.secret_file", values["secret_file"]
+    try:
+        content = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        c.add(fpath, f"file not found: {p}")
+        return []
+    except UnicodeDecodeError:
+        c.add(fpath, f"not a UTF-8 text file: {p}")
+        return []
+    except OSError as e:
+        c.add(fpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+        return []
+    lines = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+    if not lines:
+        c.add(fpath, f"no secret in {p}")
+    pairs: list[tuple[str, str]] = []
+    for n, s in lines:
+        spath = f"{fpath} (line {n})"
+        try:
+            pairs.append((spath, check_secret(s, c.at(spath))))
+        except ValueError as e:
+            c.add(spath, str(e))
+    return pairs
+
+
+def _is_whsec(secret: str) -> bool:
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return len(base64.b64decode(secret[6:], validate=True)) > 0
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _headers(c: Converter, raw: object, path: str, before: dict[str, Any]) -> dict[str, str]:
+    """`headers`, given the keys before it (`signature_header` is reserved too, `url` may carry credentials)."""
+    if not isinstance(raw, dict):
+        c.add(path, f"expected a mapping or null, got {kind(raw)}")
+        return {}
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    reserved = RESERVED_HEADERS | {before.get("signature_header", DEFAULT_SIGNATURE_HEADER).lower()}
+    for name, value in raw.items():
+        hpath = key_path(path, name)
+        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+            c.add(hpath, "invalid header name")
+        elif name.lower() in reserved:
+            c.add(hpath, "reserved header (set by webhookd)")
+        elif name.lower() in seen:
+            c.add(hpath, "duplicate header (names are case-insensitive)")
+        else:
+            seen.add(name.lower())
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                c.add(hpath, f"expected a string, got {kind(value)}")
+            elif any(ch in "\r\n\0" for ch in str(value)):
+                c.add(hpath, "header value must not contain CR, LF or NUL")
+            else:
+                out[name] = str(value)
+    # aiohttp refuses every request with both (`Cannot combine AUTHORIZATION header with ...`).
+    auth = [name for name in out if name.lower() == "authorization"]
+    if auth and "url" in before and "@" in urlsplit(before["url"]).netloc:
+        c.add(key_path(path, auth[0]), AUTH_WITH_CREDENTIALS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data -> Config
+# ----------------------------------------------------------------------------------------------------
+
+MAX_VALUES = 200_000  # values in a config once YAML aliases are expanded (real ones have a few hundred)
+MAX_DEPTH = 64
+
+
+def _check_shape(data: object) -> None:
+    """Refuse what YAML aliases can build but no config needs, before anything walks it recursively: a value
+    that contains itself (`a: &x [*x]`), an alias bomb ("billion laughs": a few lines expanding to billions of
+    values), or nesting deeper than MAX_DEPTH."""
+    count = 0
+    stack: list[tuple[object, str, tuple[int, ...]]] = [(data, "", ())]
+    while stack:
+        node, path, ancestors = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError([f"config: more than {MAX_VALUES} values (YAML aliases expanding too much?)"])
+        if not isinstance(node, dict | list):
+            continue
+        if id(node) in ancestors:
+            raise ConfigError([f"{path or 'config'}: contains itself (a recursive YAML alias)"])
+        if len(ancestors) >= MAX_DEPTH:
+            raise ConfigError([f"{path or 'config'}: nested more than {MAX_DEPTH} levels deep"])
+        inner = (*ancestors, id(node))
+        if isinstance(node, dict):
+            stack.extend((v, key_path(path, k), inner) for k, v in node.items())
+        else:
+            stack.extend((v, f"{path}[{i}]", inner) for i, v in enumerate(node))
+
+
+def parse_config(
+    data: object, base_dir: Path, env: Mapping[str, str] | None = None, path: Path | None = None
+) -> Config:
+    """Validate already-loaded YAML data; relative paths resolve against `base_dir`. Raises ConfigError."""
+    c = Converter(Path(os.path.abspath(base_dir)), os.environ if env is None else env)
+    if data is None:
+        raise ConfigError(["config: the file is empty (expected a mapping of settings)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"config: the top level must be a mapping, got {kind(data)}"])
+    _check_shape(data)
+    data = c.substitute(data, "")
+
+    def endpoints(value: object, _path: str, before: dict[str, Any]) -> tuple[EndpointConfig, ...]:
+        return _endpoints(c, value, before.get("delivery") or DeliveryConfig())
+
+    values = c.fields(data, Config, "", custom={"endpoints": endpoints})
+    if c.problems or values is None:
+        raise ConfigError(c.problems)
+    return Config(path=path, **values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file -> data
+# ----------------------------------------------------------------------------------------------------
+
+YAML_MAX_NESTING = 2 * MAX_DEPTH  # collections inside each other in the text (`_check_shape` allows MAX_DEPTH)
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        self.mark = mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also records duplicate mapping keys (PyYAML silently keeps the last one) and
+    refuses nesting deeper than YAML_MAX_NESTING while scanning.
+
+    The depth limit is checked where the scanner opens a collection, before PyYAML pays for it: its scanner
+    does work proportional to the flow depth for every token (10 KB of ``[`` took seconds), and its composer
+    recurses once per level."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, int, str]] = []
+
+    def _nest(self) -> None:
+        if self.flow_level + len(self.indents) >= YAML_MAX_NESTING:
+            raise _TooDeep(self.get_mark())
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        self._nest()  # '[' or '{'
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column: int) -> bool:
+        if self.indent < column:
+            self._nest()  # a block mapping or sequence (called outside flow collections only)
+        return super().add_indent(column)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key; construct_mapping reports it
+                continue
+            if dup:
+                m = key_node.start_mark
+                where = f"line {m.line + 1}, column {m.column + 1}"
+                self.duplicates.append((m.line, m.column, f"{where}: duplicate key {key!r}"))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, shown: str) -> object:
+    try:
+        loader = _StrictLoader(text)  # checks every character first (control characters are refused)
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(
+            [f"{shown}: invalid YAML at character {e.position}: {e.reason} (#x{e.character:04x})"]
+        ) from None
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "syntax error"
+        raise ConfigError([f"{shown}: invalid YAML{where}: {what}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{shown}: invalid YAML: {e}"]) from None
+    except _TooDeep as e:
+        where = f"line {e.mark.line + 1}, column {e.mark.column + 1}"
+        raise ConfigError([f"{shown}: {where}: nested more than {YAML_MAX_NESTING} levels deep"]) from None
+    except RecursionError:
+        raise ConfigError([f"{shown}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as e:
+        # PyYAML's constructors raise these for tagged scalars they cannot convert (`!!int ""`, `!!float x`).
+        raise ConfigError([f"{shown}: invalid YAML: a value cannot be converted ({type(e).__name__})"]) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{shown}: {d}" for _, _, d in sorted(loader.duplicates)])
+    return data
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the YAML config at `path`. Raises ConfigError listing every problem."""
+    p = Path(path)
+    shown = str(p)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{shown}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{shown}: is a directory, not a config file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{shown}: cannot read: {e.strerror or e.__class__.__name__}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{shown}: not UTF-8 text (byte {e.start})"]) from None
+    data = _load_yaml(text, shown)
+    absolute = Path(os.path.abspath(p))
+    return parse_config(data, absolute.parent, env, absolute)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def summary(cfg: Config) -> str:
+    """One line for ``check-config``; never includes secrets, tokens or header values."""
+    parts = []
+    names = [ep.name for ep in cfg.endpoints]
+    shown = ", ".join(names[:10]) + (f", +{len(names) - 10} more" if len(names) > 10 else "")
+    parts.append(_plural(len(names), "endpoint") + (f" ({shown})" if names else ""))
+    parts.append(_plural(len(cfg.devices), "device rule"))
+    parts.append(f"http {cfg.listen.http}" if cfg.listen.http is not None else "http off")
+    if cfg.listen.udp is not None:
+        parts.append(f"udp {cfg.listen.udp}")
+    if cfg.listen.tokens:
+        parts.append(_plural(len(cfg.listen.tokens), "token"))
+    parts.append(f"state_dir {cfg.state_dir}")
+    return "config OK: " + ", ".join(parts)
