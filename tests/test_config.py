@@ -395,6 +395,8 @@ def test_secret_file_problems(tmp_path: Path) -> None:
 def test_ca_file_must_exist(tmp_path: Path) -> None:
     probs = problems_of({"endpoints": [ep(ca_file="nope.pem")]}, tmp_path)
     assert probs == [f"endpoints[0].ca_file: file not found: {tmp_path / 'nope.pem'}"]
+    probs = problems_of({"endpoints": [ep(ca_file="c" * 300)]}, tmp_path)  # a name too long: no traceback
+    assert probs == [f"endpoints[0].ca_file: cannot read {tmp_path / ('c' * 300)}: File name too long"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,6 +490,18 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"listen": {"htp": ":1"}}, "listen.htp: unknown key (did you mean 'http'?)"),
     ({"endpoints": [ep(nmae="x")]}, "endpoints[0].nmae: unknown key (did you mean 'name'?)"),
     ({"devices": [{"match": "*", "owner": "x", "silence": "1m"}]}, "devices[0].silence: unknown key"),
+    ({"devices": [{"match": "a*", "owner": "o" * 257}]}, "devices[0].owner: must be at most 256 characters (got 257)"),
+    ({"devices": [{"match": "a*", "name": "a\x1bb"}]}, "devices[0].name: must not contain control characters"),
+    ({"endpoints": [ep(name=" a")]}, "endpoints[0].name: must not start or end with whitespace"),
+    ({"endpoints": [ep(description="a\x01b")]}, "endpoints[0].description: must not contain control characters"),
+    ({"endpoints": [ep(events="rebooted")]}, "endpoints[0].events: unknown event 'rebooted' (expected online,"),
+    ({"endpoints": [ep(events=5)]}, "endpoints[0].events: expected a list of events (online, offline, ... or all)"),
+    ({"endpoints": [ep(signature_header="Content-Type")]}, "endpoints[0].signature_header: reserved header"),
+    ({"endpoints": [ep(secret="k", secret_field=" ")]}, "endpoints[0].secret_field: must not be empty (use null"),
+    ({"endpoints": [ep(headers={"x-a": "1", "X-A": "2"})]}, "endpoints[0].headers.X-A: duplicate header"),
+    ({"endpoints": [ep(timeout=[1])]}, "endpoints[0].timeout: expected a duration (e.g. 500ms, 30s, 15m, 2h, 1d), got"),
+    ({"endpoints": [ep(secret_file=5)]}, "endpoints[0].secret_file: expected a string or null, got an integer"),
+    ({"logging": {"level": 3}}, "logging.level: expected a string, got an integer"),
 ]
 
 
