@@ -25,17 +25,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite runs on PYTEST_WORKERS pytest-xdist workers (every test has its own tmp dir and ports); worksteal
+# rebalances the slow whole-daemon tests. PYTEST_WORKERS=0 runs it in one process, as `.venv/bin/pytest -q` does.
+PYTEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
+
 unit: $(STAMP) systemd-tools faketime-tools
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 test: $(STAMP) systemd-tools faketime-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
-# The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout.
+# The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout. Serial
+# on purpose: -s shows the figures (xdist workers would swallow them), and other tests' load would skew them.
 test-long: $(STAMP) faketime-tools
-	$(BIN)/pytest -q -s -m long tests/faults
+	$(BIN)/pytest -q -s -p no:xdist -m long tests/faults
 
 # tests/test_systemd.py checks systemd/webhookd.service with systemd-analyze, and the unit's ExecReload needs
 # /bin/kill: install Debian's packages when they are missing (root on Debian/Ubuntu). Elsewhere those tests skip.
