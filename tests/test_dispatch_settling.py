@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +17,45 @@ from tests.test_retention import event
 from webhookd.config import parse_config
 from webhookd.dispatch import Dispatcher
 from webhookd.presence import Device
-from webhookd.store import EndpointRow, Outcome, Store, StoreError
+from webhookd.store import Change, EndpointRow, Receipt, Store, StoreUnavailable
 
 
 class HeldSaves:
-    """Wraps Store.save_outcomes: while `hold` is clear, saves wait; `fail` makes the next saves raise."""
+    """Wraps Store.save_receipts: while `hold` is clear, saves wait; `fail` makes the next saves fail."""
 
     def __init__(self, store: Store) -> None:
-        self.real = store.save_outcomes
+        self.real = store.save_receipts
         self.hold = asyncio.Event()
         self.hold.set()
         self.fail = 0
         self.waiting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, outcomes: Sequence[Outcome], endpoints: Sequence[EndpointRow]) -> None:
-        self.waiting += 1
-        try:
-            await self.hold.wait()
-        finally:
-            self.waiting -= 1
-        if self.fail:
-            self.fail -= 1
-            raise StoreError("store unavailable: injected")
-        await self.real(outcomes, endpoints)
+    def __call__(self, receipts: Sequence[Receipt], endpoints: Sequence[EndpointRow]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rows = [replace(e) for e in endpoints]  # copied when queued, as the store does
+
+        async def later() -> None:
+            self.waiting += 1
+            try:
+                await self.hold.wait()
+            finally:
+                self.waiting -= 1
+            if self.fail:
+                self.fail -= 1
+                fut.set_exception(StoreUnavailable("store unavailable: injected"))
+                return
+            try:
+                await self.real(receipts, rows)
+            except Exception as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fut
 
 
 @pytest.fixture
@@ -50,7 +67,7 @@ async def rig(tmp_path: Path, store: Store) -> AsyncIterator[tuple[Dispatcher, S
         env={},
     )
     saves = HeldSaves(store)
-    store.save_outcomes = saves  # type: ignore[method-assign]
+    store.save_receipts = saves  # type: ignore[method-assign]
     dispatcher = Dispatcher(cfg, store)
     await dispatcher.start()
     run = asyncio.create_task(dispatcher.run())
@@ -65,7 +82,7 @@ async def rig(tmp_path: Path, store: Store) -> AsyncIterator[tuple[Dispatcher, S
 async def one_event(dispatcher: Dispatcher, store: Store, device: str = "d1") -> None:
     ev = event(time.time(), device)
     dev = Device(device, "online", last_seen=ev.time, changed_at=ev.time)
-    dispatcher.enqueue(await store.record([(dev, ev, dispatcher.targets(ev))]))
+    dispatcher.enqueue(await store.record([Change(dev, ev, dispatcher.targets(ev))]))
 
 
 async def statuses(store: Store) -> dict[str, Any]:
@@ -124,7 +141,7 @@ async def test_a_settling_head_keeps_its_place_when_an_older_row_is_added(rig: A
     saves.hold.clear()
     await one_event(dispatcher, store)  # the second event of d1: delivered, its receipt held
     await eventually(lambda: len(receiver.got) == 2 and saves.waiting == 1, timeout=5)
-    assert await dispatcher.replay([first_id], None, None) == 1  # the older row, while the head settles
+    assert (await dispatcher.replay([first_id], None, None)).total == 1  # the older row, while the head settles
     saves.hold.set()
     await eventually(lambda: len(receiver.got) == 3, timeout=5)
     await eventually(lambda: not dispatcher.endpoints["ops"].lanes, timeout=5)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import Daemon, endpoint
 from webhookd import __version__
-from webhookd.dispatch import Result
+from webhookd.dispatch import AttemptResult
 from webhookd.metrics import Metrics
 from webhookd.store import EndpointRow
 
@@ -210,7 +210,7 @@ async def test_collector_and_hooks_on_fakes() -> None:
     p.api.on_rejected(401)
     p.tracker.on_event("device.online")
     for status in ("pending", "pending", "delivered", "dead", "held"):
-        p.dispatcher.on_result("a", Result(status == "delivered", 200, None, 0.02))
+        p.dispatcher.on_result("a", AttemptResult(status == "delivered", 200, None, 0.02))
         p.dispatcher.on_outcome("a", status)
     p.store.on_write(0.003)
     p.store.counts = {"a": {"pending": 2, "delivered": 7}, "removed": {"held": 5}}

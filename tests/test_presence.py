@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webhookd.presence import Device, DeviceDefaults, Heartbeat, Outcome, PresenceEngine
+from webhookd.presence import Applied, Device, DeviceDefaults, Heartbeat, PresenceEngine
 
 T = 60.0  # silence timeout used below
 
@@ -24,11 +24,11 @@ def hb(
     state: str | None = None,
     address: str | None = "10.0.0.1",
     name: str | None = None,
-) -> Outcome:
+) -> Applied:
     return e.heartbeat(Heartbeat(dev, state=state, address=address, name=name), now, 1_700_000_000 + now)
 
 
-def kind(o: Outcome) -> str | None:
+def kind(o: Applied) -> str | None:
     return o.transition.kind if o.transition else None
 
 

@@ -22,7 +22,6 @@ from webhookd.store import (
     SCHEMA_VERSION,
     Change,
     EndpointRow,
-    Outcome,
     Receipt,
     SQLiteStore,
     Store,
@@ -333,31 +332,3 @@ async def test_writes_after_close_fail_at_once(tmp_path: Path) -> None:
     await asyncio.wait_for(watching, 1)
     with pytest.raises(StoreError, match="not open"):
         await asyncio.wait_for(store.save_devices([Device(id="d", state="online")]), 1)
-
-
-# --- compatibility aliases (removed once dispatch, tracker, admin and daemon use the new names) --------------
-
-
-async def test_compatibility_aliases(store: Store) -> None:
-    assert Outcome is Receipt and Store is SQLiteStore
-    rows = []
-    for i in range(4):
-        ev = event(1000.0 + i, device=f"d{i}")
-        rows += await store.record([(Device(id=ev.device_id, state="online"), ev, [("ep", "pending")])])
-    a, b, c, d = (r.id for r in rows)
-    await store.save_outcomes(
-        [Outcome(a, "dead", 8, None, 500, "HTTP 500"), Outcome(b, "delivered", 1, None, 200, None)], []
-    )
-    assert [r.id for r in await store.load_pending("ep")] == [c, d]
-    assert [r.id for r in await store.load_pending()] == [c, d]
-    replayed, total = await store.replay([a, b], None, None, set())
-    assert ([r.id for r in replayed], total) == ([a, b], 2)
-    replayed, total = await store.replay(None, "ep", "pending", {"ep"})
-    assert (replayed, total) == ([], 4)
-    assert await statuses(store) == dict.fromkeys((a, b, c, d), "held")
-    loop = asyncio.create_task(store.retention_loop(lambda: 3600.0, interval=0.01, first_delay=0.0))
-    await asyncio.sleep(0.05)
-    assert not loop.done()
-    loop.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 from aiohttp import web
@@ -15,20 +15,35 @@ from webhookd.config import redact_url
 from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
 from webhookd.payloads import rfc3339, rfc3339_opt
+from webhookd.states import DELIVERY_STATUSES, DeliveryStatus
 
 if TYPE_CHECKING:
-    from webhookd.daemon import Daemon
-    from webhookd.dispatch import EndpointRuntime
-    from webhookd.store import EndpointRow
+    from webhookd.dispatch import Dispatcher, EndpointRuntime
+    from webhookd.presence import PresenceEngine
+    from webhookd.store import DeliveryStore, EndpointRow
 
 log = get_logger("webhookd.admin")
 
-DELIVERY_STATUSES = ("pending", "held", "delivered", "dead")
-
 
 class AdminAPI:
-    def __init__(self, daemon: Daemon, metrics: Callable[[], Awaitable[bytes]] | None = None) -> None:
-        self.d = daemon
+    """The parts it answers from: the presence engine (devices), the store (counts, listings) and the
+    dispatcher (endpoints and what operators do to them)."""
+
+    def __init__(
+        self,
+        engine: PresenceEngine,
+        store: DeliveryStore,
+        dispatcher: Dispatcher,
+        *,
+        started_wall: float,
+        started_mono: float,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.dispatcher = dispatcher
+        self.started_wall = started_wall
+        self.started_mono = started_mono
         self.metrics_text = metrics
 
     def app(self) -> web.Application:
@@ -59,33 +74,33 @@ class AdminAPI:
             return error_response(500, "internal error")
 
     async def status(self, request: web.Request) -> web.Response:
-        counts = await self.d.store.delivery_counts()
-        totals = dict.fromkeys(DELIVERY_STATUSES, 0)
+        counts = await self.store.delivery_counts()
+        totals: dict[str, int] = dict.fromkeys(DELIVERY_STATUSES, 0)
         for per in counts.values():
             for status, n in per.items():
                 totals[status] = totals.get(status, 0) + n
-        devices = self.d.engine.counts()
+        devices = self.engine.counts()
         devices["total"] = sum(devices.values())
-        eps = self.d.dispatcher.endpoints.values()
+        eps = self.dispatcher.endpoints.values()
         return json_response(
             200,
             {
                 "version": __version__,
                 "pid": os.getpid(),
-                "started_at": rfc3339(self.d.started_wall),
-                "uptime_s": round(time.monotonic() - self.d.started_mono, 3),
+                "started_at": rfc3339(self.started_wall),
+                "uptime_s": round(time.monotonic() - self.started_mono, 3),
                 "devices": devices,
                 "endpoints": {
                     "enabled": sum(1 for rt in eps if not rt.row.disabled),
                     "disabled": sum(1 for rt in eps if rt.row.disabled),
                 },
                 "deliveries": totals,
-                "store": {"healthy": self.d.store.healthy},
+                "store": {"healthy": self.store.healthy},
             },
         )
 
     def _device(self, dev_id: str) -> dict[str, Any] | None:
-        dev = self.d.engine.devices.get(dev_id)
+        dev = self.engine.devices.get(dev_id)
         if dev is None:
             return None
         return {
@@ -99,7 +114,7 @@ class AdminAPI:
 
     async def devices(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
-        devices = self.d.engine.devices
+        devices = self.engine.devices
         ids = sorted(i for i, dev in devices.items() if state is None or dev.state == state)
         return json_response(200, [self._device(i) for i in ids])
 
@@ -126,35 +141,35 @@ class AdminAPI:
         }
 
     async def endpoints(self, request: web.Request) -> web.Response:
-        counts = await self.d.store.delivery_counts()
-        rows = await self.d.store.load_endpoints()
-        live = self.d.dispatcher.endpoints
+        counts = await self.store.delivery_counts()
+        rows = await self.store.load_endpoints()
+        live = self.dispatcher.endpoints
         out = [self._entry(name, rt, rt.row, counts.get(name, {})) for name, rt in live.items()]
         for name in sorted(n for n in set(rows) | set(counts) if n not in live):
             out.append(self._entry(name, None, rows.get(name), counts.get(name, {})))
         return json_response(200, out)
 
     async def _one_endpoint(self, rt: EndpointRuntime) -> web.Response:
-        counts = await self.d.store.delivery_counts()
+        counts = await self.store.delivery_counts()
         return json_response(200, self._entry(rt.cfg.name, rt, rt.row, counts.get(rt.cfg.name, {})))
 
     async def enable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        rt = await self.d.dispatcher.enable(name)
+        rt = await self.dispatcher.enable(name)
         if rt is None:
             return error_response(404, f"unknown endpoint {name!r}")
         return await self._one_endpoint(rt)
 
     async def disable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        rt = await self.d.dispatcher.disable(name, "operator")
+        rt = await self.dispatcher.disable(name, "operator")
         if rt is None:
             return error_response(404, f"unknown endpoint {name!r}")
         return await self._one_endpoint(rt)
 
     async def test(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        result = await self.d.dispatcher.test(name)
+        result = await self.dispatcher.test(name)
         if result is None:
             return error_response(404, f"unknown endpoint {name!r}")
         return json_response(
@@ -178,7 +193,7 @@ class AdminAPI:
             return error_response(400, "limit must be an integer")
         if not 1 <= limit <= 100_000:
             return error_response(400, "limit must be between 1 and 100000")
-        rows = await self.d.store.list_deliveries(status, request.query.get("endpoint") or None, limit)
+        rows = await self.store.list_deliveries(status, request.query.get("endpoint") or None, limit)
         for row in rows:
             row["next_attempt_at"] = rfc3339_opt(row["next_attempt_at"]) if row["status"] == "pending" else None
             row["created_at"] = rfc3339_opt(row["created_at"])
@@ -195,14 +210,14 @@ class AdminAPI:
         if ids is not None:
             if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
                 return error_response(400, "ids must be a non-empty list of integers")
-            n = await self.d.dispatcher.replay(ids, None, None)
+            n = (await self.dispatcher.replay(ids, None, None)).total
         else:
             endpoint, status = body.get("endpoint"), body.get("status", "dead")
             if not isinstance(endpoint, str) or not endpoint:
                 return error_response(400, "give ids, or an endpoint (and a status)")
             if status not in DELIVERY_STATUSES:
                 return error_response(400, "status must be one of " + ", ".join(DELIVERY_STATUSES))
-            n = await self.d.dispatcher.replay(None, endpoint, status)
+            n = (await self.dispatcher.replay(None, endpoint, cast(DeliveryStatus, status))).total
         log.info("deliveries_replayed", count=n)
         return json_response(200, {"replayed": n})
 

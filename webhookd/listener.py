@@ -268,10 +268,10 @@ class HeartbeatAPI:
             raise BadInput(400, "malformed JSON") from None
 
     @staticmethod
-    def _answer(results: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
+    def _answer(results: Sequence[tuple[str, str, bool]]) -> list[dict[str, Any]]:
         return [{"device": d, "state": s, "changed": c} for d, s, c in results]
 
-    async def _apply(self, hbs: list[Heartbeat]) -> list[tuple[str, str, bool]]:
+    async def _apply(self, hbs: list[Heartbeat]) -> Sequence[tuple[str, str, bool]]:
         results = await self.tracker.heartbeats(hbs)
         if self.on_heartbeats is not None:
             self.on_heartbeats(len(hbs))

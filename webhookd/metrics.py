@@ -24,10 +24,11 @@ from prometheus_client.registry import Collector
 
 from webhookd import __version__
 from webhookd.logs import get_logger
-from webhookd.presence import STATES
+from webhookd.states import DELIVERY_STATUSES
+from webhookd.states import DEVICE_STATES as STATES
 
 if TYPE_CHECKING:
-    from webhookd.dispatch import Dispatcher, Result
+    from webhookd.dispatch import AttemptResult, Dispatcher
     from webhookd.listener import HeartbeatAPI
     from webhookd.presence import PresenceEngine
     from webhookd.store import Store
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = get_logger("webhookd.metrics")
 
 NS = "webhookd"
-DELIVERY_STATUSES = ("pending", "held", "dead", "delivered")
 # Persisted delivery status after an attempt -> the attempt's outcome label.
 _OUTCOME_OF = {"delivered": "delivered", "pending": "failed", "dead": "dead", "held": "held"}
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -147,7 +147,7 @@ class Metrics:
             children = self._endpoints[name] = _EndpointChildren(self, name)
         return children
 
-    def on_result(self, endpoint: str, result: Result) -> None:
+    def on_result(self, endpoint: str, result: AttemptResult) -> None:
         self._endpoint(endpoint).duration.observe(result.latency)
 
     def on_outcome(self, endpoint: str, status: str) -> None:

@@ -12,9 +12,9 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-STATES = ("online", "utilizing", "unplugged", "offline")
-REPORTED_STATES = frozenset(("online", "utilizing", "unplugged", "offline", "shutdown", "reboot"))
-UNKNOWN = "unknown"
+from webhookd.states import DEVICE_STATES as STATES
+from webhookd.states import REPORTED_STATES as REPORTED_STATES
+from webhookd.states import UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,9 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Applied:
+    """What one heartbeat (or one expiry) did to a device."""
+
     state: str
     transition: Transition | None  # must be made durable before the heartbeat is acknowledged
     undo: Device | None  # snapshot to restore if making it durable fails
@@ -121,7 +123,7 @@ class PresenceEngine:
 
     # --- the state machine -------------------------------------------------------------------------------
 
-    def heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Outcome:
+    def heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Applied:
         dev = self.devices.get(hb.device)
         if dev is None:
             return self._first_heartbeat(hb, now, wall)
@@ -133,7 +135,7 @@ class PresenceEngine:
             # The common case, routine liveness: no snapshot, no event, persisted lazily.
             self._refresh(dev, hb, now, wall)
             self._dirty.add(dev.id)
-            return Outcome(previous, None, None)
+            return Applied(previous, None, None)
         undo = dev.snapshot()
         self._refresh(dev, hb, now, wall)
 
@@ -155,12 +157,12 @@ class PresenceEngine:
 
         if dev.state == previous and kind is None:
             self._dirty.add(dev.id)
-            return Outcome(dev.state, None, None)
+            return Applied(dev.state, None, None)
         dev.version += 1
         self._dirty.discard(dev.id)
-        return Outcome(dev.state, Transition(dev.snapshot(), previous, kind, reason, offline_for), undo)
+        return Applied(dev.state, Transition(dev.snapshot(), previous, kind, reason, offline_for), undo)
 
-    def _first_heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Outcome:
+    def _first_heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Applied:
         defaults = self._defaults_for(hb.device)
         target, reason = self._target(UNKNOWN, hb.state)
         dev = Device(id=hb.device, state=target, timeout=defaults.silence_timeout, changed_at=wall)
@@ -170,7 +172,7 @@ class PresenceEngine:
         if target != "offline":
             self._push(dev)
         kind = None if target == "offline" else target
-        return Outcome(target, Transition(dev.snapshot(), UNKNOWN, kind, reason, None), None)
+        return Applied(target, Transition(dev.snapshot(), UNKNOWN, kind, reason, None), None)
 
     @staticmethod
     def _target(previous: str, reported: str | None) -> tuple[str, str]:
@@ -193,18 +195,18 @@ class PresenceEngine:
         if hb.address is not None:
             dev.address = hb.address
 
-    def undo(self, outcome: Outcome) -> None:
-        """Restore the device as it was before `outcome`, when its transition could not be made durable."""
-        if outcome.transition is None:
+    def undo(self, applied: Applied) -> None:
+        """Restore the device as it was before `applied`, when its transition could not be made durable."""
+        if applied.transition is None:
             return
-        dev_id = outcome.transition.device.id
+        dev_id = applied.transition.device.id
         current = self.devices.get(dev_id)
-        if current is None or current.version != outcome.transition.device.version:
+        if current is None or current.version != applied.transition.device.version:
             return
-        if outcome.undo is None:
+        if applied.undo is None:
             del self.devices[dev_id]  # its heap entry is dropped lazily
             return
-        restored = outcome.undo.snapshot()
+        restored = applied.undo.snapshot()
         restored.in_heap = current.in_heap
         self.devices[dev_id] = restored
         if restored.state != "offline" and not restored.in_heap:
@@ -219,9 +221,9 @@ class PresenceEngine:
     def next_deadline(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def expire(self, now: float, wall: float, limit: int | None = None) -> list[Outcome]:
+    def expire(self, now: float, wall: float, limit: int | None = None) -> list[Applied]:
         """Devices whose silence deadline is at or before `now` go offline (reason timeout); at most `limit`."""
-        out: list[Outcome] = []
+        out: list[Applied] = []
         heap = self._heap
         while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             _, dev_id = heapq.heappop(heap)
@@ -241,7 +243,7 @@ class PresenceEngine:
             dev.changed_at = wall
             dev.version += 1
             self._dirty.discard(dev.id)
-            out.append(Outcome("offline", Transition(dev.snapshot(), previous, "offline", "timeout", None), undo))
+            out.append(Applied("offline", Transition(dev.snapshot(), previous, "offline", "timeout", None), undo))
         return out
 
     # --- liveness that is persisted lazily ---------------------------------------------------------------
@@ -256,7 +258,7 @@ class PresenceEngine:
         return [self.devices[d].snapshot() for d in ids if d in self.devices]
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for dev in self.devices.values():
             counts[dev.state] = counts.get(dev.state, 0) + 1
         return counts

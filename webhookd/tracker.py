@@ -14,40 +14,47 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 from webhookd.dispatch import Dispatcher
 from webhookd.logs import get_logger
 from webhookd.payloads import EventData, event_type_for, new_event_id
-from webhookd.presence import Device, Heartbeat, Outcome, PresenceEngine
-from webhookd.store import Store, StoreError
+from webhookd.presence import Applied, Heartbeat, PresenceEngine
+from webhookd.states import DeliveryStatus
+from webhookd.store import Change, DeliveryStore, StoreError
 
-log = get_logger("webhookd.presence")
+log = get_logger("webhookd.tracker")
 
 SWEEP_MAX_SLEEP = 0.25  # offline is detected at most this long after its deadline
 SWEEP_RETRY = 1.0  # after a failed offline commit, expire again this much later (the store is failing)
 EXPIRE_CHUNK = 250  # devices taken offline per slice of the event loop (a few ms)
+# Chunks whose commit may be in flight at once: two of the writer's group commits (~2,000 events each). A power
+# cut of 100,000 devices then holds ~4,000 offline events in memory at a time, not all of them (bench row 8);
+# it is recorded no later, the writer being the bound either way.
+COMMITS_IN_FLIGHT = 16
 FLUSH_CHUNK = 5000
 LOG_EACH_MAX = 100  # a commit with more events than this logs one summary line
 LOG_SAMPLE = 10  # device ids named in that line
 
 
-Result = tuple[str, str, bool]  # (device, state, changed: an event was recorded)
-T = TypeVar("T")
+class HeartbeatAnswer(NamedTuple):
+    device: str
+    state: str
+    changed: bool  # an event was recorded
 
 
 @dataclass(slots=True)
 class _Commit:
-    outcomes: list[Outcome]
+    applied: list[Applied]
     gate: asyncio.Future[None]
-    items: list[tuple[Device, EventData | None, list[tuple[str, str]]]]
+    changes: list[Change]
 
 
 class Tracker:
     def __init__(
         self,
         engine: PresenceEngine,
-        store: Store,
+        store: DeliveryStore,
         dispatcher: Dispatcher,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -61,9 +68,10 @@ class Tracker:
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
         self._sweep_backoff_until = 0.0
+        self._commits: set[asyncio.Task[HeartbeatAnswer]] = set()  # heartbeat_nowait's, referenced until done
         self.on_event: Callable[[str], None] | None = None  # metrics hook: one call per recorded event
 
-    async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[Result]:
+    async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[HeartbeatAnswer]:
         """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
 
         Raises StoreError when the events could not be recorded (nothing of this call is then applied)."""
@@ -75,52 +83,61 @@ class Tracker:
             if not pending:
                 break
             await asyncio.wait(pending)
-        results: list[Result] = []
-        outcomes: list[Outcome] = []
+        results: list[HeartbeatAnswer] = []
+        applied: list[Applied] = []
         now, wall = self._clock(), self._wall()  # one moment: nothing yields in between
         for hb in hbs:
-            outcome = self.engine.heartbeat(hb, now, wall)
-            changed = outcome.transition is not None and outcome.transition.kind is not None
-            results.append((hb.device, outcome.state, changed))
-            if outcome.transition is not None:
-                outcomes.append(outcome)
-        if outcomes:
-            await self._record(self._prepare(outcomes), None)
+            a = self.engine.heartbeat(hb, now, wall)
+            changed = a.transition is not None and a.transition.kind is not None
+            results.append(HeartbeatAnswer(hb.device, a.state, changed))
+            if a.transition is not None:
+                applied.append(a)
+        if applied:
+            await self._record(self._prepare(applied))
         return results
 
-    def heartbeat_nowait(self, hb: Heartbeat) -> Result | Coroutine[Any, Any, Result]:
-        """`heartbeats([hb])` for one heartbeat, without a coroutine when none is needed: applied at once when
-        that needs no commit (the usual "still alive"), returning its (device, state, changed). Otherwise a
-        coroutine the caller must run to that result: it waits for the device's commit in flight and then
-        applies `hb`, or records the event `hb` made (its commit gate already taken, so order holds)."""
+    def heartbeat_nowait(self, hb: Heartbeat) -> HeartbeatAnswer | asyncio.Task[HeartbeatAnswer]:
+        """`heartbeats([hb])` for one heartbeat, applied at once when that needs no commit (the usual "still
+        alive"): its answer. Otherwise a task, already running, that waits for the device's commit in flight
+        and then applies `hb`, or records the event `hb` made (its commit gate already taken, so order holds);
+        awaiting it gives the answer once the event is durable, and a caller that never awaits it loses nothing."""
         if hb.device in self._pending:
-            return self._one(hb)
-        outcome = self.engine.heartbeat(hb, self._clock(), self._wall())
-        t = outcome.transition
-        result = (hb.device, outcome.state, t is not None and t.kind is not None)
+            return self._track(self._one(hb))
+        a = self.engine.heartbeat(hb, self._clock(), self._wall())
+        t = a.transition
+        answer = HeartbeatAnswer(hb.device, a.state, t is not None and t.kind is not None)
         if t is None:
-            return result
-        return self._record(self._prepare([outcome]), result)
+            return answer
+        return self._track(self._answer(self._prepare([a]), answer))
 
-    async def _one(self, hb: Heartbeat) -> Result:
+    def _track(self, coro: Coroutine[Any, Any, HeartbeatAnswer]) -> asyncio.Task[HeartbeatAnswer]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._commits.add(task)
+        task.add_done_callback(self._commits.discard)
+        return task
+
+    async def _one(self, hb: Heartbeat) -> HeartbeatAnswer:
         return (await self.heartbeats([hb]))[0]
 
-    async def _record(self, c: _Commit, result: T) -> T:
+    async def _answer(self, c: _Commit, answer: HeartbeatAnswer) -> HeartbeatAnswer:
+        await self._record(c)
+        return answer
+
+    async def _record(self, c: _Commit) -> None:
         await self._finish(c)
         self._wake.set()  # a new live device may now hold the earliest deadline
-        return result
 
-    def _prepare(self, outcomes: list[Outcome]) -> _Commit:
-        """Build the events of `outcomes` and register their devices' commit gate, without yielding: from here
+    def _prepare(self, applied: list[Applied]) -> _Commit:
+        """Build the events of `applied` and register their devices' commit gate, without yielding: from here
         on a heartbeat for one of these devices waits for this commit."""
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        items = []
-        for o in outcomes:
-            t = o.transition
+        changes = []
+        for a in applied:
+            t = a.transition
             assert t is not None
             self._pending[t.device.id] = gate
             event = None
-            targets: list[tuple[str, str]] = []
+            targets: list[tuple[str, DeliveryStatus]] = []
             if t.kind is not None:
                 d = t.device
                 event = EventData(
@@ -138,21 +155,21 @@ class Tracker:
                     offline_for=t.offline_for,
                 )
                 targets = self.dispatcher.targets(event)
-            items.append((t.device, event, targets))
-        return _Commit(outcomes, gate, items)
+            changes.append(Change(t.device, event, targets))
+        return _Commit(applied, gate, changes)
 
     async def _finish(self, c: _Commit, *, summarize: bool = False) -> None:
         """Record a prepared commit (one transaction), then hand its deliveries to the dispatcher. With
         `summarize`, more than LOG_EACH_MAX events are logged as one line."""
         try:
-            rows = await self.store.record(c.items)
+            rows = await self.store.record(c.changes)
         except StoreError:
             self._undo(c)
             raise
         finally:
             self._open_gate(c)
         self.dispatcher.enqueue(rows)
-        events = [(o, event, targets) for o, (_, event, targets) in zip(c.outcomes, c.items, strict=True) if event]
+        events = [(a, ch.event, ch.targets) for a, ch in zip(c.applied, c.changes, strict=True) if ch.event]
         if self.on_event is not None:
             for _, event, _ in events:
                 self.on_event(event.type)
@@ -167,8 +184,8 @@ class Tracker:
                 deliveries=sum(len(targets) for _, _, targets in events),
             )
             return
-        for o, event, targets in events:
-            t = o.transition
+        for a, event, targets in events:
+            t = a.transition
             assert t is not None
             log.info(
                 f"device_{t.kind}",
@@ -186,7 +203,7 @@ class Tracker:
             await self._finish(c, summarize=True)
         except StoreError as e:
             # Undone: they expire again once the store can write.
-            log.error("offline_not_recorded", devices=len(c.outcomes), error=str(e))
+            log.error("offline_not_recorded", devices=len(c.applied), error=str(e))
             self._sweep_backoff_until = self._clock() + SWEEP_RETRY
 
     async def sweep_loop(self) -> None:
@@ -200,34 +217,43 @@ class Tracker:
         commits: dict[asyncio.Task[None], _Commit] = {}
         storm: set[asyncio.Task[None]] = set()  # commits of the big sweep the dispatcher is yielding to
         loop = asyncio.get_running_loop()
+
+        def reap() -> None:
+            for task in [t for t in commits if t.done()]:
+                del commits[task]
+                storm.discard(task)
+                task.result()  # anything but a StoreError is a bug: let it take the daemon down
+
         try:
             while True:
                 self._wake.clear()
                 while self._clock() >= self._sweep_backoff_until:
-                    outcomes = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
-                    if not outcomes:
+                    reap()
+                    if len(commits) >= COMMITS_IN_FLIGHT:
+                        break  # memory holds this many chunks' events at most; a commit's end wakes us
+                    expired = self.engine.expire(self._clock(), self._wall(), limit=EXPIRE_CHUNK)
+                    if not expired:
                         break
-                    c = self._prepare(outcomes)
+                    c = self._prepare(expired)
                     task = loop.create_task(self._commit_expired(c))
                     task.add_done_callback(lambda _: self._wake.set())  # reap it, maybe release the dispatcher
                     commits[task] = c
-                    if len(outcomes) < EXPIRE_CHUNK and not storm:
+                    if len(expired) < EXPIRE_CHUNK and not storm:
                         break
                     storm.add(task)  # a big sweep (or the tail of one)
                     self.dispatcher.yield_to_sweep(True)
-                    if len(outcomes) < EXPIRE_CHUNK:
+                    if len(expired) < EXPIRE_CHUNK:
                         break
                     await asyncio.sleep(0)  # heartbeats get in between chunks
-                for task in [t for t in commits if t.done()]:
-                    del commits[task]
-                    storm.discard(task)
-                    task.result()  # anything but a StoreError is a bug: let it take the daemon down
+                reap()
                 if not storm:
                     self.dispatcher.yield_to_sweep(False)
                 now = self._clock()
                 deadline = self.engine.next_deadline()
                 delay = SWEEP_MAX_SLEEP if deadline is None else deadline - now
                 delay = min(max(delay, 0.005, self._sweep_backoff_until - now), SWEEP_MAX_SLEEP)
+                if len(commits) >= COMMITS_IN_FLIGHT:
+                    delay = SWEEP_MAX_SLEEP
                 try:
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
@@ -245,13 +271,13 @@ class Tracker:
                     self._open_gate(c)
 
     def _undo(self, c: _Commit) -> None:
-        for o in reversed(c.outcomes):
-            self.engine.undo(o)
+        for a in reversed(c.applied):
+            self.engine.undo(a)
 
     def _open_gate(self, c: _Commit) -> None:
-        for device, _, _ in c.items:
-            if self._pending.get(device.id) is c.gate:
-                del self._pending[device.id]
+        for ch in c.changes:
+            if self._pending.get(ch.device.id) is c.gate:
+                del self._pending[ch.device.id]
         c.gate.set_result(None)
 
     async def flush(self) -> None:
@@ -267,7 +293,4 @@ class Tracker:
     async def flush_loop(self, interval: float = 5.0) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self.flush()
-            if not self.store.healthy:
-                # Nothing else may write for a while: find out by ourselves when the store recovers.
-                await self.store.probe()
+            await self.flush()  # the store probes by itself while it is unavailable

@@ -436,9 +436,9 @@ async def test_guarded_resolver_drops_link_local_answers() -> None:
     with pytest.raises(OSError):
         await r.resolve("metadata.example", 80)  # the opt-in is per host
     for addr in ("169.254.169.254", "fe80::1", "fe80::1%lo", "::ffff:169.254.0.1", "FE80::1"):
-        assert dispatch._blocked(addr), addr
+        assert dispatch.is_link_local(addr), addr
     for addr in ("127.0.0.1", "10.0.0.1", "192.168.0.1", "::1", "fd00::1", "8.8.8.8", "example.com", ""):
-        assert not dispatch._blocked(addr), addr
+        assert not dispatch.is_link_local(addr), addr
 
 
 async def _wait_dead(d: Daemon, names: list[str], timeout: float = 15.0) -> dict[str, dict[str, Any]]:

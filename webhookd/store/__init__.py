@@ -21,7 +21,6 @@ from webhookd.store.sqlite import MAX_BATCH, MAX_BATCH_ROWS, PROBE_INTERVAL, SQL
 from webhookd.store.sqlite_schema import SCHEMA_VERSION
 
 Store = SQLiteStore
-Outcome = Receipt  # compatibility alias: the persisted attempt result used to be called Outcome
 
 __all__ = [
     "MAX_BATCH",
@@ -34,7 +33,6 @@ __all__ = [
     "DeliveryRow",
     "DeliveryStore",
     "EndpointRow",
-    "Outcome",
     "Pruned",
     "Receipt",
     "Requeued",

@@ -39,12 +39,10 @@ from webhookd.store.api import (
     StoreError,
     StoreUnavailable,
 )
-from webhookd.store.compat import SQLiteCompat
 from webhookd.store.sqlite_schema import connect, connect_reader
 from webhookd.store.sqlite_writes import (
     CallOp,
     DevicesOp,
-    LegacyChange,
     WriteOp,
     apply,
     device_row,
@@ -72,7 +70,7 @@ def _probe(c: sqlite3.Connection) -> None:
     )
 
 
-class SQLiteStore(SQLiteCompat):
+class SQLiteStore:
     """`DeliveryStore` on a SQLite file (see the module docstring)."""
 
     def __init__(self, path: Path, *, probe_interval: float = PROBE_INTERVAL) -> None:
@@ -332,7 +330,7 @@ class SQLiteStore(SQLiteCompat):
 
     # --- the outbox --------------------------------------------------------------------------------------
 
-    async def record(self, changes: Sequence[Change | LegacyChange]) -> list[DeliveryRow]:
+    async def record(self, changes: Sequence[Change]) -> list[DeliveryRow]:
         rows: list[DeliveryRow] = await self._queue_op(record_op(changes))
         return rows
 

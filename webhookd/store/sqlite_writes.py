@@ -20,7 +20,6 @@ from webhookd.presence import Device
 from webhookd.store.api import Change, DeliveryRow, EndpointRow, Receipt
 
 # (device, event, [(endpoint, status)]): what record() took before Change existed (kept while callers switch)
-LegacyChange = tuple[Device, EventData | None, Sequence[tuple[str, str]]]
 
 UPSERT_DEVICE = (
     "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at)"
@@ -60,7 +59,7 @@ def endpoint_row(r: EndpointRow) -> EndpointTuple:
 
 @dataclass(slots=True)
 class RecordOp:
-    changes: Sequence[Change | LegacyChange]
+    changes: Sequence[Change]
     rows: int
 
 
@@ -92,10 +91,10 @@ class CallOp:
 WriteOp = RecordOp | DevicesOp | ReceiptsOp | CallOp
 
 
-def record_op(changes: Sequence[Change | LegacyChange]) -> RecordOp:
+def record_op(changes: Sequence[Change]) -> RecordOp:
     rows = 0
     for ch in changes:
-        rows += 2 + len(ch[2] if isinstance(ch, tuple) else ch.targets)
+        rows += 2 + len(ch.targets)
     return RecordOp(changes, rows)
 
 
@@ -152,10 +151,7 @@ def _merged(c: sqlite3.Connection, ops: Sequence[WriteOp], run: list[int], resul
         if isinstance(op, RecordOp):
             start = len(wanted)
             for ch in op.changes:
-                if isinstance(ch, tuple):
-                    device, event, targets = ch
-                else:
-                    device, event, targets = ch.device, ch.event, ch.targets
+                device, event, targets = ch.device, ch.event, ch.targets
                 devices.append(device_row(device))
                 if event is not None:
                     events.append((event.id, event.type, event.device_id, event.time, event.to_json()))

@@ -1,0 +1,19 @@
+"""Delivery (CONTRACT §7): retry.py decides (pure), sender.py sends, lanes.py keeps order and the memory
+window, dispatcher.py schedules, operator.py applies what operators and reloads change."""
+
+from webhookd.dispatch.dispatcher import RESAVE_DELAY, UNSAVED_FACTOR, Dispatcher
+from webhookd.dispatch.lanes import Delivery, EndpointRuntime
+from webhookd.dispatch.sender import AttemptResult, GuardedResolver, Sender, Target, is_link_local
+
+__all__ = [
+    "RESAVE_DELAY",
+    "UNSAVED_FACTOR",
+    "AttemptResult",
+    "Delivery",
+    "Dispatcher",
+    "EndpointRuntime",
+    "GuardedResolver",
+    "Sender",
+    "Target",
+    "is_link_local",
+]

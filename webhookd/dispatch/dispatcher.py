@@ -1,0 +1,441 @@
+"""Delivery: scheduling, workers, paging, and applying each attempt's Decision (CONTRACT §7).
+
+Due lane heads (lanes.py) go to a fixed pool of worker tasks, within the global and per-endpoint concurrency:
+handed out by one scheduler loop (timers, wake-ups) and by each worker as it finishes. A failing endpoint
+pauses and then gets a single probe (retry.capacity); only a success reopens it. A lane moves on only once its
+head's receipt is persisted, so a crash can repeat a delivery but never reorder one; a worker does not wait for
+that commit: the head stays in its lane, *settling*, meanwhile (at most UNSAVED_FACTOR x concurrency per
+endpoint). Every task (workers, page reads, retries of a hold) runs in the dispatcher's TaskGroup: an
+unexpected exception anywhere ends `run()` with it, and the daemon exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import replace
+from typing import Any
+
+from webhookd.config import Config
+from webhookd.dispatch import retry
+from webhookd.dispatch.lanes import LANE_MAX, WINDOW, Delivery, Due, EndpointRuntime
+from webhookd.dispatch.operator import OperatorActions
+from webhookd.dispatch.sender import AttemptResult, Sender
+from webhookd.logs import get_logger
+from webhookd.payloads import EventData, render
+from webhookd.states import DeliveryStatus
+from webhookd.store import DeliveryRow, DeliveryStore, Receipt, StoreError
+
+log = get_logger("webhookd.dispatch")
+
+RESAVE_DELAY = 2.0  # seconds before a head whose receipt could not be saved (or a failed page read) is retried
+# Receipts an endpoint may have waiting for their commit, per unit of its concurrency. Workers do not wait for
+# the commit (an fsync), so this bounds what a crash can send twice: (1 + UNSAVED_FACTOR) x concurrency.
+UNSAVED_FACTOR = 4
+
+
+class Dispatcher(OperatorActions):
+    def __init__(
+        self,
+        cfg: Config,
+        store: DeliveryStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._clock = clock
+        self._wall = wall
+        self._rng = rng
+        self.sender = Sender(cfg.delivery.timeout, wall=wall)
+        self.endpoints: dict[str, EndpointRuntime] = {}
+        self.inflight = 0
+        self._jobs: asyncio.Queue[tuple[EndpointRuntime, int, Delivery]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._drain = 0.0
+        self._done = asyncio.Event()
+        self._yielding = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # every task of ours in the TaskGroup (workers too)
+        self._crash: BaseException | None = None
+        self._receipts: set[asyncio.Future[None]] = set()
+        # in flight or settling while their lanes were thrown away (disable/enable/removal): never taken again
+        self._stale: set[int] = set()
+        self.on_result: Callable[[str, AttemptResult], None] | None = None  # metrics hook
+        self.on_outcome: Callable[[str, str], None] | None = None  # metrics hook: persisted status of an attempt
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Schedule until stop(); then drain in-flight attempts for the stop's budget and cancel the rest (they
+        stay pending in the store). Raises whatever any of the dispatcher's tasks raised unexpectedly."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._ensure_workers()
+                await self._schedule()
+                if self.inflight:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._drain):
+                            await self._idle.wait()
+                self._tg = None
+                for t in self._tasks:
+                    t.cancel()
+            if self._receipts:  # receipts already known are worth saving: fewer repeats after a restart
+                await asyncio.wait(self._receipts, timeout=max(self._drain, 1.0))
+        finally:
+            self._tg = None
+            self._workers.clear()
+            await self.sender.close()
+            self._done.set()
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop scheduling; in-flight attempts get `drain_timeout` seconds; returns once run() has ended."""
+        self._stopping = True
+        self._drain = drain_timeout
+        self._wake.set()
+        if self._tg is not None or self._workers:
+            await self._done.wait()
+        else:
+            await self.sender.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._tg is None or self._stopping:
+            coro.close()
+            return
+        task = self._tg.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """Run a continuation from a callback: an exception there must end run(), not vanish in the loop's
+        exception handler."""
+        try:
+            fn()
+        except Exception as e:
+            self._crash = self._crash or e
+            self._wake.set()
+
+    async def _schedule(self) -> None:
+        while not self._stopping:
+            if self._crash is not None:
+                raise self._crash
+            self._wake.clear()
+            delay = self._dispatch_due()
+            if self._stopping:
+                break
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+
+    def _ensure_workers(self) -> None:
+        while self._tg is not None and len(self._workers) < self.cfg.delivery.concurrency:
+            task = self._tg.create_task(self._worker(), name=f"delivery-worker-{len(self._workers)}")
+            self._workers.append(task)
+            self._tasks.add(task)
+
+    def yield_to_sweep(self, on: bool) -> None:
+        """While on, start no new attempts (those in flight go on): a power cut's offline events are being
+        recorded, and recording them on time matters more than delivering the first of them early."""
+        if self._yielding and not on:
+            self._wake.set()
+        self._yielding = on
+
+    def _dispatch_due(self) -> float | None:
+        now = self._clock()
+        for rt in self.endpoints.values():
+            if rt.needs_page():
+                self._page(rt)
+        if self._yielding:
+            return None  # yield_to_sweep(False) wakes us
+        next_due = float("inf")
+        limit = self.cfg.delivery.concurrency
+        for rt in list(self.endpoints.values()):
+            if rt.row.disabled or not rt.ready:
+                continue
+            cap = retry.capacity(rt.health, rt.cfg.concurrency, now)
+            if cap == 0:
+                next_due = min(next_due, rt.health.paused_until)
+                continue
+            while rt.ready and self.inflight < limit:
+                if rt.inflight >= cap or rt.unsaved >= UNSAVED_FACTOR * rt.cfg.concurrency:
+                    break
+                due, _, device = rt.ready[0]
+                if due > now:
+                    next_due = min(next_due, due)
+                    break
+                heapq.heappop(rt.ready)
+                d = rt.head(device)
+                if d is None or d.inflight or d.settling:
+                    continue
+                rt.inflight += 1
+                self.inflight += 1
+                self._idle.clear()
+                d.inflight = True
+                self._jobs.put_nowait((rt, rt.generation, d))
+        if next_due == float("inf"):
+            return None
+        return max(0.0, next_due - now)
+
+    async def _worker(self) -> None:
+        while True:
+            rt, generation, d = await self._jobs.get()
+            try:
+                await self._deliver(rt, generation, d)
+            finally:
+                d.inflight = False
+                rt.inflight -= 1
+                self.inflight -= 1
+                if self.inflight == 0:
+                    self._idle.set()
+            # Hand out the next due job right here: this worker's next get() then finds it without a trip
+            # through the scheduler task. Only a future due time needs the scheduler's timer.
+            if not self._stopping and self._dispatch_due() is not None:
+                self._wake.set()
+
+    # --- rows in and out of memory -------------------------------------------------------------------------
+
+    def _due(self) -> Due:
+        return Due(self._clock(), self._wall(), 2 * max(self.cfg.delivery.retry_schedule))
+
+    def targets(self, event: EventData) -> list[tuple[str, DeliveryStatus]]:
+        """(endpoint, initial status) for every endpoint subscribed to `event`."""
+        return [
+            (name, "held" if rt.row.disabled else "pending") for name, rt in self.endpoints.items() if rt.wants(event)
+        ]
+
+    def enqueue(self, rows: Iterable[DeliveryRow]) -> None:
+        """Pending rows just committed (by the tracker)."""
+        by_endpoint: dict[str, list[DeliveryRow]] = {}
+        for r in rows:
+            by_endpoint.setdefault(r.endpoint, []).append(r)
+        due = self._due()
+        for name, group in by_endpoint.items():
+            rt = self.endpoints.get(name)
+            if rt is not None and not rt.row.disabled:
+                rt.offer(group, due, self._stale)
+        self._wake.set()
+
+    def _page(self, rt: EndpointRuntime) -> None:
+        rt.paging = True
+        self._spawn(self._read_page(rt, rt.generation, rt.fetch_started()), f"page-{rt.cfg.name}")
+
+    async def _read_page(self, rt: EndpointRuntime, generation: int, started: int) -> None:
+        try:
+            while True:
+                asked = WINDOW - len(rt.known)
+                try:
+                    rows = await self.store.load_pending_page(rt.cfg.name, rt.cursor, asked)
+                except StoreError as e:
+                    log.warning("deliveries_not_loaded", endpoint=rt.cfg.name, error=str(e))
+                    await asyncio.sleep(RESAVE_DELAY)
+                    continue
+                if generation != rt.generation or self.endpoints.get(rt.cfg.name) is not rt:
+                    return
+                rt.take_page(rows, asked, self._due(), self._stale)
+                self._wake.set()
+                if not rt.more or len(rt.known) >= WINDOW // 2 or rt.row.disabled:
+                    return
+                await asyncio.sleep(0)  # a backlog of skipped rows: heartbeats get in between pages
+        finally:
+            rt.fetch_done(started)
+            if generation == rt.generation:
+                rt.paging = False
+                self._wake.set()
+
+    def _refill(self, rt: EndpointRuntime, device: str) -> None:
+        lane = rt.lanes.get(device)
+        if lane is None or lane.refilling:
+            return
+        lane.refilling = True
+        started = rt.fetch_started()
+        self._spawn(self._read_lane(rt, rt.generation, device, lane.last_id, started), f"lane-{rt.cfg.name}")
+
+    async def _read_lane(self, rt: EndpointRuntime, generation: int, device: str, after: int, started: int) -> None:
+        try:
+            while True:
+                try:
+                    rows = await self.store.load_pending_lane(rt.cfg.name, device, after, LANE_MAX)
+                except StoreError as e:
+                    log.warning("deliveries_not_loaded", endpoint=rt.cfg.name, device=device, error=str(e))
+                    await asyncio.sleep(RESAVE_DELAY)
+                    continue
+                if generation != rt.generation or self.endpoints.get(rt.cfg.name) is not rt:
+                    return
+                if not rt.take_lane(device, rows, LANE_MAX, self._due(), self._stale):
+                    break
+                lane = rt.lanes[device]
+                lane.refilling, after = True, lane.last_id
+        finally:
+            rt.fetch_done(started)
+            self._wake.set()
+
+    def _advance(self, rt: EndpointRuntime, d: Delivery, now: float) -> None:
+        if rt.advance(d, now):
+            self._refill(rt, d.event.device_id)
+
+    # --- one delivery --------------------------------------------------------------------------------------
+
+    def _body(self, rt: EndpointRuntime, d: Delivery) -> bytes:
+        if d.body_for is not rt.cfg:
+            d.body = render(d.event, rt.cfg)
+            d.body_for = rt.cfg
+        return d.body
+
+    async def _deliver(self, rt: EndpointRuntime, generation: int, d: Delivery) -> None:
+        started = self._clock()
+        result = await self.sender.attempt(rt.target, d.event.id, self._body(rt, d), d.attempts + 1)
+        d.inflight = False  # the request is over: dropping its lane from here on makes it no stale attempt
+        if self.on_result is not None:
+            self.on_result(rt.cfg.name, result)
+        d.attempts += 1
+        now = self._clock()
+        ctx = {
+            "endpoint": rt.cfg.name,
+            "delivery_id": d.id,
+            "device": d.event.device_id,
+            "attempt": d.attempts,
+            "status": result.status,
+            "duration_ms": round(result.latency * 1000, 1),
+        }
+        stale = generation != rt.generation or self.endpoints.get(rt.cfg.name) is not rt
+        if result.ok:
+            log.info("delivery_succeeded", **ctx)
+            if not stale:
+                rt.health = retry.Health()
+                rt.row.consecutive_failures = 0
+            self._settle_receipt(rt, generation, d, result, now, stale)
+            return
+        if stale:
+            await self._stale_failure(rt, d, result, ctx)
+            return
+        decision = retry.decide(
+            ok=False,
+            http_status=result.status,
+            retry_after=result.retry_after,
+            attempts=d.attempts,
+            started=started,
+            now=now,
+            health=rt.health,
+            schedule=self.cfg.delivery.retry_schedule,
+            disable_after=self.cfg.delivery.disable_after,
+            jitter=self._rng(),
+        )
+        rt.health = decision.health
+        rt.row.consecutive_failures = decision.health.consecutive_failures
+        rt.row.last_error = result.error
+        if decision.disable is not None:
+            log.warning("delivery_failed", error=result.error, next="held", **ctx)
+            await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
+            await self.disable(rt.cfg.name, decision.disable)
+        elif decision.status == "dead":
+            log.warning("delivery_dead", error=result.error, **ctx)
+            if await self._persist(Receipt(d.id, "dead", d.attempts, None, result.status, result.error), rt):
+                self._advance(rt, d, now)
+            else:
+                self._retry_head(rt, generation, d, RESAVE_DELAY)
+        else:
+            delay = decision.retry_in or 0.0
+            d.due = now + delay
+            log.warning("delivery_failed", error=result.error, retry_in_s=round(delay, 3), **ctx)
+            receipt = Receipt(d.id, "pending", d.attempts, self._wall() + delay, result.status, result.error)
+            await self._persist(receipt, rt)
+            if generation == rt.generation and self.endpoints.get(rt.cfg.name) is rt:
+                heapq.heappush(rt.ready, (d.due, d.id, d.event.device_id))
+
+    def _settle_receipt(
+        self, rt: EndpointRuntime, generation: int, d: Delivery, result: AttemptResult, now: float, stale: bool
+    ) -> None:
+        """The worker goes back to the pool at once; the lane moves on when the receipt is saved. Waiting here
+        for the commit (an fsync) would bound throughput by concurrency / commit latency."""
+        d.settling = True
+        rt.unsaved += 1
+
+        def saved(ok: bool) -> None:
+            rt.unsaved -= 1
+            d.settling = False
+            dropped = d.id in self._stale  # its lane was thrown away while it was in flight or settling
+            self._stale.discard(d.id)
+            self._wake.set()
+            if ok:
+                self._advance(rt, d, now)
+            elif not (dropped or stale):
+                self._retry_head(rt, generation, d, RESAVE_DELAY)
+            else:
+                # Not saved, and its lane is gone: the row is still pending (or held) in the store. An enabled
+                # endpoint takes it again now (its page skipped it while it settled).
+                self._take_back(d)
+
+        self._save(Receipt(d.id, "delivered", d.attempts, None, result.status, None), rt, saved)
+
+    def _take_back(self, d: Delivery, attempts: int = 0) -> None:
+        current = self.endpoints.get(d.endpoint)
+        if current is not None and not current.row.disabled:
+            row = DeliveryRow(d.id, d.event, d.endpoint, attempts, self._wall())
+            current.offer([row], self._due(), (), force=True)
+            self._wake.set()
+
+    async def _stale_failure(
+        self, rt: EndpointRuntime, d: Delivery, result: AttemptResult, ctx: dict[str, Any]
+    ) -> None:
+        self._stale.discard(d.id)
+        current = self.endpoints.get(rt.cfg.name)
+        if current is not None and not current.row.disabled:
+            # Enabled again while this attempt was in flight: the release made the row pending with a fresh
+            # budget, and the new lanes skipped it while it was in flight. Queue it now.
+            log.warning("delivery_failed", error=result.error, next="retry", **ctx)
+            wall = self._wall()
+            await self._persist(Receipt(d.id, "pending", 0, wall, result.status, result.error), current)
+            if not current.row.disabled and self.endpoints.get(rt.cfg.name) is current:
+                self._take_back(d)
+            return
+        # Disabled or removed while this attempt was in flight: it stays held.
+        log.warning("delivery_failed", error=result.error, next="held", **ctx)
+        await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
+
+    def _retry_head(self, rt: EndpointRuntime, generation: int, d: Delivery, delay: float) -> None:
+        """Keep `d` at its lane's head and try it again later (its receipt could not be saved): the lane must
+        not move on, or a restart would deliver out of order."""
+        if rt.retry_head(d, generation, self._clock() + delay):
+            self._wake.set()
+
+    async def _persist(self, receipt: Receipt, rt: EndpointRuntime) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._save(receipt, rt, done.set_result)
+        return await asyncio.shield(done)
+
+    def _save(self, receipt: Receipt, rt: EndpointRuntime, then: Callable[[bool], None]) -> None:
+        """Queue `receipt` (the store merges those of one group commit into one statement), then `then(saved)`."""
+        try:
+            fut = self.store.save_receipts([receipt], [replace(rt.row)])
+        except StoreError as e:  # the store is gone (its writer died): supervise() ends the daemon
+            log.error("delivery_outcome_not_saved", deliveries=[receipt.delivery_id], error=str(e))
+            self._guard(lambda: then(False))
+            return
+        self._receipts.add(fut)
+
+        def finished(f: asyncio.Future[None]) -> None:
+            self._receipts.discard(f)
+            ok = not f.cancelled() and f.exception() is None
+            if not ok:
+                # The row stays pending in the store: a restart would deliver it again (at-least-once).
+                error = "cancelled" if f.cancelled() else str(f.exception())
+                log.error("delivery_outcome_not_saved", deliveries=[receipt.delivery_id], error=error)
+            self._guard(lambda: then(ok))
+
+        fut.add_done_callback(finished)
+        if self.on_outcome is not None:
+            self.on_outcome(rt.cfg.name, receipt.status)
