@@ -1,8 +1,10 @@
 """The composition root: wires store, presence, dispatcher and listeners; owns signals and the lifecycle.
 
-startup (store open, state loaded, listeners bound, READY=1) -> main loop (a TaskGroup: any task that crashes
-takes the daemon down with a non-zero exit, and systemd restarts it) -> shutdown (STOPPING=1, listeners
-closed, a timed drain of in-flight deliveries, then cancel; what did not finish stays queued in the store).
+startup (store open, state loaded, listeners bound, READY=1) -> main loop (a TaskGroup holding every
+long-lived task, the store's writer watch and the dispatcher's own TaskGroup included: any of them that
+crashes takes the daemon down with exit 1 within moments, /healthz says 503 meanwhile, and systemd restarts
+it) -> shutdown (STOPPING=1, listeners closed, a timed drain of in-flight deliveries, then cancel; what did not
+finish stays queued in the store), all of it within one STOP_BUDGET below the unit's TimeoutStopSec.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -30,16 +32,20 @@ from webhookd.listener import HeartbeatAPI
 from webhookd.logs import configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
 from webhookd.presence import DeviceDefaults, PresenceEngine
-from webhookd.store import Store, StoreError
+from webhookd.store import Store, StoreError, retention_loop
 from webhookd.tracker import Tracker
 from webhookd.udp import UDPListener
 
 log = get_logger("webhookd.daemon")
 
-DRAIN_MAX = 10.0  # seconds in-flight deliveries get at shutdown
+STOP_BUDGET = 25.0  # seconds the whole shutdown may take: below the unit's TimeoutStopSec=30s
+DRAIN_MAX = 10.0  # seconds in-flight deliveries get at shutdown (within the budget)
+CLOSE_MAX = 5.0  # seconds each step of the final close may take (the store's last commit, a socket)
 FLUSH_INTERVAL = 5.0
 STATUS_INTERVAL = 10.0
 HTTP_KEEPALIVE = 75.0  # seconds an idle (or slowloris) heartbeat API connection is kept
+HTTP_SHUTDOWN = 3.0  # seconds requests in progress get when the listeners close (aiohttp's default: 60)
+UDP_GRACE = 5.0  # seconds UDP heartbeats being applied get at shutdown
 RELOAD_WAIT = 5.0  # seconds a running reload gets to finish when a stop is asked for
 
 
@@ -75,15 +81,27 @@ class Daemon:
         self.engine = PresenceEngine(defaults_for(cfg), cfg.presence.notify_online_after_utilizing)
         self.dispatcher = Dispatcher(cfg, self.store)
         self.tracker = Tracker(self.engine, self.store, self.dispatcher)
-        self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, lambda: self.store.healthy)
+        self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, self._healthy)
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
         self.metrics.udp = lambda: self.udp
-        self.admin = AdminAPI(self, metrics=self.metrics.render)
+        self.admin = AdminAPI(
+            self.engine,
+            self.store,
+            self.dispatcher,
+            started_wall=self.started_wall,
+            started_mono=self.started_mono,
+            metrics=self.metrics.render,
+        )
         self._runners: list[web.BaseRunner] = []
         self.udp: UDPListener | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self._failed = False  # a supervised task died: /healthz says so until the daemon has exited
+        self._pending = 0  # pending deliveries in the store, refreshed by the status loop
+
+    def _healthy(self) -> bool:
+        return self.store.healthy and not self._failed
 
     # --- startup -----------------------------------------------------------------------------------------
 
@@ -97,13 +115,17 @@ class Daemon:
         try:
             self.engine.load(await self.store.load_devices(), time.monotonic())
             await self.dispatcher.start()
+            self._pending = await self.store.pending_count()
         except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
             raise StartupError(f"cannot load the state from {self.store.path}: {e}") from e
         listen = self.cfg.listen
         if listen.http is not None:
             server = self.api.server(access_log=None, keepalive_timeout=HTTP_KEEPALIVE)
             await self._serve_tcp(
-                web.ServerRunner(server, handle_signals=False), listen.http.host, listen.http.port, "heartbeat API"
+                web.ServerRunner(server, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN),
+                listen.http.host,
+                listen.http.port,
+                "heartbeat API",
             )
         if listen.udp is not None:
             self.udp = UDPListener(self.tracker, listen.max_body)
@@ -118,7 +140,7 @@ class Daemon:
             pid=os.getpid(),
             devices=len(self.engine.devices),
             endpoints=len(self.dispatcher.endpoints),
-            pending=self._pending(),
+            pending=self._pending,
             http=str(listen.http) if listen.http else None,
             admin_socket=str(self.cfg.admin.socket),
         )
@@ -140,7 +162,7 @@ class Daemon:
             if _socket_answers(path):
                 raise StartupError(f"another webhookd is running (admin socket {path} answers)")
             path.unlink()
-        runner = web.AppRunner(self.admin.app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(self.admin.app(), handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN)
         await runner.setup()
         self._runners.append(runner)
         try:
@@ -168,21 +190,25 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
+                    tg.create_task(self.store.supervise(), name="store"),
                     tg.create_task(self.dispatcher.run(), name="dispatcher"),
                     tg.create_task(self.tracker.sweep_loop(), name="presence-sweep"),
                     tg.create_task(self.tracker.flush_loop(FLUSH_INTERVAL), name="liveness-flush"),
                     tg.create_task(self._status_loop(), name="sd-status"),
                     tg.create_task(
-                        self.store.retention_loop(lambda: self.cfg.delivery.retention, _prune_interval()),
+                        retention_loop(self.store, lambda: self.cfg.delivery.retention, _prune_interval()),
                         name="retention",
                     ),
                 ]
                 interval = sdnotify.watchdog_interval()
                 if interval is not None:
                     tasks.append(tg.create_task(self._watchdog_loop(interval), name="sd-watchdog"))
+                for t in tasks:
+                    t.add_done_callback(self._watch)
                 await self._stop.wait()
                 await self._shutdown(tasks)
         except* Exception as eg:
+            self._failed = True
             for exc in eg.exceptions:
                 log.critical("daemon_crashed", error=repr(exc), exc_info=exc)
             crashed = True
@@ -195,59 +221,79 @@ class Daemon:
         log.info("daemon_stopped")
         return 0
 
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        """A supervised task ended: if with an exception, /healthz answers 503 until the TaskGroup has taken
+        the daemon down (moments later)."""
+        if not task.cancelled() and task.exception() is not None:
+            self._failed = True
+
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        deadline = time.monotonic() + STOP_BUDGET
+
+        def left(cap: float) -> float:
+            return max(0.0, min(cap, deadline - time.monotonic()))
+
         reloading = self._reloading
         if reloading is not None and not reloading.done():
             # A reload still running finishes first: nothing is torn down under it, and no READY=1 follows
             # STOPPING=1.
-            _done, pending = await asyncio.wait({reloading}, timeout=RELOAD_WAIT)
+            _done, pending = await asyncio.wait({reloading}, timeout=left(RELOAD_WAIT))
             for t in pending:
                 t.cancel()
         sdnotify.stopping()
         log.info("daemon_stopping", inflight=self.dispatcher.inflight)
         if self.udp is not None:
-            await self.udp.close()  # no new UDP heartbeats; those in flight get recorded
+            await self.udp.close(left(UDP_GRACE))  # no new UDP heartbeats; those in flight get recorded
         for runner in self._runners:
-            await runner.cleanup()  # no new heartbeats, no admin calls
+            # No new heartbeats, no admin calls; requests in progress get HTTP_SHUTDOWN seconds.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left(HTTP_SHUTDOWN + 1)):
+                    await runner.cleanup()
         self._runners.clear()
         for t in tasks:
-            if t.get_name() != "dispatcher":
+            if t.get_name() not in ("dispatcher", "store"):
                 t.cancel()
-        await self.tracker.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left(CLOSE_MAX)):
+                await self.tracker.flush()
         drain = min(DRAIN_MAX, max((e.timeout for e in self.cfg.endpoints), default=self.cfg.delivery.timeout))
-        await self.dispatcher.stop(drain)
+        # What is left of the budget, less a margin for the receipts' commit and the store's close.
+        await self.dispatcher.stop(max(0.0, left(drain + CLOSE_MAX) - CLOSE_MAX))
         for t in tasks:
             t.cancel()
 
     async def _close(self) -> None:
-        if self.udp is not None:
+        """Release everything, each step bounded: also the way out after a crash, when a part may be dead."""
+
+        async def step(what: Callable[[], Awaitable[object]]) -> None:
             with contextlib.suppress(Exception):
-                await self.udp.close(0)
+                async with asyncio.timeout(CLOSE_MAX):
+                    await what()
+
+        udp = self.udp
+        if udp is not None:
+            await step(lambda: udp.close(0))
         for runner in self._runners:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
+            await step(runner.cleanup)
         self._runners.clear()
-        with contextlib.suppress(Exception):
-            await self.dispatcher.stop(0)
-        with contextlib.suppress(Exception):
-            await self.store.close()
+        await step(lambda: self.dispatcher.stop(0))
+        await step(self.store.close)
         with contextlib.suppress(OSError):
             if _socket_path_is_ours(self.cfg.admin.socket):
                 self.cfg.admin.socket.unlink()
-
-    def _pending(self) -> int:
-        return sum(len(rt.known) for rt in self.dispatcher.endpoints.values())
 
     def _status_line(self) -> str:
         c = self.engine.counts()
         return (
             f"{c['online']} online, {c['utilizing']} utilizing, {c['unplugged']} unplugged, "
-            f"{c['offline']} offline; {self._pending()} deliveries pending"
+            f"{c['offline']} offline; {self._pending} deliveries pending"
         )
 
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
+            with contextlib.suppress(StoreError):  # the last count stands while the store cannot answer
+                self._pending = await self.store.pending_count()
             sdnotify.status(self._status_line())
 
     async def _watchdog_loop(self, interval: float) -> None:
