@@ -448,7 +448,7 @@ async def test_cli_against_running_daemon_and_without_one(daemon: DaemonFactory,
 def test_tune_gc_freezes_what_startup_loaded_and_raises_the_thresholds() -> None:
     import gc
 
-    from webhookd.daemon import GC_THRESHOLDS, tune_gc
+    from webhookd.lifecycle import GC_THRESHOLDS, tune_gc
 
     before = gc.get_threshold()
     loaded = [object() for _ in range(10)]  # stands for the devices and deliveries read at startup

@@ -16,7 +16,7 @@ import pytest
 from tests.harness import Receiver
 from tests.test_retention import event
 from webhookd.config import parse_config
-from webhookd.dispatch import Dispatcher, dispatcher, lanes
+from webhookd.dispatch import Dispatcher, lanes, paging
 from webhookd.presence import Device
 from webhookd.store import Change, Store
 
@@ -26,7 +26,7 @@ WINDOW, LANE_MAX = 64, 8
 @pytest.fixture
 def small_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Shrinks the window and records len(known) after every row taken into memory."""
-    for mod in (lanes, dispatcher):
+    for mod in (lanes, paging):
         monkeypatch.setattr(mod, "WINDOW", WINDOW)
         monkeypatch.setattr(mod, "LANE_MAX", LANE_MAX)
     monkeypatch.setattr(lanes, "REFILL_BELOW", WINDOW // 2)

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib
 import os
 import signal
-import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from webhookd import __version__, sdnotify
 from webhookd.admin import AdminAPI
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
+from webhookd.lifecycle import keep_bound, restart_required, socket_answers, socket_path_is_ours, tune_gc
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
@@ -159,7 +157,7 @@ class Daemon:
         path = self.cfg.admin.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            if _socket_answers(path):
+            if socket_answers(path):
                 raise StartupError(f"another webhookd is running (admin socket {path} answers)")
             path.unlink()
         runner = web.AppRunner(self.admin.app(), handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN)
@@ -279,7 +277,7 @@ class Daemon:
         await step(lambda: self.dispatcher.stop(0))
         await step(self.store.close)
         with contextlib.suppress(OSError):
-            if _socket_path_is_ours(self.cfg.admin.socket):
+            if socket_path_is_ours(self.cfg.admin.socket):
                 self.cfg.admin.socket.unlink()
 
     def _status_line(self) -> str:
@@ -324,31 +322,14 @@ class Daemon:
             except ConfigError as e:
                 log.error("config_reload_failed", problems=e.problems)
                 return
-            restart = [
-                key
-                for key, old_v, new_v in (
-                    ("listen.http", self.cfg.listen.http, new.listen.http),
-                    ("listen.udp", self.cfg.listen.udp, new.listen.udp),
-                    ("listen.max_body", self.cfg.listen.max_body, new.listen.max_body),
-                    ("admin.socket", self.cfg.admin.socket, new.admin.socket),
-                    ("state_dir", self.cfg.state_dir, new.state_dir),
-                )
-                if old_v != new_v
-            ]
+            restart = restart_required(self.cfg, new)
             if restart:
                 log.warning(
                     "config_restart_required",
                     keys=restart,
                     detail="these keys take effect at the next restart",
                 )
-            # Keys bound at startup keep their running values until a restart: later reloads keep warning about
-            # them, and shutdown removes the admin socket that was actually created.
-            new = msgspec.structs.replace(
-                new,
-                listen=msgspec.structs.replace(self.cfg.listen, tokens=new.listen.tokens),
-                admin=self.cfg.admin,
-                state_dir=self.cfg.state_dir,
-            )
+            new = keep_bound(self.cfg, new)
             await self.dispatcher.reconfigure(new)  # first: it writes to the store, which may fail
             configure_logging(new.logging.format, new.logging.level)
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
@@ -360,40 +341,6 @@ class Daemon:
         finally:
             if not self._stop.is_set():
                 sdnotify.ready(self._status_line())
-
-
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
-def _socket_path_is_ours(path: Path) -> bool:
-    try:
-        return path.is_socket() and not _socket_answers(path)
-    except OSError:
-        return False
-
-
-# Young-generation size and how many young (then middle) collections come before an older one. The daemon holds
-# one object graph per device and per pending delivery (100,000s of them, long-lived, refcounted, rarely in a
-# cycle); with the default thresholds (2,000, 10, 10) a full collection walked all of them every few seconds
-# under load and held the event loop for 100-250 ms (bench row 5: heartbeat p99 170 ms during a power cut; 20
-# ms without those pauses).
-GC_THRESHOLDS = (50_000, 50, 100)
-
-
-def tune_gc() -> None:
-    """Called once startup has loaded the store: what it loaded (devices, pending deliveries, config, modules)
-    moves to the permanent generation, which no collection walks again. Those objects are still freed by
-    reference counting when they go; only a reference cycle among them would stay (none is made on purpose).
-    Then fewer, larger young collections, and full ones rarely."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(config_path: str | Path) -> int:
