@@ -6,7 +6,7 @@ baseline measured in the same run, with and without uvloop.
     python -m bench --profile --rows 1,2,3 --repeats 1     # py-spy profiles of the daemon (rows 1-3, 5, 6)
     BENCH_QUICK=1 python -m bench         # every row shrunk, for a smoke run
     BENCH_LOG_LEVEL=warning python -m bench --rows 3       # row 3 without its info line per delivery
-    python -m bench --rows 7,8 --repeats 1                 # the memory rows of issue 9 (~8 min)
+    python -m bench --rows 7,8 --loops uvloop --repeats 1  # the memory rows of issue 9 (~4 min)
 
 Rows 1-6 are issue 5's. Rows 7-9 are issue 9's: 7 a backlog of 1,000,000 pending deliveries for a slow
 endpoint (7a RSS over the idle daemon, 7b time to READY), 8 memory through row 5's power cut (8a peak, 8b
