@@ -72,7 +72,7 @@ faketime-tools:
 	fi
 
 # Benchmarks (issue 5), never part of `make test`: the real daemon vs bare baselines in the same run, with and
-# without uvloop; ~20 min. BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
+# without uvloop; ~35 min (rows 7-9 add ~12). BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
 # wrk (Debian package) drives the load; without it bench/loadgen.py (aiohttp) does, and the output says so.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) pyproject.toml
