@@ -1,23 +1,16 @@
 """Logging (CONTRACT §9): structlog, plus the standard library for other packages' records.
 
-Everything renders the same way: one JSON object per line (keys ``timestamp``, ``level``, ``event`` first)
-under systemd, or structlog's console renderer on a terminal. When stdout is connected to the journal
-(systemd's ``JOURNAL_STREAM``), each JSON line starts with its syslog priority (``<6>{...}``): journald strips
-it and files the line under that priority, so ``journalctl -p warning -u webhookd`` works.
+One JSON object per line (``timestamp``, ``level``, ``event`` first) under systemd, structlog's console renderer
+on a terminal. On the journal (systemd's ``JOURNAL_STREAM``) each JSON line starts with its syslog priority
+(``<6>{...}``), which journald strips and files the line under: ``journalctl -p warning -u webhookd`` works.
 
-Two paths lead to the stream, ending in the same renderer chain (``_renderer``):
+Both paths end in the same renderer chain (``_renderer``). structlog calls (ours; the hot path is a
+``delivery_succeeded`` line per delivery) render in their processor chain, and ``_LineLogger`` writes the line
+with one ``write()`` under a lock (through ``logging`` it cost several times the rendering). stdlib records
+(aiohttp, asyncio, warnings) go through one ``ProcessorFormatter`` on one handler on the root logger.
 
-* structlog calls (ours, on the hot path: a ``delivery_succeeded`` line per delivery) render directly: the
-  processor chain ends in the renderer and ``_LineLogger`` writes the line with one ``write()`` under a lock.
-  Going through ``logging`` instead (a ``LogRecord``, the handler, ``ProcessorFormatter`` copying the record
-  again) cost several times the rendering itself.
-* stdlib records (aiohttp, asyncio, warnings) go through one ``structlog.stdlib.ProcessorFormatter`` on one
-  handler on the root logger, which runs the shared processors and then the same renderer chain.
-
-Levels: ``configure_logging`` sets the root logger's level (for stdlib records) and a module-level level
-that the bound loggers check before running any processor, so a filtered-out ``log.debug(...)`` costs one
-comparison. Calling ``configure_logging`` again (reload) swaps the handler, the level and the renderer in
-place, for loggers created before the reload as well. Before the first ``configure_logging``, warnings and
+A filtered-out ``log.debug(...)`` costs one comparison (``FilteringBoundLogger``); a reload swaps handler,
+level and renderer in place (``configure_logging``). Before the first ``configure_logging``, warnings and
 above go to stderr as JSON lines (where the stdlib's last-resort handler would have put them).
 """
 
@@ -30,9 +23,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any, TextIO
 
 import msgspec
@@ -43,42 +35,45 @@ __all__ = ["SCRUBBED", "configure_logging", "get_logger", "lean_records", "scrub
 
 SCRUBBED = "***"
 
-LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
+# Level name -> (stdlib level, syslog priority: the journal's "<N>" prefix, sd-daemon(3)), for configure_logging,
+# structlog's method names and rendered "level"s (one not listed, such as a stdlib "level 25", counts as info).
+LEVELS: dict[str, tuple[int, int]] = {
+    "debug": (logging.DEBUG, 7),
+    "info": (logging.INFO, 6),
+    "notice": (logging.INFO + 5, 5),
+    "warning": (logging.WARNING, 4),
+    "warn": (logging.WARNING, 4),
+    "error": (logging.ERROR, 3),
+    "exception": (logging.ERROR, 3),
+    "critical": (logging.CRITICAL, 2),
+    "fatal": (logging.CRITICAL, 2),
 }
-
-# structlog method name -> stdlib level, for the early level check.
-_METHOD_LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "exception": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "fatal": logging.CRITICAL,
-}
+_INFO = LEVELS["info"]
 
 _SECRET_KEY = re.compile(
     r"secret|token|authori[sz]ation|passw(or)?d|api[_-]?key|credential|cookie|private[_-]?key", re.IGNORECASE
 )
 # user:password@ in URLs that end up in messages or values
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
+_NOT_SCRUBBED = frozenset(("exc_info", "stack_info", "_record", "_from_structlog"))
+_PLAIN = frozenset((bool, int, float))  # nothing to scrub inside these
+
+# THE processor list: bound loggers are cached on first use and keep a reference to it, and
+# structlog.testing.capture_logs edits it in place; configure_logging replaces its contents, never the object.
+_processors: list[Processor] = []
+_level = logging.WARNING  # the stdlib root logger's default, until configure_logging
+_stream: TextIO | None = None  # None: sys.stderr, looked up per line (like the stdlib's last resort)
+_structlog_configured = False
+_handler: logging.Handler | None = None
 
 
 class FilteringBoundLogger(structlog.stdlib.BoundLogger):
-    """``structlog.stdlib.BoundLogger`` that returns before running any processor when the call's level is
-    below the level set by ``configure_logging`` (a module global, so it follows reloads, also for loggers
-    created before them). It wraps a ``_LineLogger``, not a ``logging.Logger``: the stdlib-only methods
-    (``setLevel``, ``handlers``...) are not available, ``isEnabledFor`` and ``getEffectiveLevel`` are.
-
-    While ``structlog.testing.capture_logs`` is active every call is captured, as with structlog's own
-    ``filter_by_level`` (which capture_logs disables along with the other processors).
+    """``structlog.stdlib.BoundLogger`` that returns before any processor when the call's level is below
+    ``_level`` (a module global: it follows reloads, also for loggers created before them). Not structlog's
+    ``make_filtering_bound_logger``, which filters as cheaply: its level is fixed in the class it makes, and
+    a reload must change the level of the loggers that modules cached at import. It wraps a ``_LineLogger``:
+    ``isEnabledFor`` and ``getEffectiveLevel`` work, the stdlib-only methods (``setLevel``...) do not.
+    Under ``structlog.testing.capture_logs`` every call is captured, as with structlog's ``filter_by_level``.
     """
 
     # debug and info are the hot ones (a delivery_succeeded line per delivery, debug lines filtered out):
@@ -93,14 +88,8 @@ class FilteringBoundLogger(structlog.stdlib.BoundLogger):
             return None
         return super()._proxy_to_logger("info", event, *args, **kw)
 
-    def _proxy_to_logger(
-        self,
-        method_name: str,
-        event: str | None = None,
-        *event_args: str,
-        **event_kw: Any,
-    ) -> Any:
-        if _METHOD_LEVELS.get(method_name, logging.INFO) < _level and not _capturing(self._processors):
+    def _proxy_to_logger(self, method_name: str, event: str | None = None, *event_args: str, **event_kw: Any) -> Any:
+        if LEVELS.get(method_name, _INFO)[0] < _level and not _capturing(self._processors):
             return None
         return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
 
@@ -172,38 +161,19 @@ def scrub_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -
     return event_dict
 
 
-_NOT_SCRUBBED = frozenset(("exc_info", "stack_info", "_record", "_from_structlog"))
-
-
-_PLAIN = frozenset((bool, int, float))  # nothing to scrub inside these
-
-_FIRST_KEYS = ("timestamp", "level", "event")
-
-
 def _order_keys(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """``timestamp``, ``level``, ``event`` first, the context after them (for humans reading JSON lines)."""
-    ordered: EventDict = {k: event_dict.pop(k) for k in _FIRST_KEYS if k in event_dict}
+    ordered: EventDict = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
     ordered.update(event_dict)
     return ordered
-
-
-def _shared_processors() -> list[Processor]:
-    """Run for structlog calls and for foreign stdlib records (in ``ProcessorFormatter``)."""
-    return [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        _add_timestamp,
-    ]
 
 
 _stamp_second: tuple[int, str] = (-1, "")  # (unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC)
 
 
 def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """``timestamp``: ISO 8601 in UTC with microseconds, ``2025-01-31T12:00:00.123456Z`` (what structlog's
-    ``TimeStamper(fmt="iso", utc=True)`` writes, always with the microseconds), formatting the date and time
-    once a second rather than per line."""
+    """``timestamp``: ``2025-01-31T12:00:00.123456Z``, as ``TimeStamper(fmt="iso", utc=True)`` but always with
+    the microseconds, and formatting the date and time once a second rather than per line."""
     global _stamp_second
     second, ns = divmod(time.time_ns(), 1_000_000_000)
     cached, prefix = _stamp_second
@@ -214,9 +184,17 @@ def _add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
     return event_dict
 
 
+# Run for structlog calls and for foreign stdlib records (in ProcessorFormatter).
+_SHARED: tuple[Processor, ...] = (
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    _add_timestamp,
+)
+
+
 class _LineLogger:
-    """What structlog's bound loggers wrap: writes each rendered line to the stream ``configure_logging``
-    chose (stderr before that), with ``name`` for ``add_logger_name``."""
+    """Wrapped by the bound loggers: writes each rendered line to ``_stream``; ``name`` is for ``add_logger_name``."""
 
     __slots__ = ("name",)
 
@@ -255,26 +233,10 @@ class _LineHandler(logging.StreamHandler[TextIO]):
             self.handleError(record)
 
 
-def _caller_module() -> str:
-    """The module name of the first frame outside structlog and this module (as structlog's stdlib
-    ``LoggerFactory`` does for ``get_logger()`` without a name)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        name = str(frame.f_globals.get("__name__", ""))
-        if name != __name__ and name.split(".", 1)[0] != "structlog":
-            return name
-        frame = frame.f_back
-    return "root"
-
-
-def _logger_factory(*args: Any) -> _LineLogger:
-    return _LineLogger(args[0] if args and isinstance(args[0], str) else _caller_module())
-
-
 def _chain(renderer: list[Processor]) -> list[Processor]:
     """The processors of a structlog call: the shared ones, then the renderer chain."""
     return [
-        *_shared_processors(),
+        *_SHARED,
         structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.StackInfoRenderer(additional_ignores=[__name__]),
         scrub_secrets,
@@ -282,21 +244,15 @@ def _chain(renderer: list[Processor]) -> list[Processor]:
     ]
 
 
-# THE processor list: bound loggers are cached on first use and keep a reference to it, and
-# structlog.testing.capture_logs edits it in place; configure_logging replaces its contents, never the object.
-_processors: list[Processor] = []
-_level = logging.WARNING  # the stdlib root logger's default, until configure_logging
-_stream: TextIO | None = None  # None: sys.stderr, looked up per line (like the stdlib's last resort)
-_structlog_configured = False
-_handler: logging.Handler | None = None
-
-
 def _configure_structlog() -> None:
     global _structlog_configured
+    if _structlog_configured:
+        return
     _processors[:] = _chain(_json_renderer(journal=False))
     structlog.configure(
         processors=_processors,
-        logger_factory=_logger_factory,
+        # get_logger names every logger; "root" only for a bare structlog.get_logger() (nothing here makes one)
+        logger_factory=lambda *args: _LineLogger(args[0] if args and isinstance(args[0], str) else "root"),
         wrapper_class=FilteringBoundLogger,
         context_class=dict,
         # For structlog.get_logger() callers (get_logger below binds at once): otherwise every call builds a
@@ -306,77 +262,43 @@ def _configure_structlog() -> None:
     _structlog_configured = True
 
 
-def _is_tty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-# syslog priorities (sd-daemon(3) "<N>" line prefixes) by structlog level name
-SYSLOG_PRIORITIES: dict[str, int] = {
-    "debug": 7,
-    "info": 6,
-    "notice": 5,
-    "warning": 4,
-    "warn": 4,
-    "error": 3,
-    "exception": 3,
-    "critical": 2,
-    "fatal": 2,
-}
-
-
 def is_journal(stream: TextIO) -> bool:
-    """True when ``stream`` is systemd's journal stream: ``$JOURNAL_STREAM`` is ``DEV:INODE`` of the stream
-    that journald connected to stdout/stderr, and it must match the stream's fd (systemd.exec(5)); a service
-    whose output was redirected elsewhere, or a child that inherited the variable, does not match."""
-    value = os.environ.get("JOURNAL_STREAM")
-    if not value:
+    """True when ``$JOURNAL_STREAM`` (``DEV:INODE`` of what journald connected to stdout/stderr) matches the
+    fd of ``stream`` (systemd.exec(5)): not when output was redirected, or for a child inheriting the variable."""
+    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
         return False
-    dev, sep, ino = value.partition(":")
     try:
         st = os.fstat(stream.fileno())
-        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
     except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation (StringIO) is both
         return False
 
 
-class _SyslogPrefixed:
-    """Wrap a renderer: its output, prefixed with the record's syslog priority (``<3>`` for an error)."""
-
-    def __init__(self, renderer: Callable[[WrappedLogger, str, EventDict], str | bytes]) -> None:
-        self._renderer = renderer
-
-    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
-        priority = SYSLOG_PRIORITIES.get(str(event_dict.get("level", "info")).lower(), 6)
-        line = self._renderer(logger, name, event_dict)
-        return f"<{priority}>" + (line.decode() if isinstance(line, bytes) else line)
-
-
 _encoder = msgspec.json.Encoder(enc_hook=repr)  # anything JSON has no type for is written as its repr
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def _dumps(obj: Any, **_kw: Any) -> str:
-    """structlog's JSONRenderer serializer: msgspec (keys in insertion order, like json.dumps) at a fraction
-    of json.dumps's cost; this runs for every line, delivery_succeeded included."""
+    """JSONRenderer's serializer, for every line: msgspec (keys in insertion order) at a fraction of json's cost."""
     try:
         return _encoder.encode(obj).decode()
-    except (TypeError, ValueError, OverflowError):  # e.g. non-str keys, ints beyond 64 bits
-        pass
-    try:
-        return json.dumps(obj, default=repr)
-    except (TypeError, ValueError, RecursionError):  # keys json refuses, cycles: a line, never an exception
-        return json.dumps(
-            {str(k): v if isinstance(v, str | int | float | bool | None) else repr(v) for k, v in obj.items()}
-        )
+    except (TypeError, ValueError, OverflowError):  # e.g. a lone surrogate: json, else repr() per value
+        try:
+            return json.dumps(obj, default=repr)
+        except (TypeError, ValueError, RecursionError):  # keys json refuses, cycles
+            return json.dumps({str(k): v if isinstance(v, _SCALARS) else repr(v) for k, v in obj.items()})
+
+
+def _journal_dumps(obj: Any, **_kw: Any) -> str:
+    """``_dumps`` after the record's syslog priority (``<3>{...}`` for an error)."""
+    return f"<{LEVELS.get(str(obj.get('level', 'info')).lower(), _INFO)[1]}>" + _dumps(obj)
 
 
 def lean_records() -> None:
-    """Stop the stdlib from collecting what no renderer here prints on its records (structlog calls make
-    none): the caller's file and line (a stack walk per record), thread, process and multiprocessing names.
-    Process-wide, hence called by the daemon rather than by configure_logging (tests configure logging
-    inside pytest)."""
+    """Stop the stdlib from collecting what no renderer here prints on its records: the caller's file and
+    line (a stack walk per record), thread, process and multiprocessing names. Process-wide, hence called by
+    the daemon rather than by configure_logging (tests configure logging inside pytest)."""
     logging._srcfile = None  # the logging HOWTO's "Optimization" section documents this switch
     logging.logThreads = False
     logging.logProcesses = False
@@ -384,20 +306,18 @@ def lean_records() -> None:
 
 
 def _drop_formatted(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Drop what another handler's ``logging.Formatter`` left on a stdlib record (``message``, the text
-    already in ``event``, and ``asctime``), which ``ExtraAdder`` would take for extras: the stdlib forbids
-    those names in ``extra``, so they are never the caller's."""
+    """Drop ``message`` and ``asctime``, left on a stdlib record by another handler's ``logging.Formatter``,
+    which ``ExtraAdder`` would take for extras (the stdlib forbids them in ``extra``: never the caller's)."""
     event_dict.pop("message", None)
     event_dict.pop("asctime", None)
     return event_dict
 
 
 def _json_renderer(journal: bool) -> list[Processor]:
-    json_renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     return [
         structlog.processors.format_exc_info,  # exception -> one string field, escaped into one line
         _order_keys,
-        _SyslogPrefixed(json_renderer) if journal else json_renderer,
+        structlog.processors.JSONRenderer(serializer=_journal_dumps if journal else _dumps),
     ]
 
 
@@ -405,30 +325,27 @@ def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
     """The end of both paths: event dict -> the line to write (without its newline)."""
     if fmt not in ("auto", "json", "console"):
         raise ValueError(f"unknown log format {fmt!r} (auto, json or console)")
-    tty = _is_tty(stream)
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        tty = False
     if fmt == "json" or (fmt == "auto" and not tty):
         return _json_renderer(is_journal(stream))
     return [structlog.dev.ConsoleRenderer(colors=tty)]
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Send every log record (structlog and stdlib) to ``stream`` (default stdout) as JSON lines
-    (``fmt == "json"``, or ``"auto"`` and ``stream`` is not a terminal) or console text (``"console"``, or
-    ``"auto"`` on a terminal), dropping records below ``level``. JSON lines to the journal carry a ``<N>``
-    syslog priority prefix.
-
-    Idempotent: a second call (config reload) replaces the handler, the level and the renderer, also for
-    loggers obtained before it; other handlers on the root logger (pytest's, for instance) are left alone.
-    """
+    """Send every record (structlog and stdlib) at ``level`` or above to ``stream`` (default stdout): JSON
+    lines for ``"json"`` (with the ``<N>`` prefix on the journal), console text for ``"console"``; ``"auto"``
+    is console on a terminal. A second call (reload) replaces handler, level and renderer, also for loggers
+    obtained before; other handlers on the root logger (pytest's, for instance) are left alone."""
     global _handler, _level, _stream
-    lvl = LEVELS.get(level.lower())
-    if lvl is None:
+    if level.lower() not in LEVELS:
         raise ValueError(f"unknown log level {level!r} (debug, info, warning or error)")
+    lvl = LEVELS[level.lower()][0]
     out: TextIO = stream if stream is not None else sys.stdout
     renderer = _renderer(fmt, out)
-    if not _structlog_configured:
-        _configure_structlog()
-
+    _configure_structlog()
     # structlog calls: same list object, new contents (see _processors)
     _processors[:] = _chain(renderer)
     structlog.configure(processors=_processors)
@@ -436,13 +353,13 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     _level = lvl
 
     # stdlib records
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder(), _drop_formatted, scrub_secrets],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
-    )
     handler = _LineHandler(out)
-    handler.setFormatter(formatter)
-
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder(), _drop_formatted, scrub_secrets],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        )
+    )
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
@@ -456,10 +373,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     """A structlog logger named ``name`` (the caller's module when ``None``); see ``FilteringBoundLogger``."""
-    if not _structlog_configured:
-        _configure_structlog()
-    # Bound now rather than on first use: a module-level logger is then the bound logger itself, not
-    # structlog's lazy proxy (which costs an attribute lookup and a call per log call, filtered or not). It
-    # holds the one processor list, so it follows configure_logging and capture_logs.
-    logger: FilteringBoundLogger = structlog.get_logger(name if name is not None else _caller_module()).bind()
+    _configure_structlog()
+    name = name if name is not None else str(sys._getframe(1).f_globals.get("__name__", ""))
+    # Bound now, not on first use: a module-level logger is then the bound logger itself, not structlog's lazy
+    # proxy (an attribute lookup and a call more per log call, filtered or not). It holds _processors.
+    logger: FilteringBoundLogger = structlog.get_logger(name).bind()
     return logger
