@@ -27,7 +27,7 @@ from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
 from webhookd.lifecycle import keep_bound, restart_required, socket_answers, socket_path_is_ours, tune_gc
 from webhookd.listener import HeartbeatAPI
-from webhookd.logs import configure_logging, get_logger, lean_records
+from webhookd.logs import batch_logs, configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
 from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import Store, StoreError, retention_loop
@@ -172,6 +172,13 @@ class Daemon:
     # --- the main loop -----------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        batch_logs(asyncio.get_running_loop())
+        try:
+            return await self._run()
+        finally:
+            batch_logs(None)  # what the last turns logged is written before we return
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         try:
             await self._start()

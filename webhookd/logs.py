@@ -16,12 +16,12 @@ above go to stderr as JSON lines (where the stdlib's last-resort handler would h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -30,6 +30,9 @@ from typing import Any, TextIO
 import msgspec
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from webhookd import logwrite
+from webhookd.logwrite import write_line as _write_line
 
 __all__ = ["SCRUBBED", "configure_logging", "get_logger", "lean_records", "scrub_secrets"]
 
@@ -210,17 +213,6 @@ class _LineLogger:
     debug = info = warning = warn = error = exception = critical = fatal = log = msg
 
 
-# One line at a time on the stream, from either path. Reentrant: a finalizer that logs (asyncio's "Task
-# exception was never retrieved", run by a collection) may fire while this thread holds it.
-_write_lock = threading.RLock()
-
-
-def _write_line(stream: TextIO, line: str) -> None:
-    with _write_lock:
-        stream.write(line + "\n")
-        stream.flush()
-
-
 class _LineHandler(logging.StreamHandler[TextIO]):
     """The root logger's handler for stdlib records: ``ProcessorFormatter`` renders, ``_write_line`` writes."""
 
@@ -283,11 +275,18 @@ def _dumps(obj: Any, **_kw: Any) -> str:
     """JSONRenderer's serializer, for every line: msgspec (keys in insertion order) at a fraction of json's cost."""
     try:
         return _encoder.encode(obj).decode()
-    except (TypeError, ValueError, OverflowError):  # e.g. a lone surrogate: json, else repr() per value
+    except (TypeError, ValueError, OverflowError, RecursionError):  # a lone surrogate, a cycle: json, else repr()
         try:
             return json.dumps(obj, default=repr)
-        except (TypeError, ValueError, RecursionError):  # keys json refuses, cycles
-            return json.dumps({str(k): v if isinstance(v, _SCALARS) else repr(v) for k, v in obj.items()})
+        except Exception:  # keys json refuses, cycles, a repr() that raises: a line, never an exception
+            return json.dumps({str(k): v if isinstance(v, _SCALARS) else _safe_repr(v) for k, v in obj.items()})
+
+
+def _safe_repr(v: Any) -> str:
+    try:
+        return repr(v)
+    except Exception:
+        return f"<unrepresentable {type(v).__name__}>"
 
 
 def _journal_dumps(obj: Any, **_kw: Any) -> str:
@@ -351,6 +350,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog.configure(processors=_processors)
     _stream = out
     _level = lvl
+    logwrite.retarget(out)
 
     # stdlib records
     handler = _LineHandler(out)
@@ -379,3 +379,11 @@ def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     # proxy (an attribute lookup and a call more per log call, filtered or not). It holds _processors.
     logger: FilteringBoundLogger = structlog.get_logger(name).bind()
     return logger
+
+
+def batch_logs(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Write what the loop's thread logs once per turn of `loop` (None: each line at once again)."""
+    logwrite.batch(loop, _stream if _stream is not None else sys.stderr)
+
+
+flush_logs = logwrite.flush

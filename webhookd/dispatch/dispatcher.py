@@ -339,7 +339,11 @@ class Dispatcher(Paging, OperatorActions):
     def _save(self, receipt: Receipt, rt: EndpointRuntime, then: Callable[[bool], None]) -> None:
         """Queue `receipt` (the store merges those of one group commit into one statement), then `then(saved)`."""
         try:
-            fut = self.store.save_receipts([receipt], [replace(rt.row)])
+            # The endpoint row goes along only when it changed since it was last saved (rarely, on success).
+            row = None if rt.row == rt.saved_row else replace(rt.row)
+            fut = self.store.save_receipts([receipt], [] if row is None else [row])
+            if row is not None:
+                rt.saved_row = row
         except StoreError as e:  # the store is gone (its writer died): supervise() ends the daemon
             log.error("delivery_outcome_not_saved", deliveries=[receipt.delivery_id], error=str(e))
             self._guard(lambda: then(False))
@@ -350,6 +354,7 @@ class Dispatcher(Paging, OperatorActions):
             self._receipts.discard(f)
             ok = not f.cancelled() and f.exception() is None
             if not ok:
+                rt.saved_row = None  # the next receipt carries the row again
                 # The row stays pending in the store: a restart would deliver it again (at-least-once).
                 error = "cancelled" if f.cancelled() else str(f.exception())
                 log.error("delivery_outcome_not_saved", deliveries=[receipt.delivery_id], error=error)

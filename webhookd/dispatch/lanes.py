@@ -79,6 +79,7 @@ class EndpointRuntime:
     done_while_fetching: dict[int, int] = field(default_factory=dict)
     device_patterns: re.Pattern[str] | None = None  # None: every device
     event_kinds: frozenset[str] = frozenset()
+    saved_row: EndpointRow | None = None  # the row as the last receipt saved it
 
     def __post_init__(self) -> None:
         self.configure(self.cfg)

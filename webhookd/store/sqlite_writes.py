@@ -186,8 +186,8 @@ def _merged(c: sqlite3.Connection, ops: Sequence[WriteOp], run: list[int], resul
         ]
     if receipts:
         c.executemany(UPDATE_RECEIPT, receipts)
-    if endpoints:
-        c.executemany(UPSERT_ENDPOINT, endpoints)
+    if endpoints:  # one row per endpoint: the last copy queued wins
+        c.executemany(UPSERT_ENDPOINT, list({e[0]: e for e in endpoints}.values()))
 
 
 def upsert_endpoints(c: sqlite3.Connection, rows: Sequence[EndpointRow]) -> None:
