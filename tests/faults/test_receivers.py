@@ -139,7 +139,8 @@ async def test_accept_then_hang_times_out_per_attempt(daemon: ModuleDaemon, rece
     await assert_dead_after_schedule(d, "hang", None, "timeout after 0.3s")
     assert len(server.requests) == ATTEMPTS
     for c in server.requests:
-        assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # the per-attempt timeout
+        # The timeout counts from before the connect, the server from its accept: under load that is tens of ms.
+        assert c.held_for is not None and 0.2 <= c.held_for < 0.8, c  # the per-attempt timeout
     assert b"Webhook-Attempt: 3" in server.requests[-1].request
 
 
@@ -182,7 +183,8 @@ async def check_timed_out(daemon: ModuleDaemon, receiver: ReceiverFactory, path:
     await assert_dead_after_schedule(d, "slow", None, "timeout after 0.3s")
     assert len(server.requests) == ATTEMPTS
     for c in server.requests:
-        assert c.held_for is not None and 0.28 <= c.held_for < 0.8, c  # dropped at the timeout, not after 10 s
+        # From the accept: the timeout started before the connect (tens of ms under load).
+        assert c.held_for is not None and 0.2 <= c.held_for < 0.8, c  # dropped at the timeout, not after 10 s
 
 
 async def test_slow_headers_time_out(daemon: ModuleDaemon, receiver: ReceiverFactory) -> None:
