@@ -45,6 +45,8 @@ from bench.common import (
 from bench.profile import Profiler
 
 DEAD_URL = "http://127.0.0.1:9/hook"  # discard port: nothing listens; the endpoint is disabled or filtered anyway
+# Row 3: delivery with every outcome persisted against the bare client (issue 5 asked 0.9x, issue 9 0.8x).
+DELIVERY_RATIO = 0.8
 MiB = 1024 * 1024
 
 
@@ -318,8 +320,8 @@ async def row_delivery(ctx: Ctx) -> Row:
         f"delivery ({n:,} pending, c={conc})",
         f"{fmt_rate(m)} deliveries/s",
         f"bare client {fmt_rate(b)}/s",
-        f"{m / b:.2f}x (>= 0.9x)",
-        m / b >= 0.9,
+        f"{m / b:.2f}x (>= {DELIVERY_RATIO}x)",
+        m / b >= DELIVERY_RATIO,
         notes=[
             f"CPU while delivering: daemon {median(busy) * 100:.0f}% of its core (store thread included),"
             f" bare client {median(bare_busy) * 100:.0f}%"
