@@ -151,3 +151,19 @@ def test_what_reads_in_flight_remember_is_forgotten_once_no_older_read_is_left()
     assert set(rt.done_while_fetching) == {2}
     rt.fetch_done(new)
     assert rt.done_while_fetching == {} and rt.reads == {}
+
+
+def test_a_rescan_while_a_page_is_read_is_not_lost_when_the_page_returns() -> None:
+    rt = runtime()
+    rt.take_page([row(i, f"d{i}") for i in range(1, 4)], 3, due(), ())
+    rt.paging = True  # a read of the rows above 3 is in flight
+    rt.rescan(0)  # meanwhile a replay made rows 1.. pending again
+    rt.take_page([row(100, "x")], WINDOW, due(), ())  # the read returns: short, but the rescan stands
+    assert rt.more and rt.cursor == 0 and rt.rescan_after is None
+
+
+def test_clear_while_a_page_is_read_lets_the_new_generation_page() -> None:
+    rt = runtime()
+    rt.paging = True
+    rt.clear()
+    assert not rt.paging and rt.needs_page()

@@ -72,6 +72,7 @@ class EndpointRuntime:
     cursor: int = 0
     dropped_max: int = 0  # the highest id left to the store because `more` was set
     paging: bool = False  # a page read is in flight
+    rescan_after: int | None = None  # a rescan asked for while a page read was in flight
     # Reads in flight (page reads, lane refills) by the epoch they started in, and the deliveries finished
     # since the oldest of them started (id -> epoch): a read skips those, its snapshot may predate them.
     epoch: int = 0
@@ -130,7 +131,9 @@ class EndpointRuntime:
             self._insert(r, due, lane)
         if rows:
             self.cursor = max(self.cursor, rows[-1].id)
-        if len(rows) < asked and self.dropped_max <= self.cursor:
+        if self.rescan_after is not None:  # rows below this page's snapshot came back meanwhile
+            self.cursor, self.more, self.rescan_after = min(self.cursor, self.rescan_after), True, None
+        elif len(rows) < asked and self.dropped_max <= self.cursor:
             self.more, self.dropped_max = False, 0
 
     def take_lane(self, device: str, rows: list[DeliveryRow], asked: int, due: _Due, skip: Container[int]) -> bool:
@@ -236,6 +239,8 @@ class EndpointRuntime:
         """Pending rows at or above after_id + 1 may have appeared in the store (release, replay)."""
         self.cursor = min(self.cursor, after_id) if self.more else after_id
         self.more = True
+        if self.paging:  # the read in flight would move the cursor past them again
+            self.rescan_after = after_id if self.rescan_after is None else min(self.rescan_after, after_id)
 
     def clear(self) -> set[int]:
         """Throw the lanes away (a disable, an enable); returns the ids still in flight or settling (their
@@ -250,6 +255,7 @@ class EndpointRuntime:
         self.known.clear()
         self.generation += 1
         self.more, self.cursor, self.dropped_max = True, 0, 0
+        self.paging, self.rescan_after = False, None  # a read in flight belongs to the old generation
         return inflight
 
 
