@@ -139,3 +139,34 @@ async def test_replayed_rows_beyond_the_window_come_back_in_order(
     finally:
         await d.stop(1.0)
         await asyncio.gather(run, return_exceptions=True)
+
+
+async def test_an_enable_delivers_a_held_backlog_bigger_than_the_window_in_order(
+    small_window: list[int], store: Store, rig: tuple[Dispatcher, Receiver]
+) -> None:
+    d, receiver = rig
+    await d.start()
+    run = asyncio.create_task(d.run())
+    try:
+        await d.disable("ops", "operator")
+        devices = [f"d{i % 7}" for i in range(300)]
+        for i in range(0, 300, 60):
+            await record(store, d, devices[i : i + 60])  # recorded as held: the endpoint is disabled
+        assert (await store.delivery_counts())["ops"] == {"held": 300}
+        sent: dict[str, list[str]] = {}
+        for ev_id, dev in await store.read(
+            lambda c: c.execute("SELECT event_id, device_id FROM deliveries ORDER BY id").fetchall()
+        ):
+            sent.setdefault(dev, []).append(ev_id)
+        await d.enable("ops")
+        for _ in range(400):
+            if len(receiver.got) >= 300:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert order_by_device(receiver) == sent
+        assert max(small_window) <= WINDOW
+        assert (await store.delivery_counts())["ops"] == {"delivered": 300}
+    finally:
+        await d.stop(1.0)
+        await asyncio.gather(run, return_exceptions=True)
