@@ -502,6 +502,19 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"endpoints": [ep(timeout=[1])]}, "endpoints[0].timeout: expected a duration (e.g. 500ms, 30s, 15m, 2h, 1d), got"),
     ({"endpoints": [ep(secret_file=5)]}, "endpoints[0].secret_file: expected a string or null, got an integer"),
     ({"logging": {"level": 3}}, "logging.level: expected a string, got an integer"),
+    (
+        {"endpoints": [ep(url="hooks.example.com/devices")]},
+        "endpoints[0].url: missing scheme: did you mean https://hooks.example.com/devices?",
+    ),
+    (
+        {"endpoints": [ep(url="localhost:8479/webhook")]},
+        "endpoints[0].url: missing scheme: did you mean http://localhost:8479/webhook?",
+    ),
+    ({"endpoints": [ep(url="/devices")]}, "endpoints[0].url: missing scheme: start with https:// (or http://)"),
+    ({"endpoints": [ep(url="http://169.254.169.254/latest/meta-data/")]}, "endpoints[0].url: link-local address"),
+    ({"endpoints": [ep(), ep(name="b", url="http://[fe80::1]/")]}, "endpoints[1].url: link-local address (cloud"),
+    ({"listen": {"tokens": "abc"}}, "listen.tokens: expected a list of strings, got a string (write [...] even"),
+    ({"endpoints": [ep(devices="abc")]}, "endpoints[0].devices: expected a list of strings, got a string"),
 ]
 
 
@@ -514,6 +527,44 @@ def test_bad_config(data: dict[str, Any], expected: str) -> None:
 
 def test_bad_table_is_big_enough() -> None:
     assert len(BAD) >= 25
+
+
+def test_missing_scheme_hint_never_shows_credentials_a_query_or_the_environment() -> None:
+    (prob,) = problems_of({"endpoints": [ep(url="hooks.example.com/x?token=" + SECRET)]})
+    assert prob == "endpoints[0].url: missing scheme: did you mean https://hooks.example.com/x?...?"
+    (prob,) = problems_of({"endpoints": [ep(url="user:" + SECRET + "@hooks.example.com/x")]})
+    assert SECRET not in prob
+    (prob,) = problems_of({"endpoints": [ep(url="${URL}")]}, env={"URL": "hooks.example.com/" + SECRET})
+    assert prob == "endpoints[0].url: missing scheme: start with https:// (or http://)"
+    for url in ("mailto:a@example.com", "ftp://example.com/x"):
+        assert problems_of({"endpoints": [ep(url=url)]}) == ["endpoints[0].url: must be http or https"]
+
+
+def test_link_local_urls_need_allow_link_local() -> None:
+    urls = ["http://169.254.169.254/x", "http://[fe80::1]/", "http://[fe80::1%25eth0]/", "http://[::ffff:169.254.0.1]/"]
+    probs = problems_of({"endpoints": [ep(name=f"e{i}", url=u) for i, u in enumerate(urls)]})
+    assert probs == [f"endpoints[{i}].url: link-local address (cloud metadata lives there): refused without "
+                     "allow_link_local: true" for i in range(len(urls))]  # fmt: skip
+    cfg = parse({"endpoints": [ep(name=f"e{i}", url=u, allow_link_local=True) for i, u in enumerate(urls)]})
+    assert len(cfg.endpoints) == len(urls)
+    parse({"endpoints": [ep(url="http://10.0.0.5/"), ep(name="b", url="http://metadata.example/")]})  # DNS: at delivery
+
+
+def test_the_link_local_rule_is_deliverys() -> None:
+    from webhookd.config.units import is_link_local
+    from webhookd.dispatch import is_link_local as delivery_rule
+
+    for addr in ("169.254.169.254", "169.254.0.0", "fe80::1", "fe80::1%eth0", "FE80::1", "::ffff:169.254.1.1",
+                 "10.0.0.1", "127.0.0.1", "::1", "fd00::5", "example.com", "", "256.1.1.1"):  # fmt: skip
+        assert is_link_local(addr) == delivery_rule(addr), addr
+
+
+def test_config_does_not_import_aiohttp() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, webhookd.config; assert 'aiohttp' not in sys.modules, 'aiohttp imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_every_problem_is_reported_at_once() -> None:

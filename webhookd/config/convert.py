@@ -306,10 +306,14 @@ class Converter:
         """A list (or with `Many`, a single string), item by item: every bad item is reported, the good ones
         are kept for later checks."""
         items: list[tuple[str, object]]
-        if s.many is not None and isinstance(v, str):
+        if s.many is not None and isinstance(v, str) and s.many.one:
             items = [(path, v)]
+        elif s.many is not None and isinstance(v, str):
+            # Not one item: `tokens: abc` is a mistake for `tokens: [abc]` (the value is not shown: a token).
+            self.add(path, f"expected {s.many.title}, got a string (write [...] even for one)")
+            return False, None
         else:
-            file_type = list[Any] | str if s.many is not None else list[Any]
+            file_type = list[Any] | str if s.many is not None and s.many.one else list[Any]
             metas = (*s.metas, Meta(title=s.many.title)) if s.many is not None else s.metas
             ok, v = self._convert(v, _annotated(file_type, metas), path, at, v)
             if not ok or not isinstance(v, list):

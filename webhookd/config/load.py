@@ -29,6 +29,7 @@ from .schema import (
     EndpointConfig,
     check_secret,
 )
+from .units import url_is_link_local
 
 
 class ConfigError(Exception):
@@ -47,6 +48,7 @@ class ConfigError(Exception):
 # ----------------------------------------------------------------------------------------------------
 
 _HEADER_NAME = re.compile(HEADER_NAME)
+LINK_LOCAL = "link-local address (cloud metadata lives there): refused without allow_link_local: true"
 AUTH_WITH_CREDENTIALS = "cannot be used with credentials in url (user:password@...); keep one of the two"
 
 
@@ -95,6 +97,10 @@ def _endpoint(c: Converter, item: object, path: str, delivery: DeliveryConfig) -
                 c.add(spath, "standard-webhooks needs secrets of the form whsec_<base64>")
     if values.get("secret_field") is not None and not secret_given:
         c.add(f"{path}.secret_field", "needs a secret (set secret or secret_file)")
+    # Delivery refuses a link-local literal (sender.Target): say so now. (A DNS name is checked at delivery.)
+    allowed = values.get("allow_link_local", False) or c.bad(f"{path}.allow_link_local")
+    if "url" in values and not allowed and url_is_link_local(values["url"]):
+        c.add(f"{path}.url", LINK_LOCAL)
     values.setdefault("timeout", delivery.timeout)
     if len(c.problems) != n_before:
         return None

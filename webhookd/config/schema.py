@@ -5,20 +5,35 @@ Each field has its resolved type; its annotations say how the file spells it (`u
 constraints (``ge``, ``gt``, ``min_length``, ``max_length``, ``pattern``; a pattern's problem is its
 ``extra["message"]``), ``Literal`` types for enumerations (case-insensitive in the file), `Read` for values
 the file spells differently (durations, sizes, host:port, paths), `Check` for rules msgspec cannot state,
-`Many` for lists that may be a single string, `OR_NULL` where ``key: null`` means the default. Rules that
+`Many` for lists (some may be a single string), `OR_NULL` where ``key: null`` means the default. Rules that
 span fields (secrets and signatures, headers) are in `load.py`.
 """
 
 import fnmatch
+import ipaddress
 import typing
 from pathlib import Path
 from typing import Annotated, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta
 
-from .units import NOT_IN_FILE, OR_NULL, Address, At, Check, Duration, FileDefault, FilePath, HostPort, Many, Read, Size
+from .units import (
+    NOT_IN_FILE,
+    OR_NULL,
+    Address,
+    At,
+    Check,
+    Duration,
+    FileDefault,
+    FilePath,
+    HostPort,
+    Many,
+    Read,
+    Size,
+    redact_url,
+)
 
 EventKind = Literal["online", "offline", "utilizing", "unplugged", "address_changed"]
 Format = Literal["webhookd", "remoteit", "kobiton"]
@@ -95,10 +110,45 @@ def _check_url(url: str, at: At) -> str:
     except ValueError as e:
         raise ValueError("invalid URL (bad port)" if "port" in str(e).lower() else "invalid URL") from None
     if parts.scheme.lower() not in ("http", "https"):
+        if _missing_scheme(url, parts.scheme):
+            raise ValueError(_scheme_hint(url, at))
         raise ValueError("must be http or https")
     if not parts.hostname:
         raise ValueError("must have a host")
     return url
+
+
+def _missing_scheme(url: str, scheme: str) -> bool:
+    """``hooks.example.com/x``, ``localhost:8479/x``, ``//host/x``: a URL without ``http(s)://``."""
+    if "://" in url:
+        return False
+    if not scheme or "." in scheme:  # urlsplit reads `hooks.example.com:443/x` as the scheme `hooks.example.com`
+        return True
+    return url[len(scheme) + 1 :].split("/", 1)[0].isdigit()  # `localhost:8479/x`
+
+
+def _scheme_hint(url: str, at: At) -> str:
+    """The problem for a URL without a scheme, with the URL it likely means (never credentials, a query or a
+    value from the environment)."""
+    fixed = ("https:" if url.startswith("//") else "https://") + url
+    try:
+        parts = urlsplit(fixed)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        host = None
+    if at.from_env or not host:
+        return "missing scheme: start with https:// (or http://)"
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        local = ip.is_loopback or ip.is_private
+    except ValueError:
+        local = host.lower() == "localhost"
+    if local:  # a receiver on this machine or the LAN: plain http is the likely intent
+        fixed = "http" + fixed[5:]
+        parts = urlsplit(fixed)
+    shown = urlunsplit(parts._replace(query="...", fragment="") if parts.query else parts._replace(fragment=""))
+    return f"missing scheme: did you mean {redact_url(shown)}?"
 
 
 def check_secret(s: str, at: At) -> str:
@@ -174,6 +224,7 @@ Secret = Annotated[str, Check(check_secret)]
 Token = Annotated[str, Check(_token)]
 HeaderName = Annotated[str, Meta(pattern=HEADER_NAME, extra={"message": "invalid header name"}), Check(_not_reserved)]
 _STRINGS = "a string or a list of strings"
+_LIST = "a list of strings"
 
 # ----------------------------------------------------------------------------------------------------
 # The schema
@@ -187,7 +238,7 @@ def _default_http() -> HostPort | None:
 class ListenConfig(msgspec.Struct, frozen=True, kw_only=True):
     http: Address | None = msgspec.field(default_factory=_default_http)
     udp: Address | None = None
-    tokens: Annotated[tuple[Token, ...], Many(_STRINGS), OR_NULL] = ()
+    tokens: Annotated[tuple[Token, ...], Many(_LIST, one=False), OR_NULL] = ()
     max_body: Size = DEFAULT_MAX_BODY
 
 
@@ -230,7 +281,7 @@ class EndpointConfig(msgspec.Struct, frozen=True, kw_only=True):
     ] = frozenset(EVENT_KINDS)
     devices: Annotated[
         tuple[Annotated[str, _not_blank("empty pattern")], ...],
-        Many(_STRINGS, empty='must list at least one pattern (use ["*"] for every device)'),
+        Many(_LIST, empty='must list at least one pattern (use ["*"] for every device)', one=False),
         OR_NULL,
     ] = ("*",)
     format: Annotated[Format, _lower()] = "webhookd"

@@ -62,13 +62,15 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Many:
-    """A collection the file may also give as a single string (problems then name the key, not ``key[0]``).
-    `empty`: the problem for an empty list (None: allowed). `item`: the items' file form, when it differs
-    from the collection's item type."""
+    """A collection; with `one`, the file may also give a single string (problems then name the key, not
+    ``key[0]``), else a string is a type problem naming the key. `title`: what the file may hold, for type
+    problems. `empty`: the problem for an empty list (None: allowed). `item`: the items' file form, when it
+    differs from the collection's item type."""
 
     title: str
     empty: str | None = None
     item: Any = None
+    one: bool = True
 
 
 class _Marker:
@@ -256,6 +258,29 @@ def _read_path(v: str, at: At) -> Path:
         raise ValueError("must not contain NUL")
     p = Path(v).expanduser()
     return Path(os.path.normpath(p if p.is_absolute() else at.base_dir / p))
+
+
+def is_link_local(addr: str) -> bool:
+    """Is `addr` (an IP literal, maybe with ``%zone``) link-local (169.254/16, fe80::/10, also IPv4-mapped)?
+
+    The rule delivery applies (`webhookd.dispatch.sender.is_link_local` must agree; a test checks it): kept
+    here so that the config package checks URLs without importing aiohttp."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_link_local
+
+
+def url_is_link_local(url: str) -> bool:
+    """Does `url` name a link-local IP literal as its host (a DNS name is checked at delivery)?"""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    return is_link_local(host.strip("[]"))
 
 
 def redact_url(url: str) -> str:
