@@ -456,6 +456,24 @@ DELIVERIES: list[dict[str, Any]] = [
     },
 ]
 
+REPLAYED: dict[str, Any] = {"replayed": 5, "held": 0, "held_endpoints": {}, "missing": []}
+REPLAYED_HELD: dict[str, Any] = {"replayed": 4, "held": 4, "held_endpoints": {"legacy": "disabled"}, "missing": []}
+UNKNOWN_ID = 99999  # FakeAdmin has no delivery with this id or above
+
+
+def replayed_answer(body: dict[str, Any]) -> dict[str, Any]:
+    """FakeAdmin's POST /v1/deliveries/replay: delivery 102 and endpoint legacy are held (legacy is disabled)."""
+    if "ids" not in body:
+        return REPLAYED_HELD if body.get("endpoint") == "legacy" else REPLAYED
+    found = [i for i in body["ids"] if i < UNKNOWN_ID]
+    held = found.count(102)
+    return {
+        "replayed": len(found),
+        "held": held,
+        "held_endpoints": {"legacy": "disabled"} if held else {},
+        "missing": [i for i in body["ids"] if i >= UNKNOWN_ID],
+    }
+
 
 class FakeAdmin:
     """A canned admin API on a unix socket, served from a thread (the CLI under test is blocking)."""
@@ -486,7 +504,7 @@ class FakeAdmin:
         if m == "POST" and path == "/v1/deliveries/replay":
             if body.get("endpoint") == "nope":
                 return web.json_response({"error": "unknown endpoint 'nope'"}, status=404)
-            return web.json_response({"replayed": len(body.get("ids", [])) or 5})
+            return web.json_response(replayed_answer(body))
         ep = re.fullmatch(r"/v1/endpoints/([^/]+)/(enable|disable|test)", path)
         if m == "POST" and ep:
             name, action = ep.group(1), ep.group(2)
@@ -652,17 +670,72 @@ def last_body(server: FakeAdmin) -> Any:
 
 def test_replay(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:
     server, cfg = fake_admin
-    rc, out, _ = run(["deliveries", "replay", "101", "102", "-c", str(cfg)], capsys)
-    assert rc == 0 and out == "replayed 2 deliveries\n"
-    assert server.requests[-1] == ("POST", "/v1/deliveries/replay", {"ids": [101, 102]})
+    rc, out, _ = run(["deliveries", "replay", "101", "-c", str(cfg)], capsys)
+    assert rc == 0 and out == "replayed 1 delivery\n"
+    assert server.requests[-1] == ("POST", "/v1/deliveries/replay", {"ids": [101]})
     rc, out, _ = run(["deliveries", "replay", "--endpoint", "ops", "--status", "dead", "-c", str(cfg)], capsys)
     assert rc == 0 and out == "replayed 5 deliveries\n"
     assert last_body(server) == {"endpoint": "ops", "status": "dead"}
     rc, out, _ = run(["deliveries", "replay", "--endpoint", "ops", "--json", "-c", str(cfg)], capsys)
-    assert json.loads(out) == {"replayed": 5}
+    assert rc == 0 and json.loads(out) == REPLAYED
     assert last_body(server) == {"endpoint": "ops", "status": "dead"}
     rc, _, err = run(["deliveries", "replay", "--endpoint", "nope", "-c", str(cfg)], capsys)
     assert rc == 1 and err == "unknown endpoint 'nope'\n"
+
+
+def test_replay_says_what_is_held(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows of a disabled endpoint go to held, not to pending: the line says what releases them."""
+    _server, cfg = fake_admin
+    rc, out, err = run(["deliveries", "replay", "--endpoint", "legacy", "-c", str(cfg)], capsys)
+    assert (rc, err) == (0, "")
+    assert out == "replayed 4 deliveries, held until 'webhookd endpoints enable legacy'\n"
+    rc, out, _ = run(["deliveries", "replay", "101", "102", "-c", str(cfg)], capsys)
+    assert rc == 0 and out == "replayed 2 deliveries, 1 held until 'webhookd endpoints enable legacy'\n"
+    rc, out, _ = run(["deliveries", "replay", "--endpoint", "legacy", "--json", "-c", str(cfg)], capsys)
+    assert rc == 0 and json.loads(out) == REPLAYED_HELD
+
+
+@pytest.mark.parametrize(
+    ("answer", "line"),
+    [
+        (
+            {"replayed": 1, "held": 1, "held_endpoints": {"old": "not configured"}, "missing": []},
+            "replayed 1 delivery, held until endpoint 'old' is configured again",
+        ),
+        (
+            {"replayed": 3, "held": 2, "held_endpoints": {}, "missing": []},
+            "replayed 3 deliveries, 2 held until their endpoints are enabled (see 'webhookd endpoints')",
+        ),
+        (
+            {"replayed": 2, "held": 2, "held_endpoints": {"b": "disabled", "a": "disabled"}, "missing": []},
+            "replayed 2 deliveries, held until 'webhookd endpoints enable a' and 'webhookd endpoints enable b'",
+        ),
+        ({"replayed": 2}, "replayed 2 deliveries"),  # a daemon from before `held` and `missing`
+    ],
+)
+def test_replay_held_wording(
+    answer: dict[str, Any], line: str, fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, cfg = fake_admin
+    server.wrong["/v1/deliveries/replay"] = json.dumps(answer).encode()
+    rc, out, err = run(["deliveries", "replay", "7", "8", "-c", str(cfg)], capsys)
+    assert (rc, out, err) == (0, line + "\n", "")
+
+
+def test_replay_names_unknown_ids(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """An id no delivery has is named on stderr, and the exit code is 1 (the rest is still replayed)."""
+    _server, cfg = fake_admin
+    rc, out, err = run(["deliveries", "replay", str(UNKNOWN_ID), "-c", str(cfg)], capsys)
+    assert (rc, out, err) == (1, "", f"no delivery {UNKNOWN_ID}\n")
+    rc, out, err = run(["deliveries", "replay", "101", "100000", str(UNKNOWN_ID), "-c", str(cfg)], capsys)
+    assert (rc, out, err) == (1, "replayed 1 delivery\n", f"no deliveries 100000, {UNKNOWN_ID}\n")
+    many = [str(UNKNOWN_ID + i) for i in range(15)]
+    rc, out, err = run(["deliveries", "replay", *many, "-c", str(cfg)], capsys)
+    assert rc == 1 and out == ""
+    assert err == "no deliveries " + ", ".join(many[:10]) + " and 5 more\n"
+    rc, out, err = run(["deliveries", "replay", "101", str(UNKNOWN_ID), "--json", "-c", str(cfg)], capsys)
+    assert (rc, err) == (1, "")
+    assert json.loads(out) == {"replayed": 1, "held": 0, "held_endpoints": {}, "missing": [UNKNOWN_ID]}
 
 
 def test_client_errors(fake_admin: tuple[FakeAdmin, Path]) -> None:
@@ -685,6 +758,9 @@ def test_client_errors(fake_admin: tuple[FakeAdmin, Path]) -> None:
         *((d, api_types.DeviceInfo) for d in DEVICES),
         *((e, api_types.EndpointInfo) for e in ENDPOINTS),
         *((d, api_types.DeliveryInfo) for d in DELIVERIES),
+        (REPLAYED, api_types.Replayed),
+        (REPLAYED_HELD, api_types.Replayed),
+        (replayed_answer({"ids": [101, 102, UNKNOWN_ID]}), api_types.Replayed),
     ],
 )
 def test_canned_answers_are_the_api_shapes(document: dict[str, Any], shape: type[msgspec.Struct]) -> None:
@@ -731,6 +807,12 @@ def test_canned_answers_are_the_api_shapes(document: dict[str, Any], shape: type
         ),
         (["endpoints", "test", "ops"], "/v1/endpoints/ops/test", b'{"endpoint": "ops"}', "missing required field"),
         (["deliveries", "replay", "1"], "/v1/deliveries/replay", b'{"replayed": -1}', "at `$.replayed`"),
+        (
+            ["deliveries", "replay", "1"],
+            "/v1/deliveries/replay",
+            b'{"replayed": 1, "missing": ["1"]}',
+            "Expected `int`, got `str` - at `$.missing[0]`",
+        ),
     ],
 )
 def test_wrong_answer_is_a_clear_error(

@@ -200,6 +200,8 @@ class AdminAPI:
         return json_response(200, rows)
 
     async def replay(self, request: web.Request) -> web.Response:
+        """``{"replayed": n, "held": h, "held_endpoints": {name: "disabled" | "not configured"}, "missing": [id]}``:
+        ``replayed`` counts every row queued again, ``held`` those of them that wait for their endpoint."""
         try:
             body = msgspec.json.decode(await request.read())
         except msgspec.DecodeError:
@@ -210,16 +212,31 @@ class AdminAPI:
         if ids is not None:
             if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
                 return error_response(400, "ids must be a non-empty list of integers")
-            n = (await self.dispatcher.replay(ids, None, None)).total
+            endpoint: str | None = None
+            done = await self.dispatcher.replay(ids, None, None)
         else:
             endpoint, status = body.get("endpoint"), body.get("status", "dead")
             if not isinstance(endpoint, str) or not endpoint:
                 return error_response(400, "give ids, or an endpoint (and a status)")
             if status not in DELIVERY_STATUSES:
                 return error_response(400, "status must be one of " + ", ".join(DELIVERY_STATUSES))
-            n = (await self.dispatcher.replay(None, endpoint, cast(DeliveryStatus, status))).total
-        log.info("deliveries_replayed", count=n)
-        return json_response(200, {"replayed": n})
+            if endpoint not in self.dispatcher.endpoints and endpoint not in await self.store.endpoint_names():
+                return error_response(404, f"unknown endpoint {endpoint!r}")
+            done = await self.dispatcher.replay(None, endpoint, cast(DeliveryStatus, status))
+        held_endpoints: dict[str, str] = {}  # name -> why its rows wait: "disabled" or "not configured"
+        if done.held:
+            # Whose rows they are: the endpoint asked for; by ids, the one endpoint that is disabled or removed
+            # (with several of those the store does not say which rows were whose, and none is named).
+            eps = self.dispatcher.endpoints
+            waiting = [endpoint] if endpoint is not None else sorted(await self.store.endpoint_names() | set(eps))
+            waiting = [n for n in waiting if n not in eps or eps[n].row.disabled]
+            if len(waiting) == 1:
+                held_endpoints[waiting[0]] = "disabled" if waiting[0] in eps else "not configured"
+        log.info("deliveries_replayed", count=done.total, held=done.held, missing=len(done.missing))
+        return json_response(
+            200,
+            {"replayed": done.total, "held": done.held, "held_endpoints": held_endpoints, "missing": done.missing},
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self.metrics_text is None:

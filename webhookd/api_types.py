@@ -149,4 +149,11 @@ class ReplayRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkn
 
 
 class Replayed(msgspec.Struct, frozen=True):
+    """``replayed`` counts every delivery queued again; ``held`` those of them that wait for their endpoint,
+    which ``held_endpoints`` names when the daemon can tell (name -> ``disabled`` or ``not configured``);
+    ``missing``: the ids asked for that no delivery has. The defaults are what a daemon older than them meant."""
+
     replayed: Count
+    held: Count = 0
+    held_endpoints: dict[str, str] = {}
+    missing: list[int] = []

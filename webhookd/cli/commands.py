@@ -28,7 +28,7 @@ from webhookd.cli.render import aware, dash, format_duration, format_time, print
 from webhookd.states import DELIVERY_STATUSES, DEVICE_STATES
 
 if TYPE_CHECKING:
-    from webhookd.api_types import DeliveryInfo, EndpointInfo, EndpointTestResult
+    from webhookd.api_types import DeliveryInfo, EndpointInfo, EndpointTestResult, Replayed
 
 
 def _json(args: argparse.Namespace) -> bool:
@@ -279,9 +279,38 @@ def _replay(args: argparse.Namespace) -> int:
         if e.status == 404 and endpoint:
             raise AdminError(404, f"unknown endpoint {endpoint!r}") from e
         raise
+    done = client.decode(raw, Replayed)
     if _json(args):
         print_json(client.decode(raw, object))
-        return EXIT_OK
-    n = client.decode(raw, Replayed).replayed
-    print(f"replayed {n} deliver{'y' if n == 1 else 'ies'}")
+    elif done.replayed or not done.missing:
+        print(_replayed_line(done))
+    if done.missing:
+        if not _json(args):
+            print(_missing_line(done.missing), file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _replayed_line(done: Replayed) -> str:
+    """``replayed 3 deliveries``, and what the held ones wait for: ``, 1 held until 'webhookd endpoints enable
+    sink2'`` (all of them held: ``, held until ...``)."""
+    line = f"replayed {_deliveries(done.replayed)}"
+    if not done.held:
+        return line
+    waits = [
+        f"'webhookd endpoints enable {name}'" if why == "disabled" else f"endpoint {name!r} is configured again"
+        for name, why in sorted(done.held_endpoints.items())
+    ]
+    until = " and ".join(waits) or "their endpoints are enabled (see 'webhookd endpoints')"
+    return f"{line}, {'' if done.held == done.replayed else f'{done.held} '}held until {until}"
+
+
+def _missing_line(ids: list[int], show: int = 10) -> str:
+    """``no delivery 99999``, ``no deliveries 7, 8`` (past ``show`` of them: ``..., 16 and 5 more``)."""
+    named = ", ".join(str(i) for i in ids[:show])
+    more = f" and {len(ids) - show} more" if len(ids) > show else ""
+    return f"no deliver{'y' if len(ids) == 1 else 'ies'} {named}{more}"
+
+
+def _deliveries(n: int) -> str:
+    return f"{n} deliver{'y' if n == 1 else 'ies'}"
