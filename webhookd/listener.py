@@ -54,6 +54,27 @@ MAX_BATCH = 1000
 MAX_TEXT = 256
 BODY_TIMEOUT = 30.0  # seconds to receive a request body once its head has arrived
 FIELDS = frozenset(("device", "name", "state", "address", "owner"))
+# The query parameters each heartbeat route takes; any other is refused, like an unknown JSON field. `token` is
+# known everywhere (a POST's ?token= is not honoured, but answering it 400 rather than 401 would say less).
+BY_PATH_QUERY = frozenset(("state", "token"))
+BODY_QUERY = frozenset(("token",))
+# How the config spells sizes (webhookd.config.units.parse_size), largest unit first.
+_SIZE_UNITS = (
+    ("TiB", 1024**4),
+    ("GiB", 1024**3),
+    ("MiB", 1024**2),
+    ("KiB", 1024),
+    ("TB", 1000**4),
+    ("GB", 1000**3),
+    ("MB", 1000**2),
+    ("KB", 1000),
+)
+
+BODY_QUERY_HINT = "a heartbeat's fields go in the JSON body"
+GET_HEARTBEAT_HINT = (
+    "method not allowed: to report by GET use /v1/heartbeat/{device} (optionally ?state=...); "
+    "/v1/heartbeat takes POST with a JSON body"
+)
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -76,6 +97,33 @@ def error_response(status: int, error: str, field: str | None = None) -> web.Res
     if field is not None:
         body["field"] = field
     return json_response(status, body)
+
+
+def not_allowed(allow: str, error: str = "method not allowed") -> web.Response:
+    response = error_response(405, error)
+    response.headers["Allow"] = allow
+    return response
+
+
+def size_text(n: int) -> str:
+    """Bytes as the config file would spell them: ``262144`` -> ``256KiB``, ``3000`` -> ``3KB``, ``1500`` ->
+    ``1500B`` (the exact unit giving the smallest number; binary on a tie)."""
+    best = f"{n}B"
+    quotient = n
+    for unit, factor in _SIZE_UNITS:
+        if n > 0 and n % factor == 0 and n // factor < quotient:
+            best, quotient = f"{n // factor}{unit}", n // factor
+    return best
+
+
+def check_query(request: web.BaseRequest, known: frozenset[str], hint: str) -> None:
+    """Refuse a query parameter the route does not take (a typo such as ?stat= would otherwise be ignored)."""
+    if not request.query_string:
+        return
+    for key in request.query:
+        if key not in known:
+            shown = key[:64].encode("utf-8", "backslashreplace").decode()  # no lone surrogate reaches the encoder
+            raise BadInput(400, f"unknown query parameter {shown!r} ({hint})", shown)
 
 
 def _text(obj: dict[str, Any], key: str, prefix: str, limit: int = MAX_TEXT) -> str | None:
@@ -157,6 +205,7 @@ class HeartbeatAPI:
         self.tracker = tracker
         self.configure(tokens)
         self.max_body = max_body
+        self.too_large = f"request body larger than {size_text(max_body)} (listen.max_body)"
         self.body_timeout = BODY_TIMEOUT
         self.healthy = healthy
         # metrics hooks: heartbeats applied (count), and each 4xx answer (status)
@@ -193,20 +242,23 @@ class HeartbeatAPI:
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
-        if path == "/v1/heartbeat":
-            pass  # POST was served by _serve; any other method is refused below
-        elif path.startswith("/v1/heartbeat/"):
+        if path == "/v1/heartbeat":  # POST was served by _serve; any other method is refused
+            if method in ("GET", "HEAD"):
+                return not_allowed("POST", GET_HEARTBEAT_HINT)
+            return not_allowed("POST")
+        if path.startswith("/v1/heartbeat/"):
             if method in ("GET", "POST"):
                 return await self.by_path(request, path[len("/v1/heartbeat/") :])
-        elif path == "/v1/heartbeats":
+            return not_allowed("GET, POST")
+        if path == "/v1/heartbeats":
             if method == "POST":
                 return await self.batch(request)
-        elif path == "/healthz":
+            return not_allowed("POST")
+        if path == "/healthz":
             if method in ("GET", "HEAD"):
                 return await self.healthz(request)
-        else:
-            return error_response(404, "not found")
-        return error_response(405, "method not allowed")
+            return not_allowed("GET, HEAD")
+        return error_response(404, "not found")
 
     def _authorize(self, request: web.BaseRequest) -> None:
         if not self.tokens:
@@ -235,12 +287,12 @@ class HeartbeatAPI:
                 buf += chunk
             body = bytes(buf)
         if len(body) > self.max_body:
-            raise BadInput(413, f"request body larger than {self.max_body} bytes")
+            raise BadInput(413, self.too_large)
         return body
 
     async def _json_body(self, request: web.BaseRequest, required: bool) -> object:
         if request.content_length is not None and request.content_length > self.max_body:
-            raise BadInput(413, f"request body larger than {self.max_body} bytes")
+            raise BadInput(413, self.too_large)
         try:
             # Bounded in size (chunked bodies included) and in time: a client dribbling its body would otherwise
             # hold the connection and this handler forever.
@@ -287,10 +339,12 @@ class HeartbeatAPI:
 
     async def single(self, request: web.BaseRequest) -> web.Response:
         self._authorize(request)
+        check_query(request, BODY_QUERY, BODY_QUERY_HINT)
         return await self._apply_one(parse_heartbeat(await self._json_body(request, True), _peer(request)))
 
     async def by_path(self, request: web.BaseRequest, device_part: str) -> web.Response:
         self._authorize(request)
+        check_query(request, BY_PATH_QUERY, "this route takes ?state= and ?token=")
         device = parse_device_id(device_part, "device")
         body = await self._json_body(request, False) if request.method == "POST" else None
         obj: dict[str, Any] = dict(body) if isinstance(body, dict) else {}
@@ -302,6 +356,7 @@ class HeartbeatAPI:
 
     async def batch(self, request: web.BaseRequest) -> web.Response:
         self._authorize(request)
+        check_query(request, BODY_QUERY, BODY_QUERY_HINT)
         body = await self._json_body(request, True)
         if not isinstance(body, list):
             raise BadInput(400, "a batch must be a JSON array of heartbeats")

@@ -597,7 +597,7 @@ async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
 async def test_request_bodies_are_bounded(daemon: DaemonFactory) -> None:
     udp_port = free_port()
     d = await daemon([], listen={"max_body": "1KiB", "udp": f"127.0.0.1:{udp_port}"})
-    too_big = {"error": "request body larger than 1024 bytes"}
+    too_big = {"error": "request body larger than 1KiB (listen.max_body)"}
     big_name = {"device": "b", "name": "n" * 2000}
     assert await d.request("POST", "/v1/heartbeat", json=big_name) == (413, too_big)
     assert await d.request("POST", "/v1/heartbeats", json=[{"device": f"d{i}"} for i in range(100)]) == (
