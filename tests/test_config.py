@@ -387,7 +387,7 @@ def test_secret_file_problems(tmp_path: Path) -> None:
     assert probs == [
         f"endpoints[0].secret_file: file not found: {tmp_path / 'missing.secret'}",
         f"endpoints[1].secret_file: no secret in {tmp_path / 'empty.secret'}",
-        "endpoints[2].secret_file (line 1): must be at most 128 characters (got 200)",
+        "endpoints[2].secret_file (line 1 of the file): must be at most 128 characters (got 200)",
         "endpoints[3].secret_file: use either secret or secret_file, not both",
     ]
 
@@ -838,3 +838,69 @@ def test_deep_nesting_is_refused_quickly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, "devices: " + "[" * 80 + "]" * 80 + "\n", "c.yaml"), env={})
     assert ei.value.problems == ["devices" + "[0]" * 63 + ": nested more than 64 levels deep"]
+
+
+def test_problems_from_a_file_are_in_file_order_with_their_lines(tmp_path: Path) -> None:
+    text = (
+        "logging:\n"
+        "  level: loud\n"  # 2
+        "listen:\n"
+        "  tokens: abc\n"  # 4
+        "base: &b\n"  # 5
+        "  timeout: 3x\n"  # 6
+        "endpoints:\n"
+        "  - name: one\n"  # 8
+        "    url: hooks.example.com/devices\n"  # 9
+        "    devices: abc\n"  # 10
+        "  - name: two\n"
+        "    <<: *b\n"
+        "    url: http://169.254.169.254/latest/meta-data/\n"  # 13
+        "  - {url: 'https://x.example/'}\n"  # 14
+        "delivery: {concurency: 3}\n"  # 15
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, text), env={})
+    assert ei.value.problems == [
+        "logging.level: must be one of debug, info, warning, error (got 'loud') (line 2)",
+        "listen.tokens: expected a list of strings, got a string (write [...] even for one) (line 4)",
+        "base: unknown key (line 5)",
+        "endpoints[1].timeout: invalid duration '3x' (use e.g. 500ms, 30s, 15m, 2h, 1d) (line 6)",  # the anchor
+        "endpoints[0].url: missing scheme: did you mean https://hooks.example.com/devices? (line 9)",
+        "endpoints[0].devices: expected a list of strings, got a string (write [...] even for one) (line 10)",
+        "endpoints[1].url: link-local address (cloud metadata lives there): refused without allow_link_local: true"
+        " (line 13)",
+        "endpoints[2].name: missing required key (line 14)",  # where its mapping is
+        "delivery.concurency: unknown key (did you mean 'concurrency'?) (line 15)",
+    ]
+
+
+def test_file_lines_with_aliases_env_and_secret_files(tmp_path: Path) -> None:
+    (tmp_path / "long.secret").write_text("x" * 200 + "\n")
+    text = (
+        "devices:\n"
+        "  - &rule {match: 'a*', silence_timeout: -1}\n"  # 2
+        "  - *rule\n"  # 3
+        "endpoints:\n"
+        "  - name: a\n"
+        "    url: ${URL}\n"  # 6
+        "  - name: b\n"
+        "    url: https://x.example/\n"
+        "    secret_file: long.secret\n"  # 9
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, text), env={"URL": "hooks.example.com/" + SECRET})
+    assert ei.value.problems == [
+        "devices[0].silence_timeout: must be greater than 0 (line 2)",
+        "devices[1].silence_timeout: must be greater than 0 (line 2)",  # an alias: where the value is written
+        "endpoints[0].url: missing scheme: start with https:// (or http://) (line 6)",
+        "endpoints[1].secret_file (line 1 of the file): must be at most 128 characters (got 200) (line 9)",
+    ]
+    assert SECRET not in str(ei.value)
+
+
+def test_problems_without_a_file_have_no_lines() -> None:
+    probs = problems_of({"logging": {"level": "loud"}, "listen": {"tokens": "abc"}})
+    assert probs == [
+        "listen.tokens: expected a list of strings, got a string (write [...] even for one)",
+        "logging.level: must be one of debug, info, warning, error (got 'loud')",
+    ]

@@ -153,6 +153,7 @@ class Converter:
         self.base_dir = base_dir
         self.env = env
         self.problems: list[str] = []
+        self.paths: list[str] = []  # the key path of each problem (for its line in the file)
         self.from_env: set[str] = set()  # key paths whose string had a ${VAR} substituted
         self.failed: set[str] = set()  # key paths already reported: no follow-up problems below them
 
@@ -162,6 +163,7 @@ class Converter:
         if self.bad(path):
             return
         self.problems.append(f"{path or 'config'}: {message}")
+        self.paths.append(path)
         self.failed.add(path)
 
     def bad(self, path: str) -> bool:

@@ -4,7 +4,8 @@
 self-containing values are refused before anything walks the data), `parse_config` converts the data key by
 key (`convert.Converter`) and applies the endpoint rules that involve more than one key (secrets and
 signatures, headers). Every problem is collected as ``key.path: message``; `ConfigError.problems` carries the
-list. Messages never contain secrets, tokens or values taken from the environment.
+list. From a file, the list is in file order and each problem ends in ``(line N)``, where its key (or the
+mapping of a missing key) is. Messages never contain secrets, tokens or values taken from the environment.
 """
 
 import base64
@@ -137,7 +138,7 @@ def _secrets(c: Converter, item: dict[Any, Any], values: dict[str, Any], path: s
         c.add(fpath, f"no secret in {p}")
     pairs: list[tuple[str, str]] = []
     for n, s in lines:
-        spath = f"{fpath} (line {n})"
+        spath = f"{fpath} (line {n} of the file)"
         try:
             pairs.append((spath, check_secret(s, c.at(spath))))
         except ValueError as e:
@@ -217,10 +218,37 @@ def _check_shape(data: object) -> None:
             stack.extend((v, f"{path}[{i}]", inner) for i, v in enumerate(node))
 
 
+Lines = Mapping[str, tuple[int, int]]  # key path -> (line, column) in the file, 1-based
+
+
+def _where(path: str, lines: Lines) -> tuple[int, int] | None:
+    """Where `path` (or the nearest key above it that the file spells: a missing key's mapping) is."""
+    while True:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["), path.rfind(" "))
+        if cut <= 0:
+            return None
+        path = path[:cut]
+
+
+def _in_file_order(problems: list[str], paths: list[str], lines: Lines) -> list[str]:
+    """The problems sorted by where the file has them, each with ``(line N)``; those with no place first."""
+    placed = [(_where(p, lines), problem) for p, problem in zip(paths, problems, strict=True)]
+    placed.sort(key=lambda x: x[0] or (0, 0))  # stable: one place's problems keep their order
+    return [problem if at is None else f"{problem} (line {at[0]})" for at, problem in placed]
+
+
 def parse_config(
-    data: object, base_dir: Path, env: Mapping[str, str] | None = None, path: Path | None = None
+    data: object,
+    base_dir: Path,
+    env: Mapping[str, str] | None = None,
+    path: Path | None = None,
+    lines: Lines | None = None,
 ) -> Config:
-    """Validate already-loaded YAML data; relative paths resolve against `base_dir`. Raises ConfigError."""
+    """Validate already-loaded YAML data; relative paths resolve against `base_dir`. Raises ConfigError.
+
+    With `lines` (from the YAML nodes), problems are listed in file order, each with its ``(line N)``."""
     c = Converter(Path(os.path.abspath(base_dir)), os.environ if env is None else env)
     if data is None:
         raise ConfigError(["config: the file is empty (expected a mapping of settings)"])
@@ -234,7 +262,7 @@ def parse_config(
 
     values = c.fields(data, Config, "", custom={"endpoints": endpoints})
     if c.problems or values is None:
-        raise ConfigError(c.problems)
+        raise ConfigError(c.problems if lines is None else _in_file_order(c.problems, c.paths, lines))
     return Config(path=path, **values)
 
 
@@ -293,7 +321,39 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(text: str, shown: str) -> object:
+def _node_lines(loader: _StrictLoader, root: yaml.Node | None) -> dict[str, tuple[int, int]]:
+    """Key path -> (line, column) of its key (or list item) in the file, from the composed nodes (after
+    construction: merge keys are flattened in them then). A node reached twice through aliases is walked once."""
+    out: dict[str, tuple[int, int]] = {}
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [] if root is None else [(root, "")]
+    while stack and len(out) < MAX_VALUES:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = loader.construct_object(key_node)
+                except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+                    continue
+                kpath = key_path(path, key)
+                m = key_node.start_mark
+                out[kpath] = (m.line + 1, m.column + 1)  # the last one wins, as in the constructed mapping
+                stack.append((value_node, kpath))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                ipath = f"{path}[{i}]"
+                out[ipath] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                stack.append((item, ipath))
+    return out
+
+
+def _load_yaml(text: str, shown: str) -> tuple[object, dict[str, tuple[int, int]]]:
+    """The data of the single document in `text`, and where each key path is (`_node_lines`)."""
     try:
         loader = _StrictLoader(text)  # checks every character first (control characters are refused)
     except yaml.reader.ReaderError as e:
@@ -301,7 +361,9 @@ def _load_yaml(text: str, shown: str) -> object:
             [f"{shown}: invalid YAML at character {e.position}: {e.reason} (#x{e.character:04x})"]
         ) from None
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        lines = _node_lines(loader, node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -321,7 +383,7 @@ def _load_yaml(text: str, shown: str) -> object:
         loader.dispose()
     if loader.duplicates:
         raise ConfigError([f"{shown}: {d}" for _, _, d in sorted(loader.duplicates)])
-    return data
+    return data, lines
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -340,9 +402,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"{shown}: not UTF-8 text (byte {e.start})"]) from None
-    data = _load_yaml(text, shown)
+    data, lines = _load_yaml(text, shown)
     absolute = Path(os.path.abspath(p))
-    return parse_config(data, absolute.parent, env, absolute)
+    return parse_config(data, absolute.parent, env, absolute, lines)
 
 
 def _plural(n: int, word: str) -> str:
