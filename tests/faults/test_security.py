@@ -470,7 +470,7 @@ async def test_link_local_literals_fail_without_a_connection_attempt(daemon: Dae
     for name in ("meta", "v6", "mapped"):
         row = by[name]
         assert row["status"] == "dead" and row["last_status"] is None, row
-        assert "link-local address blocked" in row["last_error"], row
+        assert row["last_error"] == "blocked: link-local address", row
     failed = [r for r in d.logs() if r.get("event") == "delivery_failed"]
     blocked = [r for r in failed if r.get("endpoint") in ("meta", "v6", "mapped")]
     assert blocked and all(r.get("duration_ms", 1) == 0 for r in blocked), blocked  # refused before connecting
@@ -580,9 +580,9 @@ async def test_dns_names_resolving_to_link_local_are_blocked_lan_allowed(
     by = await _wait_dead(d, names)
     assert await d.stop() == 0
     assert Path("/etc/hosts").read_text() != hosts.read_text()  # the machine's file was never touched
-    for name in ("dns-meta", "dns-v6"):
+    for name, host in (("dns-meta", "metadata.webhookd.test"), ("dns-v6", "v6meta.webhookd.test")):
         assert by[name]["status"] == "dead", by[name]
-        assert "resolves only to link-local addresses" in by[name]["last_error"], by[name]
+        assert by[name]["last_error"] == f"blocked: link-local address ({host})", by[name]
     assert by["dns-local"]["status"] == "delivered", by["dns-local"]  # the private hosts file is in effect
     assert len(local.got) == 1
     assert "link-local" not in (by["dns-optin"]["last_error"] or ""), by["dns-optin"]

@@ -236,6 +236,7 @@ class Dispatcher(Paging, OperatorActions):
             if not stale:
                 rt.health = retry.Health()
                 rt.row.consecutive_failures = 0
+                rt.row.last_error = None  # the row changed: it goes with this receipt
             self._settle_receipt(rt, generation, d, result, now, stale)
             return
         if stale:
@@ -257,11 +258,11 @@ class Dispatcher(Paging, OperatorActions):
         rt.row.consecutive_failures = decision.health.consecutive_failures
         rt.row.last_error = result.error
         if decision.disable is not None:
-            log.warning("delivery_failed", error=result.error, next="held", **ctx)
+            log.warning("delivery_failed", error=result.error, detail=result.detail, next="held", **ctx)
             await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
             await self.disable(rt.cfg.name, decision.disable)
         elif decision.status == "dead":
-            log.warning("delivery_dead", error=result.error, **ctx)
+            log.warning("delivery_dead", error=result.error, detail=result.detail, **ctx)
             if await self._persist(Receipt(d.id, "dead", d.attempts, None, result.status, result.error), rt):
                 self._advance(rt, d, now)
             else:
@@ -269,7 +270,7 @@ class Dispatcher(Paging, OperatorActions):
         else:
             delay = decision.retry_in or 0.0
             d.due = now + delay
-            log.warning("delivery_failed", error=result.error, retry_in_s=round(delay, 3), **ctx)
+            log.warning("delivery_failed", error=result.error, detail=result.detail, retry_in_s=round(delay, 3), **ctx)
             receipt = Receipt(d.id, "pending", d.attempts, self._wall() + delay, result.status, result.error)
             await self._persist(receipt, rt)
             if generation == rt.generation and self.endpoints.get(rt.cfg.name) is rt:
@@ -315,14 +316,14 @@ class Dispatcher(Paging, OperatorActions):
         if current is not None and not current.row.disabled:
             # Enabled again while this attempt was in flight: the release made the row pending with a fresh
             # budget, and the new lanes skipped it while it was in flight. Queue it now.
-            log.warning("delivery_failed", error=result.error, next="retry", **ctx)
+            log.warning("delivery_failed", error=result.error, detail=result.detail, next="retry", **ctx)
             wall = self._wall()
             await self._persist(Receipt(d.id, "pending", 0, wall, result.status, result.error), current)
             if not current.row.disabled and self.endpoints.get(rt.cfg.name) is current:
                 self._take_back(d)
             return
         # Disabled or removed while this attempt was in flight: it stays held.
-        log.warning("delivery_failed", error=result.error, next="held", **ctx)
+        log.warning("delivery_failed", error=result.error, detail=result.detail, next="held", **ctx)
         await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
 
     def _retry_head(self, rt: EndpointRuntime, generation: int, d: Delivery, delay: float) -> None:
