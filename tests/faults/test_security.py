@@ -453,30 +453,32 @@ async def _wait_dead(d: Daemon, names: list[str], timeout: float = 15.0) -> dict
         await asyncio.sleep(0.05)
 
 
-async def test_link_local_literals_fail_without_a_connection_attempt(daemon: DaemonFactory) -> None:
+async def test_link_local_literals_are_refused_by_check_config_and_at_startup(daemon: DaemonFactory) -> None:
+    """Link-local URLs written as literals never get as far as an attempt: check-config names them by key path
+    and the daemon refuses to start on them (the delivery-time block, for names that resolve there, is tested in
+    tests/test_sender_errors.py and below). No packet goes to 169.254/16: tests talk to loopback only."""
     d = await daemon(
         [
             ep("meta", "http://169.254.169.254/latest/meta-data/"),
             ep("v6", "http://[fe80::1]/hook"),
             ep("mapped", "http://[::ffff:169.254.169.254]/hook"),
-            ep("optin", "http://169.254.0.1:9/hook", allow_link_local=True, timeout="300ms"),
+            ep("optin", "http://169.254.0.1:9/hook", allow_link_local=True),
         ],
-        delivery={"retry_schedule": ["50ms"], "disable_after": 0},
-        logging={"format": "json", "level": "info"},
+        start=False,
+        check=False,
     )
-    await d.heartbeat("ll-dev")
-    by = await _wait_dead(d, ["meta", "v6", "mapped", "optin"])
-    assert await d.stop() == 0
-    for name in ("meta", "v6", "mapped"):
-        row = by[name]
-        assert row["status"] == "dead" and row["last_status"] is None, row
-        assert row["last_error"] == "blocked: link-local address", row
-    failed = [r for r in d.logs() if r.get("event") == "delivery_failed"]
-    blocked = [r for r in failed if r.get("endpoint") in ("meta", "v6", "mapped")]
-    assert blocked and all(r.get("duration_ms", 1) == 0 for r in blocked), blocked  # refused before connecting
-    # The opt-in endpoint really tries (whatever the network then says).
-    assert by["optin"]["status"] == "dead" and "blocked" not in (by["optin"]["last_error"] or ""), by["optin"]
-    print(f"\nlink-local: blocked {sorted(['meta', 'v6', 'mapped'])}; opt-in tried: {by['optin']['last_error']}")
+    res = await d.cli("check-config")
+    assert res.returncode != 0, res
+    text = res.stdout + res.stderr
+    for i in range(3):
+        assert f"endpoints[{i}].url: link-local address" in text, text
+    assert "endpoints[3]" not in text, text  # allow_link_local: true is the opt-in
+    assert "Traceback" not in text
+    await d.start(wait=False)
+    assert await d.wait_exit() == 1
+    invalid = [r for r in d.logs() if r.get("event") == "config_invalid"]
+    assert invalid and any("endpoints[0].url" in p for p in invalid[0]["problems"]), d.logs_text()[-2000:]
+    assert "Traceback" not in d.logs_text()
 
 
 def _private_addresses() -> list[str]:
