@@ -10,9 +10,14 @@ import os
 import socket
 import time
 
+from webhookd import logwrite
+
 
 def notify(message: str) -> bool:
     """Send `message` (e.g. "READY=1\\nSTATUS=...") to the service manager; False when there is none."""
+    # What was logged before a state change is written before the manager hears of it (READY=1 after
+    # config_reloaded, STOPPING=1 after the lines that led to it): log lines of a loop turn are batched.
+    logwrite.flush()
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr or addr[0] not in ("/", "@"):
         return False
