@@ -2,27 +2,42 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Two stamps: `make run` installs the package and what running it needs; `make test` (lint, typecheck, unit, ...)
+# adds the `test` extra (pytest, mypy, ruff, ...: most of a cold start's download and install time).
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= config.example.yaml
+
+# pip's output (and setuptools' banner on every editable install) goes to $(PIP_LOG), shown only if pip fails.
+PIP_LOG := $(VENV)/pip.log
+define pip_install
+	@echo "pip install $(1)   (into $(VENV); log: $(PIP_LOG))"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check $(1) >$(PIP_LOG) 2>&1 \
+	  || { cat $(PIP_LOG); echo "pip install $(1) failed (log: $(PIP_LOG))"; exit 1; }
+endef
 
 .PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "webhookd needs Python >= 3.11"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(call pip_install,--upgrade pip)
+	$(call pip_install,-e .)
+	@touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(call pip_install,-e '.[test]')
+	@touch $(TEST_STAMP)
 
 run: $(STAMP)
 	mkdir -p var
 	$(BIN)/webhookd run -c $(CONFIG)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/ruff format --check webhookd tests bench
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 # The suite runs on PYTEST_WORKERS pytest-xdist workers (every test has its own tmp dir and ports); worksteal
@@ -30,17 +45,17 @@ typecheck: $(STAMP)
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
 
-unit: $(STAMP) systemd-tools faketime-tools
+unit: $(TEST_STAMP) systemd-tools faketime-tools
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
-test: $(STAMP) systemd-tools faketime-tools
+test: $(TEST_STAMP) systemd-tools faketime-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 # The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout. Serial
 # on purpose: -s shows the figures (xdist workers would swallow them), and other tests' load would skew them.
-test-long: $(STAMP) faketime-tools
+test-long: $(TEST_STAMP) faketime-tools
 	$(BIN)/pytest -q -s -p no:xdist -m long tests/faults
 
 # tests/test_systemd.py checks systemd/webhookd.service with systemd-analyze, and the unit's ExecReload needs
@@ -75,9 +90,9 @@ faketime-tools:
 # without uvloop; ~35 min (rows 7-9 add ~12). BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
 # wrk (Debian package) drives the load; without it bench/loadgen.py (aiohttp) does, and the output says so.
 BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,speed,bench]'
-	touch $(BENCH_STAMP)
+$(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
+	$(call pip_install,-e '.[test,speed,bench]')
+	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	@if ! command -v wrk >/dev/null 2>&1; then \

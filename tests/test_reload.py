@@ -73,7 +73,14 @@ async def test_reload_changes_the_endpoint_set_without_losing_queued_deliveries(
         d.write_config()
         records = await reload(d, ns)
         assert events_named(records, "endpoint_removed")[0]["held"] == 3
-        assert events_named(records, "config_reloaded")[0]["endpoints"] == ["B"]
+        reloaded = events_named(records, "config_reloaded")[0]
+        assert reloaded["endpoints"] == ["B"]
+        # what changed, by name (webhookd.lifecycle.changes)
+        assert (reloaded["changed"], reloaded["endpoints_added"], reloaded["endpoints_removed"]) == (
+            ["endpoints"],
+            ["B"],
+            ["A"],
+        )
         eps = await endpoints_by_name(d)
         assert eps["A"]["enabled"] is False and eps["A"]["disabled_reason"] == "not in config"
         assert (eps["A"]["pending"], eps["A"]["held"], eps["A"]["dead"], eps["A"]["delivered"]) == (0, 3, 0, 0)
@@ -208,7 +215,9 @@ async def test_reload_of_silence_timeouts_takes_effect_on_running_timers(
         d.cfg["presence"] = {"silence_timeout": "1h"}
         d.cfg["devices"] = [{"match": "printer-*", "silence_timeout": "1s"}]
         d.write_config()
-        await reload(d, ns)
+        reloaded = events_named(await reload(d, ns), "config_reloaded")[0]
+        assert reloaded["silence_timeout"] == [1.5, 3600.0]
+        assert reloaded["device_rules_changed"] == ["printer-*"]
         await r.wait_for(3, timeout=5)
         offline = r.got[2]
         assert offline.json["type"] == "device.offline" and offline.json["device"]["id"] == "printer-1"
@@ -254,7 +263,8 @@ async def test_reload_of_the_log_level_takes_effect(
         d.cfg["logging"]["level"] = "info"
         d.write_config()
         records = await reload(d, ns)
-        assert events_named(records, "config_reloaded")
+        reloaded = events_named(records, "config_reloaded")[0]
+        assert (reloaded["changed"], reloaded["log_level"]) == (["logging.level"], ["warning", "info"])
         await d.heartbeat("three")
         await r.wait_for(3)
         await eventually(lambda: len(events_named(d.logs(), "device_online")) == 2)

@@ -7,6 +7,7 @@ import asyncio
 import mmap
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,11 +58,14 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
 
 
 def unit_for_verify(tmp: Path, text: str | None = None) -> Path:
-    """The unit with ExecStart pointing at this venv's `webhookd`: verify checks that the binary exists."""
+    """The unit with ExecStart= and ExecReload= pointing at this venv's `webhookd`: verify checks that the binaries
+    exist."""
     text = UNIT.read_text() if text is None else text
-    assert "ExecStart=/usr/local/bin/webhookd " in text
+    assert "ExecStart=/usr/local/bin/webhookd " in text and "ExecReload=/usr/local/bin/webhookd " in text
     path = tmp / "webhookd.service"
-    path.write_text(text.replace("ExecStart=/usr/local/bin/webhookd ", f"ExecStart={VENV_WEBHOOKD} "))
+    for key in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{key}=/usr/local/bin/webhookd ", f"{key}={VENV_WEBHOOKD} ")
+    path.write_text(text)
     return path
 
 
@@ -109,7 +113,11 @@ def test_unit_has_what_the_contract_and_the_daemon_need() -> None:
     svc = {k: v[-1] for k, v in unit["Service"].items()}
     assert svc["Type"] == "notify"
     assert svc["ExecStart"] == f"/usr/local/bin/webhookd run -c {CONFIG}"
-    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # a reload checks the file first (systemd stops at the first ExecReload= that fails), with the file ExecStart runs
+    assert unit["Service"]["ExecReload"] == [
+        f"/usr/local/bin/webhookd check-config -c {CONFIG}",
+        "/bin/kill -HUP $MAINPID",
+    ]
     env = " ".join(unit["Service"]["Environment"]).split()
     assert f"WEBHOOKD_CONFIG={CONFIG}" in env  # the CLI finds the same config as the service
     assert svc["Restart"] == "on-failure"
@@ -247,3 +255,59 @@ def test_install_doc_config_is_valid_and_matches_the_unit() -> None:
     assert "install -m 0644 systemd/webhookd.service /etc/systemd/system/webhookd.service" in doc
     assert "ln -sf /opt/webhookd/bin/webhookd /usr/local/bin/webhookd" in doc
     assert unit["EnvironmentFile"].lstrip("-") in doc
+
+
+# --- ExecReload= by hand: what `systemctl reload` runs, against a real daemon --------------------------------
+
+
+def exec_reload(config: Path, pid: int) -> list[subprocess.CompletedProcess[str]]:
+    """The unit's ExecReload= lines run as systemd runs them: in order, stopping at the first that fails (the
+    reload job's result is then "failed": `systemctl reload` exits non-zero). This venv's webhookd and the
+    test's config stand in for /usr/local/bin/webhookd and /etc/webhookd/config.yaml."""
+    if not Path("/bin/kill").exists():
+        pytest.skip("/bin/kill is missing: `make test` installs Debian's procps package")
+    done: list[subprocess.CompletedProcess[str]] = []
+    for line in parse_unit(UNIT.read_text())["Service"]["ExecReload"]:
+        line = line.replace("/usr/local/bin/webhookd ", f"{VENV_WEBHOOKD} ").replace(CONFIG, str(config))
+        out = subprocess.run(
+            shlex.split(line.replace("$MAINPID", str(pid))), capture_output=True, text=True, timeout=60
+        )
+        done.append(out)
+        if out.returncode != 0:
+            break
+    return done
+
+
+async def test_exec_reload_fails_on_a_broken_file_and_leaves_the_daemon_alone(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    r = await receiver()
+    d = await daemon([endpoint("r", r)], start=False)
+    async with NotifySocket(tmp_path) as ns:
+        await d.start(env=ns.env())
+        await ns.wait_for("READY", "1")
+        assert d.proc is not None
+        pid = d.proc.pid
+        good = d.config_path.read_text()
+
+        d.config_path.write_text("endpoints: [\n  - {name: r\n")  # not YAML
+        mark = len(ns.messages)
+        ran = await asyncio.to_thread(exec_reload, d.config_path, pid)
+        assert len(ran) == 1, ran  # check-config failed: no SIGHUP was sent
+        assert ran[0].returncode == 1
+        assert ran[0].stderr.startswith(f"config error: {d.config_path}: invalid YAML at line"), ran[0].stderr
+        await asyncio.sleep(0.5)
+        assert not ns.having("RELOADING", "1", since=mark)
+        assert not [rec for rec in d.logs() if rec.get("event", "").startswith("config_reload")]
+        assert d.proc.poll() is None
+        assert (await d.heartbeat("still-running"))["changed"] is True
+
+        # the file fixed: both lines run, the daemon reloads
+        d.config_path.write_text(good)
+        ran = await asyncio.to_thread(exec_reload, d.config_path, pid)
+        assert [out.returncode for out in ran] == [0, 0], ran
+        assert ran[0].stdout.startswith("config OK:"), ran[0].stdout
+        started = await ns.wait_for("RELOADING", "1", since=mark)
+        await ns.wait_for("READY", "1", since=ns.messages.index(started) + 1)
+        assert [rec["changed"] for rec in d.logs() if rec.get("event") == "config_reloaded"] == [[]]
+        assert await d.stop() == 0

@@ -25,7 +25,7 @@ from webhookd import __version__, sdnotify
 from webhookd.admin import AdminAPI
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
-from webhookd.lifecycle import keep_bound, restart_required, socket_answers, socket_path_is_ours, tune_gc
+from webhookd.lifecycle import changes, keep_bound, restart_required, socket_answers, socket_path_is_ours, tune_gc
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import batch_logs, configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
@@ -341,8 +341,13 @@ class Daemon:
             configure_logging(new.logging.format, new.logging.level)
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
             self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
-            self.cfg = new
-            log.info("config_reloaded", endpoints=[e.name for e in new.endpoints], devices_rules=len(new.devices))
+            old, self.cfg = self.cfg, new
+            log.info(
+                "config_reloaded",
+                endpoints=[e.name for e in new.endpoints],
+                devices_rules=len(new.devices),
+                **changes(old, new),
+            )
         except Exception as e:
             log.exception("config_reload_failed", error=str(e))
         finally:

@@ -1,5 +1,6 @@
 """What the daemon's lifecycle decides apart from its I/O: which config keys a reload cannot apply, the config
-a reload runs with, whether an admin socket path is another daemon's, and GC tuning after startup."""
+a reload runs with and what it changes, whether an admin socket path is another daemon's, and GC tuning after
+startup."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from webhookd.config import Config
+from webhookd.config import Config, DeviceRule
 
 # Bound at startup: a reload names them (config_restart_required) and keeps their running values.
 RESTART_KEYS = ("listen.http", "listen.udp", "listen.max_body", "admin.socket", "state_dir")
@@ -70,3 +71,52 @@ def tune_gc() -> None:
     Then fewer, larger young collections, and full ones rarely."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+# Config sections compared key by key for config_reloaded's `changed` (endpoints and devices are named instead).
+_SECTIONS = ("listen", "admin", "presence", "delivery", "logging")
+
+
+def _rules_changed(old: tuple[DeviceRule, ...], new: tuple[DeviceRule, ...]) -> list[str]:
+    """The `match` globs of the device rules added, removed or changed, in file order (old file's first);
+    every glob of the new file when only their order changed (the first rule that matches wins)."""
+    if old == new:
+        return []
+    differ = [r for r in old if r not in new] + [r for r in new if r not in old]
+    return list(dict.fromkeys(r.match for r in differ)) or [r.match for r in new]
+
+
+def changes(old: Config, new: Config) -> dict[str, object]:
+    """What a reload from `old` to `new` changes, as config_reloaded's fields (`changed=[]`: nothing).
+
+    `changed` lists every changed key as the file spells it (`presence.silence_timeout`, `listen.tokens`,
+    `devices`, `endpoints`), never a value; the endpoints are named (`endpoints_added`/`_removed`/`_changed`),
+    as are the device rules (`device_rules_changed`, by `match`); the global silence timeout and the log level
+    also give `[old, new]`. Tokens and secrets are only ever named: a key such as `tokens_added` would be
+    scrubbed to `***` by the log anyway."""
+    changed: list[str] = []
+    for section in _SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [f"{section}.{f}" for f in before.__struct_fields__ if getattr(before, f) != getattr(after, f)]
+    if old.state_dir != new.state_dir:
+        changed.append("state_dir")
+    out: dict[str, object] = {}
+    rules = _rules_changed(old.devices, new.devices)
+    if rules:
+        changed.append("devices")
+        out["device_rules_changed"] = rules
+    was = {e.name: e for e in old.endpoints}
+    now = {e.name: e for e in new.endpoints}
+    named = {
+        "endpoints_added": [n for n in now if n not in was],
+        "endpoints_removed": [n for n in was if n not in now],
+        "endpoints_changed": [n for n in now if n in was and was[n] != now[n]],
+    }
+    if any(named.values()) or list(was) != list(now):
+        changed.append("endpoints")
+    out.update({k: v for k, v in named.items() if v})
+    if old.presence.silence_timeout != new.presence.silence_timeout:
+        out["silence_timeout"] = [old.presence.silence_timeout, new.presence.silence_timeout]
+    if old.logging.level != new.logging.level:
+        out["log_level"] = [old.logging.level, new.logging.level]
+    return {"changed": changed, **out}
