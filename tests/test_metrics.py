@@ -276,3 +276,23 @@ def test_each_daemon_has_its_own_registry() -> None:
     second, _ = fake_daemon()  # the global registry would refuse the second set of names
     first.on_event("device.offline")
     assert second.registry is not first.registry
+
+
+async def test_no_created_series_beside_the_counters() -> None:
+    metrics, _ = fake_daemon()
+    metrics.on_event("device.offline")
+    metrics.on_rejected(400)
+    metrics.on_result("a", AttemptResult(True, 200, None, 0.01))
+    metrics.on_outcome("a", "delivered")
+    metrics.store_write.observe(0.001)
+    text = (await metrics.render()).decode()
+    assert not [line for line in text.splitlines() if "_created" in line]
+    types = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+    for name in ("heartbeats", "heartbeat_rejected", "events", "deliveries"):  # every counter still there
+        assert types.get(f"webhookd_{name}_total") == "counter", name
+    for name in ("delivery_duration_seconds", "store_write_seconds"):
+        assert types.get(f"webhookd_{name}") == "histogram", name
+    m = parse(text)
+    assert get(m, "webhookd_events_total", type="device.offline") == 1
+    assert get(m, "webhookd_heartbeat_rejected_total", status="400") == 1
+    assert get(m, "webhookd_deliveries_total", endpoint="a", outcome="delivered") == 1

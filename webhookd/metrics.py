@@ -7,7 +7,9 @@ Two kinds of numbers:
 - gauges of current state (devices by state, deliveries by status, endpoint health, store health, uptime),
   computed only when scraped by `_StateCollector` from the engine, the dispatcher and the store.
 
-Everything lives in a per-daemon `CollectorRegistry`, never the process-global one.
+Everything lives in a per-daemon `CollectorRegistry`, never the process-global one. No `_created` series:
+prometheus_client has no per-registry switch, so `Metrics` turns them off with its documented process-wide one
+(`disable_created_metrics()`, read at every collect; the env var PROMETHEUS_DISABLE_CREATED_SERIES is the same).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -70,6 +72,8 @@ class Metrics:
         self.dispatcher = dispatcher
         self.started_mono = started_mono
         self._clock = clock
+        # No `_created` beside every counter and histogram (noise to an operator); see the module docstring.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = CollectorRegistry()
         self.heartbeats = Counter(f"{NS}_heartbeats", "Heartbeats accepted and applied.", ["transport"], registry=r)
         self.rejected = Counter(
