@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import hashlib
@@ -236,6 +237,55 @@ def test_subcommand_arguments() -> None:
     a = parse(["sink", "--port", "9000", "--host", "0.0.0.0", "--secret", "a", "--secret", "b"])
     assert (a.port, a.host, a.secret) == (9000, "0.0.0.0", ["a", "b"])
     assert parse(["run"]).handler is cli.cmd_run
+
+
+def test_json_before_or_after_the_command() -> None:
+    for argv in (["--json", "status"], ["status", "--json"], ["--json", "endpoints", "disable", "ops"]):
+        assert parse(argv).json is True, argv
+    a = parse(["--json", "-c", "/a.yaml", "deliveries", "replay", "1"])
+    assert a.json is True and a.config == "/a.yaml" and a.ids == [1]
+    assert not hasattr(parse(["status"]), "json")
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _all_parsers(child)
+
+
+def test_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parsers = list(_all_parsers(cli.build_parser()))
+    assert len(parsers) >= 13
+    for p in parsers:
+        for action in p._actions:
+            assert action.help and action.help is not argparse.SUPPRESS, (p.prog, action.option_strings or action.dest)
+    rc, out, _ = run(["deliveries", "--help"], capsys)
+    assert rc == 0 and "only this status" in out and "default 100" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-c", "/a.yaml", "gen-secret"], "gen-secret reads no config"),
+        (["--config", "/a.yaml", "sink"], "sink reads no config"),
+        (["gen-secret", "-c", "/a.yaml"], "unrecognized arguments: -c"),
+        (["sink", "--port", "0", "-c", "/a.yaml"], "unrecognized arguments: -c"),
+        (["--json", "gen-secret"], "gen-secret has no JSON output"),
+        (["--json", "run"], "run has no JSON output"),
+        (["check-config", "--json"], "unrecognized arguments: --json"),
+    ],
+)
+def test_gen_secret_and_sink_refuse_config(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(argv, capsys)
+    assert (rc, out) == (2, "") and message in err
+
+
+def test_help_says_gen_secret_and_sink_refuse_config(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("gen-secret", "sink"):
+        rc, out, _ = run([command, "--help"], capsys)
+        assert rc == 0 and "-c is refused" in " ".join(out.split()) and "--config" not in out
 
 
 @pytest.mark.parametrize(

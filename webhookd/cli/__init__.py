@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from webhookd.cli.client import (
+    DEFAULT_LIMIT,
     EXIT_ERROR,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -124,14 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webhookd",
         description="Device presence daemon: heartbeats in, signed durable webhooks out.",
-        parents=[plain],
+        epilog="-c and --json may come before or after the command. gen-secret and sink read no config "
+        "and refuse -c; --json is for the commands that ask the daemon.",
+        parents=[data],
     )
-    parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"webhookd {__version__}", help="print the version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of these (COMMAND --help for more)")
 
-    def add(name: str, handler: Handler, help_: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, parents=[parent])
-        p.set_defaults(handler=handler)
+    def add(
+        name: str,
+        handler: Handler,
+        help_: str,
+        parent: argparse.ArgumentParser | None,
+        description: str | None = None,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=description or help_, parents=[parent] if parent is not None else []
+        )
+        # what main() lets through from before the command: -c only where a config is read, --json only
+        # where there is an API document to print
+        p.set_defaults(handler=handler, takes_config=parent is not None, takes_json=parent is data)
         return p
 
     add("run", cmd_run, "run the daemon in the foreground", plain)
@@ -142,20 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=DEVICE_STATES, default=argparse.SUPPRESS, help="only devices in this state")
 
     p = add("endpoints", cmd_endpoints, "list endpoints, or enable / disable / test one", data)
-    ep_sub = p.add_subparsers(dest="action", metavar="ACTION")
+    ep_sub = p.add_subparsers(dest="action", metavar="ACTION", help="without one: list the endpoints")
     for action, text in (
         ("enable", "enable an endpoint (resumes its held deliveries)"),
         ("disable", "disable an endpoint (holds its deliveries)"),
         ("test", "send a webhook.test event now; exit 0 on 2xx"),
     ):
         ap = ep_sub.add_parser(action, help=text, description=text, parents=[data])
-        ap.add_argument("name", metavar="NAME")
+        ap.add_argument("name", metavar="NAME", help="endpoint name (see `webhookd endpoints`)")
 
     p = add("deliveries", cmd_deliveries, "list deliveries, or replay some", data)
-    p.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS)
-    p.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS)
-    p.add_argument("--limit", type=_positive_int, metavar="N", default=argparse.SUPPRESS)
-    dl_sub = p.add_subparsers(dest="action", metavar="ACTION")
+    p.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS, help="only this status")
+    p.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS, help="only this endpoint's deliveries")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        default=argparse.SUPPRESS,
+        help=f"show at most N, newest first (default {DEFAULT_LIMIT}, the daemon's)",
+    )
+    dl_sub = p.add_subparsers(dest="action", metavar="ACTION", help="without one: list the deliveries")
     rp = dl_sub.add_parser(
         "replay",
         help="queue deliveries again with a fresh attempt budget",
@@ -164,12 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[data],
     )
     rp.add_argument("ids", nargs="*", type=_delivery_id, metavar="ID", help="delivery ids (see `webhookd deliveries`)")
-    rp.add_argument("--endpoint", metavar="NAME", default=argparse.SUPPRESS)
-    rp.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS)
+    rp.add_argument(
+        "--endpoint", metavar="NAME", default=argparse.SUPPRESS, help="every delivery of this endpoint in --status"
+    )
+    rp.add_argument(
+        "--status",
+        choices=DELIVERY_STATUSES,
+        default=argparse.SUPPRESS,
+        help="with --endpoint: the status to replay (default dead)",
+    )
 
-    add("gen-secret", cmd_gen_secret, "print a new signing secret (whsec_...)", plain)
+    no_config = " It reads no config: -c is refused."
+    add(
+        "gen-secret",
+        cmd_gen_secret,
+        "print a new signing secret (whsec_...)",
+        None,
+        "Print a new signing secret (whsec_...)." + no_config,
+    )
 
-    p = add("sink", cmd_sink, "a local webhook receiver that prints what it gets", plain)
+    p = add(
+        "sink",
+        cmd_sink,
+        "a local webhook receiver that prints what it gets",
+        None,
+        "A local webhook receiver that prints what it gets." + no_config,
+    )
     p.add_argument("--port", type=_port, default=8479, help="port to listen on (default 8479; 0 = any)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(
@@ -209,6 +248,15 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _misplaced_option(args: argparse.Namespace) -> str | None:
+    """-c or --json given before a command that has no use for it (after it, argparse refuses it itself)."""
+    if hasattr(args, "config") and not getattr(args, "takes_config", True):
+        return f"{args.command} reads no config: -c/--config is not accepted"
+    if getattr(args, "json", False) and not getattr(args, "takes_json", True):
+        return f"{args.command} has no JSON output: --json is not accepted"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``webhookd`` and ``python -m webhookd``; returns the exit code."""
     try:
@@ -218,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
             parser.print_help(sys.stderr)
+            return EXIT_ERROR
+        misplaced = _misplaced_option(args)
+        if misplaced:
+            parser.print_usage(sys.stderr)
+            print(f"webhookd: error: {misplaced}", file=sys.stderr)
             return EXIT_ERROR
         return handler(args)
     except SystemExit as e:

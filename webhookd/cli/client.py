@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "/etc/webhookd/config.yaml"
 DEFAULT_SOCKET = "./var/admin.sock"
+DEFAULT_LIMIT = 100  # the daemon's page size for GET /v1/deliveries without ?limit=
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # bad config, API error, failed test delivery
