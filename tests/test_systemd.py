@@ -1,5 +1,5 @@
 """systemd/webhookd.service (CONTRACT §10): systemd's own checker, the contract's directives, and the daemon run
-under the kernel restrictions the unit asks for (MemoryDenyWriteExecute=, ProcSubset=/ProtectProc=)."""
+under the kernel restrictions the unit asks for (MemoryDenyWriteExecute=, ProtectProc=)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,24 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
         assert sep, f"not a key=value line: {line!r}"
         current.setdefault(key.strip(), []).append(value.strip())
     return sections
+
+
+def proc_mount_options(text: str | None = None) -> list[str]:
+    """The procfs options systemd mounts the service's private /proc with, from the unit's ProtectProc= and
+    ProcSubset= (systemd.exec(5)): hidepid= for ProtectProc= other than "default", subset=pid for ProcSubset=pid."""
+    svc = {k: v[-1] for k, v in parse_unit(UNIT.read_text() if text is None else text)["Service"].items()}
+    options = []
+    if svc.get("ProtectProc", "default") != "default":
+        options.append(f"hidepid={svc['ProtectProc']}")
+    if svc.get("ProcSubset", "all") == "pid":
+        options.append("subset=pid")
+    return options
+
+
+def private_proc(options: list[str]) -> tuple[str, ...]:
+    """A wrapper (to run inside `unshare --mount`) that mounts a fresh /proc with `options`, then execs argv."""
+    opts = ",".join(options) or "defaults"
+    return ("sh", "-c", f'mount -t proc -o {opts} proc /proc && exec "$@"', "sh")
 
 
 def unit_for_verify(tmp: Path, text: str | None = None) -> Path:
@@ -156,8 +174,11 @@ def test_unit_has_what_the_contract_and_the_daemon_need() -> None:
         "ProtectClock": "yes",
         "ProtectHostname": "yes",
         "RestrictNamespaces": "yes",
+        "ProtectProc": "invisible",
     }
     assert {k: svc.get(k) for k in hardening} == hardening
+    # ProcSubset=pid hides /proc/stat, and with it every process_* metric (tests/test_unit_proc.py)
+    assert svc.get("ProcSubset", "all") == "all"
     assert set(svc["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert unit["Service"]["SystemCallFilter"][0] == "@system-service"
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
@@ -175,8 +196,8 @@ MDWE_EXEC = (
     "    sys.exit(f'prctl(PR_SET_MDWE): errno {ctypes.get_errno()}')\n"
     "os.execv(sys.argv[1], sys.argv[1:])\n"
 )
-# ProcSubset=pid + ProtectProc=invisible: a private /proc that shows only processes, and only our own.
-PROC_SUBSET = ("sh", "-c", 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"', "sh")
+# The unit's private /proc (ProtectProc=invisible: only our own processes), mounted as systemd mounts it.
+UNIT_PROC = private_proc(proc_mount_options())
 
 
 def _mdwe_supported() -> bool:
@@ -202,7 +223,7 @@ def _wx_mapping_refused() -> bool:
 
 def _private_proc_works() -> bool:
     out = subprocess.run(
-        ["unshare", "--mount", *PROC_SUBSET, "test", "!", "-e", "/proc/meminfo"], capture_output=True, timeout=30
+        ["unshare", "--mount", *UNIT_PROC, "test", "-e", "/proc/self/stat"], capture_output=True, timeout=30
     )
     return out.returncode == 0
 
@@ -216,7 +237,7 @@ async def test_daemon_works_under_memory_deny_write_execute_and_a_private_proc(
     wrapper: tuple[str, ...] = (sys.executable, "-c", MDWE_EXEC)
     private_proc = shutil.which("unshare") is not None and _private_proc_works()
     if private_proc:
-        wrapper = ("unshare", "--mount", *PROC_SUBSET, *wrapper)
+        wrapper = ("unshare", "--mount", *UNIT_PROC, *wrapper)
 
     r = await receiver()
     d = await daemon([endpoint("r", r, signature="hmac-sha256")], start=False)
