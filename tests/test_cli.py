@@ -549,8 +549,8 @@ class FakeAdmin:
             return web.json_response([d for d in DEVICES if state in (None, d["state"])])
         if m == "GET" and path == "/v1/endpoints":
             return web.json_response(ENDPOINTS)
-        if m == "GET" and path == "/v1/deliveries":
-            return web.json_response(DELIVERIES)
+        if m == "GET" and path == "/v1/deliveries":  # like admin.py: the rows only, at most ?limit= (100)
+            return web.json_response(DELIVERIES[: int(request.query.get("limit", "100"))])
         if m == "POST" and path == "/v1/deliveries/replay":
             if body.get("endpoint") == "nope":
                 return web.json_response({"error": "unknown endpoint 'nope'"}, status=404)
@@ -558,7 +558,7 @@ class FakeAdmin:
         ep = re.fullmatch(r"/v1/endpoints/([^/]+)/(enable|disable|test)", path)
         if m == "POST" and ep:
             name, action = ep.group(1), ep.group(2)
-            if name not in ("ops", "bad", "down"):
+            if name not in ("ops", "one", "bad", "down"):
                 return web.json_response({"error": "unknown endpoint"}, status=404)
             if action == "test":
                 if name == "bad":
@@ -578,8 +578,16 @@ class FakeAdmin:
                 return web.json_response(
                     {"endpoint": name, "ok": True, "status": 200, "latency_ms": 12.34, "error": None}
                 )
+            n = 1 if name == "one" else 2  # endpoint "one" has one delivery pending (enable) or held (disable)
+            enabled = action == "enable"
             return web.json_response(
-                {**ENDPOINT_OPS, "name": name, "enabled": action == "enable", "held": 0 if action == "enable" else 2}
+                {
+                    **ENDPOINT_OPS,
+                    "name": name,
+                    "enabled": enabled,
+                    "pending": n if enabled else 0,
+                    "held": 0 if enabled else n,
+                }
             )
         if path == "/v1/explode":
             return web.Response(status=500, text="Internal Server Error")
@@ -684,11 +692,41 @@ def test_deliveries_table_and_query(fake_admin: tuple[FakeAdmin, Path], capsys: 
     assert "101" in lines[1] and re.search(r"in [1-5]m", lines[1]) and "503" in lines[1]
 
 
+def test_deliveries_cut_by_the_limit(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, cfg = fake_admin
+    assert len(DELIVERIES) == 2
+    rc, out, err = run(["deliveries", "--limit", "1", "-c", str(cfg)], capsys)
+    assert rc == 0 and len(out.splitlines()) == 2
+    assert err == "1 shown (limit 1; --limit N for more)\n"
+    rc, out, err = run(["deliveries", "--limit", "3", "-c", str(cfg)], capsys)
+    assert rc == 0 and len(out.splitlines()) == 3 and err == ""
+    rc, out, err = run(["deliveries", "-c", str(cfg)], capsys)  # the daemon's default limit, 100
+    assert rc == 0 and err == ""
+    rc, out, err = run(["deliveries", "--limit", "1", "--json", "-c", str(cfg)], capsys)
+    assert rc == 0 and json.loads(out) == DELIVERIES[:1] and err == ""
+    assert cli.commands._cut_line(1035, 1035) == "1,035 shown (limit 1,035; --limit N for more)"
+
+
+def test_plurals() -> None:
+    assert [cli.commands._deliveries(n) for n in (0, 1, 2, 1035)] == [
+        "0 deliveries",
+        "1 delivery",
+        "2 deliveries",
+        "1,035 deliveries",
+    ]
+
+
 def test_endpoint_enable_disable(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:
     server, cfg = fake_admin
     rc, out, _ = run(["endpoints", "enable", "ops", "-c", str(cfg)], capsys)
-    assert rc == 0 and out.startswith("endpoint 'ops' enabled")
+    assert rc == 0 and out == "endpoint 'ops' enabled (2 deliveries pending)\n"
     assert server.requests[-1][:2] == ("POST", "/v1/endpoints/ops/enable")
+    rc, out, _ = run(["endpoints", "enable", "one", "-c", str(cfg)], capsys)
+    assert rc == 0 and out == "endpoint 'one' enabled (1 delivery pending)\n"
+    rc, out, _ = run(["endpoints", "disable", "one", "-c", str(cfg)], capsys)
+    assert rc == 0 and out == "endpoint 'one' disabled (1 delivery held)\n"
+    rc, out, _ = run(["endpoints", "disable", "ops", "-c", str(cfg)], capsys)
+    assert rc == 0 and out == "endpoint 'ops' disabled (2 deliveries held)\n"
     rc, out, _ = run(["endpoints", "disable", "ops", "--json", "-c", str(cfg)], capsys)
     assert rc == 0 and json.loads(out)["enabled"] is False
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from webhookd.cli.client import (
+    DEFAULT_LIMIT,
     EXIT_ERROR,
     EXIT_FAILURE,
     EXIT_OK,
@@ -178,10 +179,10 @@ def _endpoint_action(args: argparse.Namespace, action: str) -> int:
         return EXIT_OK
     info = client.decode(raw, EndpointInfo)
     if action == "enable":
-        extra = f" ({info.pending} pending)" if info.pending else ""
+        extra = f" ({_deliveries(info.pending)} pending)" if info.pending else ""
         print(f"endpoint {name!r} enabled{extra}")
     else:
-        extra = f" ({info.held} {'delivery' if info.held == 1 else 'deliveries'} held)" if info.held else ""
+        extra = f" ({_deliveries(info.held)} held)" if info.held else ""
         print(f"endpoint {name!r} disabled{extra}")
     return EXIT_OK
 
@@ -255,7 +256,17 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     ]
     headers = ["ID", "ENDPOINT", "DEVICE", "TYPE", "STATUS", "TRIES", "NEXT", "LAST RESULT", "CREATED"]
     print(render_table(headers, rows, flexible=(7, 2)))
+    limit: int = getattr(args, "limit", None) or DEFAULT_LIMIT
+    if len(deliveries) >= limit:
+        # the daemon's answer is the rows only, not how many matched: say what is known, not a guessed total
+        # (stderr, so that a table piped on stays a table)
+        print(_cut_line(len(deliveries), limit), file=sys.stderr)
     return EXIT_OK
+
+
+def _cut_line(shown: int, limit: int) -> str:
+    """Below a listing that reached the limit: ``100 shown (limit 100; --limit N for more)``."""
+    return f"{shown:,} shown (limit {limit:,}; --limit N for more)"
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -313,4 +324,5 @@ def _missing_line(ids: list[int], show: int = 10) -> str:
 
 
 def _deliveries(n: int) -> str:
-    return f"{n} deliver{'y' if n == 1 else 'ies'}"
+    """``1 delivery``, ``2 deliveries``, ``1,035 deliveries``."""
+    return f"{n:,} deliver{'y' if n == 1 else 'ies'}"
