@@ -277,11 +277,10 @@ def config_section() -> str:
 
 
 class _Stub:
-    """Just enough of the engine, store, dispatcher and UDP listener for a scrape."""
+    """Just enough of the engine, store and dispatcher for a scrape."""
 
     healthy = True
     endpoints: ClassVar[dict[str, Any]] = {}
-    received = rejected = dropped = failed = inflight = 0
 
     def counts(self) -> dict[str, int]:
         return {}
@@ -290,10 +289,12 @@ class _Stub:
 def metric_families() -> list[tuple[str, str, str, list[str]]]:
     """(name, type, help, labels) of every metric family in the daemon's registry (without process_*)."""
     from webhookd.metrics import Metrics
+    from webhookd.udp import UDPListener
 
     stub: Any = _Stub()
     m = Metrics(stub, stub, stub, 0.0, clock=lambda: 0.0, process=False)
-    m.udp = lambda: stub
+    udp = UDPListener(stub, 1024)  # never started: its counters at 0
+    m.udp = lambda: udp
     m._state.delivery_counts = {}
     # One child of each labelled family, so that a scrape shows its labels.
     m.on_rejected(400)
