@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from webhookd import refdoc
+from webhookd.config.schema import EVENT_KINDS
 from webhookd.payloads import EVENT_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +17,10 @@ PACKAGE = ROOT / "webhookd"
 REFERENCE = ROOT / "docs" / "reference.md"
 FIX = "run `python -m webhookd.refdoc` and commit docs/reference.md"
 
-LOG_CALL = re.compile(r"\blog(?:ger)?\.(?:debug|info|warning|error|exception|critical)\(\s*[\"']([A-Za-z0-9_.]+)[\"']")
+LEVELS = "debug|info|warning|error|exception|critical"
+# Log events named by an expression, and the names it takes. Any other expression fails the test: name it here.
+DYNAMIC = {'f"device_{t.kind}"': tuple(f"device_{kind}" for kind in EVENT_KINDS)}
+LOGGER = re.compile(r"^(\w+)(?:: [^=\n]+)? = get_logger\(", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +47,41 @@ def test_refdoc_check_fails_on_a_stale_file(tmp_path: Path, text: str) -> None:
     assert stale.read_text(encoding="utf-8") == text
 
 
-def _log_events() -> set[str]:
-    events: set[str] = set()
-    for path in PACKAGE.rglob("*.py"):
-        events |= set(LOG_CALL.findall(path.read_text(encoding="utf-8")))
+def _log_calls() -> dict[str, set[str]]:
+    """event name -> the levels it is logged at (``exception`` is ``error``), from every logger that
+    `get_logger` made in the package."""
+    events: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        loggers = LOGGER.findall(source)
+        if not loggers:
+            continue
+        alt = "|".join(re.escape(n) for n in loggers)
+        for call in re.finditer(rf"(?<![\w.])(?:{alt})\.({LEVELS})\(\s*", source):
+            rest = source[call.end() :]
+            literal = re.match(r"[\"']([A-Za-z0-9_.]+)[\"']", rest)
+            names = (literal.group(1),) if literal else DYNAMIC.get(rest.split(",", 1)[0].strip(), ())
+            line = source.count("\n", 0, call.start()) + 1
+            assert names, f"{path.relative_to(ROOT)}:{line}: a log event named by an expression not in DYNAMIC"
+            level = "error" if call.group(1) == "exception" else call.group(1)
+            for name in names:
+                events.setdefault(name, set()).add(level)
     return events
 
 
-def _log_table(text: str) -> set[str]:
+def _log_events() -> set[str]:
+    return set(_log_calls())
+
+
+def _log_levels(text: str) -> dict[str, str]:
+    """event -> level, from the reference's table."""
     section = text.split("## Log events", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", section, re.MULTILINE))
+    rows = re.findall(r"^\| (`[A-Za-z0-9_.]+`(?:, `[A-Za-z0-9_.]+`)*) \| (\w+) \|", section, re.MULTILINE)
+    return {name: level for names, level in rows for name in re.findall(r"`([^`]+)`", names)}
+
+
+def _log_table(text: str) -> set[str]:
+    return set(_log_levels(text))
 
 
 def test_every_log_event_is_documented(text: str) -> None:
@@ -65,6 +94,12 @@ def test_every_log_event_is_documented(text: str) -> None:
 def test_no_documented_log_event_is_gone(text: str) -> None:
     gone = sorted(_log_table(text) - _log_events())
     assert not gone, f"docs/reference.md lists log events the code no longer emits: {gone}"
+
+
+def test_documented_log_levels_are_the_code_s(text: str) -> None:
+    calls = _log_calls()
+    wrong = {e: (lvl, sorted(calls[e])) for e, lvl in _log_levels(text).items() if e in calls and lvl not in calls[e]}
+    assert not wrong, f"log levels in docs/reference.md differ from the code (event: (documented, code)): {wrong}"
 
 
 def _admin_routes() -> set[str]:
@@ -87,6 +122,14 @@ def test_every_admin_route_is_documented(text: str) -> None:
     assert not missing, f"admin routes missing from docs/reference.md: {missing}"
 
 
+def test_every_documented_admin_route_exists(text: str) -> None:
+    section = text.split("## Admin API", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `((?:GET|POST|PUT|PATCH|DELETE) /[^`]*)` \|", section, re.MULTILINE))
+    routes = {re.sub(r"{[^}]*}", "{}", r) for r in _admin_routes()}
+    gone = sorted(r for r in documented if re.sub(r"{[^}]*}", "{}", r) not in routes)
+    assert not gone, f"docs/reference.md documents admin routes the daemon does not register: {gone}"
+
+
 def _documented_route(text: str, route: str) -> bool:
     """`GET /v1/devices/{id}` is documented as such (any parameter name)."""
     method, path = route.split(" ", 1)
@@ -101,6 +144,13 @@ def test_every_heartbeat_route_is_documented(text: str) -> None:
     section = text.split("## Heartbeat API", 1)[1].split("\n## ", 1)[0]
     missing = sorted(p for p in paths if not re.search(rf"`(GET|POST|HEAD) {re.escape(p)}`", section))
     assert not missing, f"heartbeat routes missing from docs/reference.md (## Heartbeat API): {missing}"
+
+
+def test_every_documented_heartbeat_route_exists(text: str) -> None:
+    section = text.split("## Heartbeat API", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(?:GET|POST|HEAD) (/[^`]*)` \|", section, re.MULTILINE))
+    gone = sorted(documented - _heartbeat_paths())
+    assert not gone, f"docs/reference.md documents heartbeat routes the daemon does not serve: {gone}"
 
 
 def test_every_event_type_is_documented(text: str) -> None:

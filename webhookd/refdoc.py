@@ -120,7 +120,9 @@ def _command(lines: list[str], words: list[str], parser: argparse.ArgumentParser
         text = text.replace("|", "\\|")
         rows.append(f"| `{_option(action)}` | {text} |")
     if subs:
-        rows.append(f"| `ACTION` | one of {', '.join(f'`{n}`' for n, _ in subs)} (below) |")
+        metavar = next(a.metavar for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        shown = ", ".join(f"`{n}`" for n, _ in subs)
+        rows.append(f"| `{metavar if isinstance(metavar, str) else 'COMMAND'}` | one of {shown} (below) |")
     if rows:
         lines += ["| argument | meaning |", "|---|---|", *rows, ""]
     for name, sub in subs:
