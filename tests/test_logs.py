@@ -86,6 +86,46 @@ def test_console_format_on_a_pipe_has_no_colour_codes() -> None:
     assert "\x1b[" not in text
 
 
+def test_console_reads_durations_and_puts_event_device_endpoint_first() -> None:
+    buf = io.StringIO()
+    configure_logging("console", "info", buf)
+    fields: dict[str, Any] = {"attempt": 3, "retry_in_s": 359.478, "endpoint": "sink2", "duration_ms": 12.3}
+    get_logger("t").info("delivery_failed", **fields, device="dev-1", grace_s=0.25, uptime_s=200_000, ok_s=True)
+    text = buf.getvalue()
+    after = text.split("delivery_failed", 1)[1]
+    assert after.split("] ", 1)[1].startswith("device=dev-1 endpoint=sink2 attempt=3 ")  # after the logger name
+    assert "retry_in=5m 59s " in text and "retry_in_s" not in text
+    assert "duration_ms=12.3" in text and "grace=0.25s" in text and "uptime=2d 7h" in text
+    assert "ok_s=True" in text  # not a number of seconds
+
+    buf = io.StringIO()
+    configure_logging("json", "info", buf)  # JSON keeps the seconds, under their own names
+    get_logger("t").info("delivery_failed", **fields, device="dev-1")
+    rec = lines(buf)[0]
+    assert rec["retry_in_s"] == 359.478 and rec["duration_ms"] == 12.3 and "retry_in" not in rec
+    assert list(rec)[:5] == ["timestamp", "level", "event", "attempt", "retry_in_s"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.004, "0.004s"),
+        (9.5, "9.5s"),
+        (42.4, "42s"),
+        (60, "1m 0s"),
+        (359.478, "5m 59s"),
+        (360, "6m 0s"),
+        (7500, "2h 5m"),
+        (90000, "1d 1h"),
+    ],
+)
+def test_console_durations(seconds: float, text: str) -> None:
+    buf = io.StringIO()
+    configure_logging("console", "info", buf)
+    get_logger("t").info("retry_scheduled", retry_in_s=seconds)
+    assert f"retry_in={text}\n" in buf.getvalue()
+
+
 def test_level_filtering_and_reconfigure() -> None:
     buf = io.StringIO()
     configure_logging("json", "info", buf)

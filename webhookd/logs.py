@@ -1,17 +1,13 @@
 """Logging (CONTRACT §9): structlog, plus the standard library for other packages' records.
 
 One JSON object per line (``timestamp``, ``level``, ``event`` first) under systemd, structlog's console renderer
-on a terminal. On the journal (systemd's ``JOURNAL_STREAM``) each JSON line starts with its syslog priority
-(``<6>{...}``), which journald strips and files the line under: ``journalctl -p warning -u webhookd`` works.
-
-Both paths end in the same renderer chain (``_renderer``). structlog calls (ours; the hot path is a
-``delivery_succeeded`` line per delivery) render in their processor chain, and ``_LineLogger`` writes the line
-with one ``write()`` under a lock (through ``logging`` it cost several times the rendering). stdlib records
-(aiohttp, asyncio, warnings) go through one ``ProcessorFormatter`` on one handler on the root logger.
-
-A filtered-out ``log.debug(...)`` costs one comparison (``FilteringBoundLogger``); a reload swaps handler,
-level and renderer in place (``configure_logging``). Before the first ``configure_logging``, warnings and
-above go to stderr as JSON lines (where the stdlib's last-resort handler would have put them).
+on a terminal (``event``, ``device``, ``endpoint`` first; ``retry_in_s=359.5`` read as ``retry_in=5m 59s``). On the
+journal (``JOURNAL_STREAM``) each JSON line starts with its syslog priority (``<6>{...}``), which journald strips
+and files the line under: ``journalctl -p warning -u webhookd`` works. Both paths end in the same renderer chain
+(``_renderer``). structlog calls render in their processor chain and ``_LineLogger`` writes the line with one
+``write()`` under a lock; stdlib records (aiohttp, asyncio, warnings) go through one ``ProcessorFormatter`` on
+one handler on the root logger. A filtered-out ``log.debug(...)`` costs one comparison; a reload swaps handler,
+level and renderer in place. Before the first ``configure_logging``, warnings and above go to stderr as JSON.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ __all__ = ["SCRUBBED", "configure_logging", "get_logger", "lean_records", "scrub
 
 SCRUBBED = "***"
 
-# Level name -> (stdlib level, syslog priority: the journal's "<N>" prefix, sd-daemon(3)), for configure_logging,
-# structlog's method names and rendered "level"s (one not listed, such as a stdlib "level 25", counts as info).
+# Level name -> (stdlib level, syslog priority: the journal's "<N>" prefix); a name not listed counts as info.
 LEVELS: dict[str, tuple[int, int]] = {
     "debug": (logging.DEBUG, 7),
     "info": (logging.INFO, 6),
@@ -61,8 +56,7 @@ _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*:
 _NOT_SCRUBBED = frozenset(("exc_info", "stack_info", "_record", "_from_structlog"))
 _PLAIN = frozenset((bool, int, float))  # nothing to scrub inside these
 
-# THE processor list: bound loggers are cached on first use and keep a reference to it, and
-# structlog.testing.capture_logs edits it in place; configure_logging replaces its contents, never the object.
+# THE processor list: cached bound loggers keep a reference and capture_logs edits it in place: never replaced.
 _processors: list[Processor] = []
 _level = logging.WARNING  # the stdlib root logger's default, until configure_logging
 _stream: TextIO | None = None  # None: sys.stderr, looked up per line (like the stdlib's last resort)
@@ -71,16 +65,12 @@ _handler: logging.Handler | None = None
 
 
 class FilteringBoundLogger(structlog.stdlib.BoundLogger):
-    """``structlog.stdlib.BoundLogger`` that returns before any processor when the call's level is below
-    ``_level`` (a module global: it follows reloads, also for loggers created before them). Not structlog's
-    ``make_filtering_bound_logger``, which filters as cheaply: its level is fixed in the class it makes, and
-    a reload must change the level of the loggers that modules cached at import. It wraps a ``_LineLogger``:
-    ``isEnabledFor`` and ``getEffectiveLevel`` work, the stdlib-only methods (``setLevel``...) do not.
-    Under ``structlog.testing.capture_logs`` every call is captured, as with structlog's ``filter_by_level``.
-    """
+    """``BoundLogger`` returning before any processor when the call's level is below ``_level`` (a module
+    global: it follows reloads, also for loggers cached at import, unlike ``make_filtering_bound_logger``'s
+    level fixed in its class). ``isEnabledFor``/``getEffectiveLevel`` work, ``setLevel``... do not. Under
+    ``capture_logs`` every call is captured, as with structlog's ``filter_by_level``."""
 
-    # debug and info are the hot ones (a delivery_succeeded line per delivery, debug lines filtered out):
-    # checked here, one call shorter than through _proxy_to_logger below (which checks the other methods).
+    # debug and info are the hot ones: checked here, one call shorter than through _proxy_to_logger below.
     def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         if _level > logging.DEBUG and not _capturing(self._processors):
             return None
@@ -295,9 +285,8 @@ def _journal_dumps(obj: Any, **_kw: Any) -> str:
 
 
 def lean_records() -> None:
-    """Stop the stdlib from collecting what no renderer here prints on its records: the caller's file and
-    line (a stack walk per record), thread, process and multiprocessing names. Process-wide, hence called by
-    the daemon rather than by configure_logging (tests configure logging inside pytest)."""
+    """Stop the stdlib collecting what no renderer here prints (caller's file and line: a stack walk per record;
+    thread and process names). Process-wide: called by the daemon, not configure_logging (tests run in pytest)."""
     logging._srcfile = None  # the logging HOWTO's "Optimization" section documents this switch
     logging.logThreads = False
     logging.logProcesses = False
@@ -305,8 +294,7 @@ def lean_records() -> None:
 
 
 def _drop_formatted(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Drop ``message`` and ``asctime``, left on a stdlib record by another handler's ``logging.Formatter``,
-    which ``ExtraAdder`` would take for extras (the stdlib forbids them in ``extra``: never the caller's)."""
+    """Drop ``message``/``asctime`` left on a stdlib record by another handler's ``Formatter`` (not extras)."""
     event_dict.pop("message", None)
     event_dict.pop("asctime", None)
     return event_dict
@@ -320,6 +308,29 @@ def _json_renderer(journal: bool) -> list[Processor]:
     ]
 
 
+class _Seconds(float):
+    """A duration on the console, unquoted: ``0.25s``, ``42s``, ``5m 59s``, ``2h 5m``, ``3d 4h``."""
+
+    def __repr__(self) -> str:
+        if abs(self) < 60:
+            return f"{self:.3g}s" if abs(self) < 10 else f"{self:.0f}s"
+        n = round(self)
+        if n >= 86400:
+            return f"{n // 86400}d {n % 86400 // 3600}h"
+        return f"{n // 3600}h {n % 3600 // 60}m" if n >= 3600 else f"{n // 60}m {n % 60}s"
+
+    __str__ = __repr__
+
+
+def _console_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Console only: ``event``, ``device``, ``endpoint`` first; ``retry_in_s=359.5`` as ``retry_in=5m 59s``."""
+    out: EventDict = {k: event_dict.pop(k) for k in ("event", "device", "endpoint") if k in event_dict}
+    for k, v in event_dict.items():
+        seconds = k.endswith("_s") and v.__class__ in (int, float) and k[:-2] not in event_dict
+        out[k[:-2] if seconds else k] = _Seconds(v) if seconds else v
+    return out
+
+
 def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
     """The end of both paths: event dict -> the line to write (without its newline)."""
     if fmt not in ("auto", "json", "console"):
@@ -330,14 +341,13 @@ def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
         tty = False
     if fmt == "json" or (fmt == "auto" and not tty):
         return _json_renderer(is_journal(stream))
-    return [structlog.dev.ConsoleRenderer(colors=tty)]
+    return [_console_fields, structlog.dev.ConsoleRenderer(colors=tty, sort_keys=False)]
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Send every record (structlog and stdlib) at ``level`` or above to ``stream`` (default stdout): JSON
-    lines for ``"json"`` (with the ``<N>`` prefix on the journal), console text for ``"console"``; ``"auto"``
-    is console on a terminal. A second call (reload) replaces handler, level and renderer, also for loggers
-    obtained before; other handlers on the root logger (pytest's, for instance) are left alone."""
+    """Send every record at ``level`` or above to ``stream`` (stdout): JSON lines (``<N>``-prefixed on the journal),
+    console text, or ``"auto"`` (console on a terminal). A reload replaces handler, level and renderer in place,
+    also for loggers obtained before; other handlers on the root logger (pytest's) are left alone."""
     global _handler, _level, _stream
     if level.lower() not in LEVELS:
         raise ValueError(f"unknown log level {level!r} (debug, info, warning or error)")
