@@ -172,3 +172,21 @@ def test_user_docs_never_mention_the_contract() -> None:
         body = path.read_text(encoding="utf-8")
         assert "CONTRACT" not in body, f"{path.relative_to(ROOT)} mentions CONTRACT: link docs/reference.md"
         assert "../shared/" not in body, f"{path.relative_to(ROOT)} links outside the repository"
+
+
+def test_loader_defaults_are_true() -> None:
+    from webhookd.config.load import parse_config
+
+    assert set(refdoc.LOADER_DEFAULTS) == {"endpoints[].timeout", "endpoints[].signature"}, "check the new ones here"
+    url = "http://127.0.0.1:9/x"
+    cfg = parse_config(
+        {
+            "delivery": {"timeout": "7s"},
+            "endpoints": [{"name": "plain", "url": url}, {"name": "signed", "url": url, "secret": "s3cret"}],
+        },
+        ROOT,
+        env={},
+    )
+    plain, signed = cfg.endpoints
+    assert plain.timeout == 7.0 == signed.timeout
+    assert (plain.signature, signed.signature) == ("none", "hmac-sha256")

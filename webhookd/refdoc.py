@@ -58,13 +58,12 @@ KEY_DOCS: dict[str, str] = {
     "endpoints[].format": "payload format (`webhookd`, `remoteit`, `kobiton`)",
     "endpoints[].secret": "signing secret, or a list of them (rotation: all are used to sign)",
     "endpoints[].secret_file": "file with one secret per non-empty line (instead of `secret`)",
-    "endpoints[].signature": "`hmac-sha256`, `standard-webhooks` or `none` (unset: `hmac-sha256` when there "
-    "is a secret)",
+    "endpoints[].signature": "how requests are signed (see Webhooks)",
     "endpoints[].signature_header": "header carrying an `hmac-sha256` signature",
     "endpoints[].secret_field": "also put the first secret in the body under this field (for receivers that "
     "cannot verify signatures)",
     "endpoints[].headers": "extra request headers (not the ones webhookd sets)",
-    "endpoints[].timeout": "time limit of one attempt (unset: `delivery.timeout`)",
+    "endpoints[].timeout": "time limit of one attempt",
     "endpoints[].concurrency": "deliveries in flight at once to this endpoint",
     "endpoints[].tls_verify": "verify the receiver's TLS certificate",
     "endpoints[].ca_file": "CA bundle to verify the receiver's certificate with",
@@ -72,6 +71,13 @@ KEY_DOCS: dict[str, str] = {
     "logging": "the daemon's log lines",
     "logging.format": "`json`, `console`, or `auto` (console on a terminal, else json)",
     "logging.level": "`debug`, `info`, `warning` or `error`",
+}
+
+# Defaults the loader (config/load.py) sets from other keys, where the schema's own default never applies
+# (tests/test_reference.py checks them).
+LOADER_DEFAULTS: dict[str, str] = {
+    "endpoints[].timeout": "`delivery.timeout`",
+    "endpoints[].signature": "`hmac-sha256` with a secret, else `none`",
 }
 
 # What the schema's value types look like in the file.
@@ -267,6 +273,9 @@ def config_section() -> str:
         raise ValueError(f"KEY_DOCS out of date: missing {missing}, not in the schema {extra}")
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, kind, default in rows:
+        if key in LOADER_DEFAULTS:
+            lines.append(f"| `{key}` | {kind} | {LOADER_DEFAULTS[key]} | {KEY_DOCS[key]} |")
+            continue
         shown = f"`{default}`" if default and default != "required" and " (also" not in default else default
         if " (also" in default:
             value, rest = default.split(" (also", 1)
