@@ -181,8 +181,11 @@ def _type_name(tp: Any) -> str:
     if origin is typing.Literal:
         return " or ".join(f"`{a}`" for a in typing.get_args(base))
     if origin in (tuple, frozenset):
+        item_type = _strip(typing.get_args(base)[0])[0]
+        if typing.get_origin(item_type) is typing.Literal:
+            return "list of " + ", ".join(f"`{a}`" for a in typing.get_args(item_type))
         item = _type_name(typing.get_args(base)[0])
-        return f"list of {item}" if item != "string" else "list of strings"
+        return {"string": "list of strings", "duration": "list of durations"}.get(item, f"list of {item}")
     if origin is dict:
         return "map of strings"
     names = {str: "string", bool: "boolean", int: "integer", float: "number"}
@@ -213,7 +216,7 @@ def _value(v: Any, kind: str) -> str:
     if isinstance(v, frozenset) and v == frozenset(schema.EVENT_KINDS):
         return "all"
     if isinstance(v, tuple | frozenset | list):
-        item = kind.removeprefix("list of ")
+        item = kind.removeprefix("list of ").removesuffix("s")
         return "[" + ", ".join(_value(x, item) for x in v) + "]"
     if isinstance(v, dict):
         return "{}" if not v else str(v)
