@@ -249,17 +249,22 @@ async def test_collector_and_hooks_on_fakes() -> None:
 
 async def test_udp_counters_are_read_at_scrape_time() -> None:
     metrics, _ = fake_daemon()
-    udp = SimpleNamespace(received=0, rejected=0, dropped=0, failed=0, inflight=0)
+    udp = SimpleNamespace(received=0, rejected=0, dropped=0, failed=0, inflight=0, rejected_by={"empty": 0})
     metrics.udp = lambda: udp  # type: ignore[assignment,return-value]
     m = parse((await metrics.render()).decode())
     assert get(m, "webhookd_heartbeats_total", transport="udp") == 0
 
+    assert get(m, "webhookd_udp_datagrams_rejected_total", reason="empty") == 0
+
     udp.received, udp.rejected, udp.dropped, udp.inflight = 10, 2, 1, 2
+    udp.rejected_by = {"empty": 1, "invalid": 1}
     m = parse((await metrics.render()).decode())
     assert get(m, "webhookd_heartbeats_total", transport="udp") == 5
     assert get(m, "webhookd_udp_datagrams_total", result="received") == 10
     assert get(m, "webhookd_udp_datagrams_total", result="rejected") == 2
     assert get(m, "webhookd_udp_inflight") == 2
+    assert get(m, "webhookd_udp_datagrams_rejected_total", reason="empty") == 1
+    assert get(m, "webhookd_udp_datagrams_rejected_total", reason="invalid") == 1
 
     # A failed heartbeat is counted before it leaves the in-flight set: the counter must not go back...
     udp.failed = 1

@@ -9,9 +9,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import Daemon, Receiver, endpoint, eventually
+from webhookd import udp
 from webhookd.listener import BadInput
 from webhookd.presence import Heartbeat
 from webhookd.store import StoreError
@@ -145,6 +147,33 @@ async def test_listener_counts_and_bounds_the_heartbeats_in_flight() -> None:
     assert [hb.device for hb in tracker.seen] == ["d0", "d1", "d2"]
     assert all(hb.address == "127.0.0.1" for hb in tracker.seen)
     await u.close()
+
+
+async def test_bad_datagrams_are_counted_by_reason_and_summarised_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    u = UDPListener(FakeTracker(), 1024, clock=lambda: now[0])  # type: ignore[arg-type]
+    monkeypatch.setattr(udp, "REJECT_SUMMARY_INTERVAL", 0.2)  # the minute, shortened (the loop's timer is real)
+    addr = ("192.0.2.9", 5000)
+    with capture_logs() as cap:
+        u.datagram_received(b"", addr)  # the first: at once
+        assert [e["event"] for e in cap] == ["udp_datagrams_rejected"]
+        assert cap[0]["log_level"] == "info" and cap[0]["reasons"] == {"empty": 1}
+        for data in (b"{", b"a b c", b"x" * 2000, b"{"):
+            u.datagram_received(data, addr)
+        assert len(cap) == 1  # held for the rest of the interval
+        now[0] += 0.2
+        await eventually(lambda: len(cap) == 2, timeout=2)
+        assert cap[1]["rejected"] == 4
+        assert cap[1]["reasons"] == {"too_large": 1, "malformed_json": 2, "invalid": 1}
+        assert (cap[1]["last_error"], cap[1]["last_peer"]) == ("malformed JSON", "192.0.2.9:5000")
+        u.datagram_received(b"\xff", addr)  # within the next interval: held until close
+        await u.close()
+    assert [e["event"] for e in cap].count("udp_datagrams_rejected") == 3
+    assert cap[2]["reasons"] == {"not_utf8": 1}
+    assert u.rejected == 6
+    assert u.rejected_by == {"too_large": 1, "empty": 1, "not_utf8": 1, "malformed_json": 2, "invalid": 1}
 
 
 async def test_listener_coalesces_repeats_of_the_heartbeat_in_flight_only() -> None:
@@ -346,9 +375,17 @@ async def test_bad_datagrams_record_nothing_and_the_daemon_keeps_serving(
     assert await d.stop() == 0
     stats = udp_stats(d)
     assert (stats["received"], stats["rejected"]) == (len(bad) + 1, len(bad))
-    rejected_lines = [e for e in d.logs() if e.get("event") == "udp_datagram_rejected"]
-    assert 1 <= len(rejected_lines) <= 2  # rate limited: not a line per datagram
-    assert rejected_lines[0]["level"] == "debug"
+    # Summarised at info: the first at once, the rest (within the minute) when the listener closes.
+    rejected_lines = [e for e in d.logs() if e.get("event") == "udp_datagrams_rejected"]
+    assert 1 <= len(rejected_lines) <= 2, rejected_lines
+    assert {e["level"] for e in rejected_lines} == {"info"}
+    assert sum(e["rejected"] for e in rejected_lines) == len(bad)
+    reasons: dict[str, int] = {}
+    for e in rejected_lines:
+        for reason, n in e["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    assert reasons == {"empty": 2, "invalid": 5, "malformed_json": 1, "not_utf8": 1, "too_large": 2}
+    assert not [e for e in d.logs() if e.get("event") == "udp_datagram_rejected"]  # no line per datagram
 
 
 async def test_burst_of_2000_datagrams_for_200_devices(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:

@@ -243,6 +243,14 @@ class _StateCollector(Collector):
             ):
                 datagrams.add_metric([result], n)
             yield datagrams
+            rejected = CounterMetricFamily(
+                f"{NS}_udp_datagrams_rejected",
+                "Bad UDP datagrams by reason: too_large, empty, not_utf8, malformed_json, invalid (a field or shape).",
+                labels=["reason"],
+            )
+            for reason, n in udp.rejected_by.items():
+                rejected.add_metric([reason], n)
+            yield rejected
             yield GaugeMetricFamily(f"{NS}_udp_inflight", "UDP heartbeats being applied.", udp.inflight)
 
         yield GaugeMetricFamily(

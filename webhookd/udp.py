@@ -9,8 +9,11 @@ to an internal address. When `listen.tokens` is set the daemon still serves UDP 
 explicitly; the tokens guard the HTTP API) and says at startup, at warning level, that UDP is unauthenticated.
 
 No answer is ever sent, not even for a bad datagram: a reply would make the daemon a reflector for forged
-sources. Bad datagrams are dropped and counted (`rejected`), and logged at debug level at most once a second
-with the number held back, so a flood cannot flood the journal.
+sources. Bad datagrams are dropped and counted (`rejected`, and by reason in `rejected_by`: the metric
+`webhookd_udp_datagrams_rejected_total{reason}`), and summarised in one info line (`udp_datagrams_rejected`: the
+counts by reason since the last one, the last datagram's error and sender) at most once a minute: the first at
+once, the next a minute later if more came, and what is left when the listener closes. A flood cannot flood the
+journal.
 
 Reading is batched: when the socket becomes readable the listener waits READ_WINDOW (50 ms), then reads
 every datagram that arrived meanwhile, so 10,000 devices beating once a minute cost 20 wakeups a second, not
@@ -51,7 +54,10 @@ log = get_logger("webhookd.udp")
 MAX_DATAGRAM = 64 * 1024  # the datagram limit is min(listen.max_body, this)
 MAX_INFLIGHT = 1024
 RCVBUF = 4 * 1024 * 1024  # asked for; the kernel caps it at net.core.rmem_max
-REJECT_LOG_INTERVAL = 1.0
+REJECT_SUMMARY_INTERVAL = 60.0  # seconds between two udp_datagrams_rejected lines, at least
+# Why a datagram was rejected: the `reason` label of webhookd_udp_datagrams_rejected_total.
+REJECT_REASONS = ("too_large", "empty", "not_utf8", "malformed_json", "invalid")
+_REASON_OF_ERROR = {"empty datagram": "empty", "datagram is not UTF-8": "not_utf8", "malformed JSON": "malformed_json"}
 READ_WINDOW = 0.05  # seconds between the first datagram of a quiet spell and reading it (with its followers)
 DRAIN_MAX = 512  # datagrams read per turn of the event loop
 WARN_LOG_INTERVAL = 10.0
@@ -85,6 +91,11 @@ def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) 
     device = parse_device_id(parts[0], "device")
     state = parse_state(parts[1], "state") if len(parts) == 2 else None
     return Heartbeat(device=device, state=state, address=peer)
+
+
+def reject_reason(e: BadInput) -> str:
+    """The `REJECT_REASONS` entry of a `parse_datagram` error (`invalid`: a field, the shape, the state...)."""
+    return "too_large" if e.status == 413 else _REASON_OF_ERROR.get(e.error, "invalid")
 
 
 def peer_ip(addr: Any) -> str | None:
@@ -131,19 +142,27 @@ class UDPListener:
     """The `listen.udp` endpoint. Counters are plain ints for metrics:
 
     received  datagrams read from the socket (good and bad)
-    rejected  bad datagrams (malformed, invalid, too large): dropped, nothing recorded
+    rejected  bad datagrams (malformed, invalid, too large): dropped, nothing recorded; `rejected_by` by reason
     dropped   valid heartbeats dropped because `max_inflight` heartbeats were already being applied
     coalesced heartbeats identical to the device's previous one while that one is still being applied
               (nothing lost: it changes nothing the previous one does not; a burst of repeats stays cheap)
     failed    heartbeats whose event could not be recorded (store unavailable)
     """
 
-    def __init__(self, tracker: Tracker, max_body: int, *, max_inflight: int = MAX_INFLIGHT) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        max_body: int,
+        *,
+        max_inflight: int = MAX_INFLIGHT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.tracker = tracker
         self.max_size = min(max_body, MAX_DATAGRAM)
         self.max_inflight = max_inflight
         self.received = 0
         self.rejected = 0
+        self.rejected_by = dict.fromkeys(REJECT_REASONS, 0)
         self.dropped = 0
         self.coalesced = 0
         self.failed = 0
@@ -151,7 +170,12 @@ class UDPListener:
         self._read_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references until each is done
         self._latest: dict[str, tuple[Heartbeat, asyncio.Task[None]]] = {}  # per device, while in flight
-        self._reject_log = Throttle(REJECT_LOG_INTERVAL)
+        self._clock = clock
+        # Rejections since the last udp_datagrams_rejected line, the last one's details, when the next may come.
+        self._unreported: dict[str, int] = {}
+        self._last_reject: dict[str, Any] = {}
+        self._next_summary = float("-inf")
+        self._summary_handle: asyncio.TimerHandle | None = None
         self._drop_log = Throttle(WARN_LOG_INTERVAL)
         self._fail_log = Throttle(WARN_LOG_INTERVAL)
         self._stopped = False
@@ -206,6 +230,9 @@ class UDPListener:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
+        if self._summary_handle is not None:
+            self._summary_handle.cancel()
+        self._report_rejected()  # what the last minute held back
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for t in pending:
@@ -272,17 +299,7 @@ class UDPListener:
         try:
             hb = parse_datagram(data, peer_ip(addr), self.max_size)
         except BadInput as e:
-            self.rejected += 1
-            held = self._reject_log()
-            if held is not None:
-                log.debug(
-                    "udp_datagram_rejected",
-                    error=e.error,
-                    field=e.field,
-                    peer=_format_addr(addr),
-                    size=len(data),
-                    suppressed=held,
-                )
+            self._rejected(e, addr, len(data))
             return
         latest = self._latest.get(hb.device)
         if latest is not None and latest[0] == hb:
@@ -304,6 +321,39 @@ class UDPListener:
         self._tasks.add(task)
         self._latest[hb.device] = (hb, task)
         task.add_done_callback(functools.partial(self._done, hb.device))
+
+    def _rejected(self, e: BadInput, addr: Any, size: int) -> None:
+        reason = reject_reason(e)
+        self.rejected += 1
+        self.rejected_by[reason] += 1
+        self._unreported[reason] = self._unreported.get(reason, 0) + 1
+        self._last_reject = {"error": e.error, "field": e.field, "peer": _format_addr(addr), "size": size}
+        if self._summary_handle is not None:
+            return  # a summary is due within the minute
+        delay = self._next_summary - self._clock()
+        if delay <= 0:
+            self._report_rejected()
+            return
+        with contextlib.suppress(RuntimeError):  # no loop (called outside one): the next one or close() reports
+            self._summary_handle = asyncio.get_running_loop().call_later(delay, self._report_rejected)
+
+    def _report_rejected(self) -> None:
+        """One info line with the rejections since the last one (none: no line)."""
+        self._summary_handle = None
+        if not self._unreported:
+            return
+        counts, self._unreported = self._unreported, {}
+        self._next_summary = self._clock() + REJECT_SUMMARY_INTERVAL
+        last = self._last_reject
+        log.info(
+            "udp_datagrams_rejected",
+            rejected=sum(counts.values()),
+            reasons={r: counts[r] for r in REJECT_REASONS if r in counts},
+            last_error=last.get("error"),
+            last_field=last.get("field"),
+            last_peer=last.get("peer"),
+            last_size=last.get("size"),
+        )
 
     def _done(self, device: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
