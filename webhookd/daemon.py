@@ -291,7 +291,7 @@ class Daemon:
         c = self.engine.counts()
         return (
             f"{c['online']} online, {c['utilizing']} utilizing, {c['unplugged']} unplugged, "
-            f"{c['offline']} offline; {self._pending} deliveries pending"
+            f"{c['offline']} offline; {self._pending:,} {'delivery' if self._pending == 1 else 'deliveries'} pending"
         )
 
     async def _status_loop(self) -> None:
