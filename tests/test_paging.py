@@ -64,6 +64,15 @@ async def rig(tmp_path: Path, store: Store) -> AsyncIterator[tuple[Dispatcher, R
     await receiver.stop()
 
 
+async def arrived(receiver: Receiver, n: int) -> None:
+    """Wait (at most 20 s) until `n` webhooks arrived, then a moment for any that would arrive twice."""
+    for _ in range(400):
+        if len(receiver.got) >= n:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+
+
 def order_by_device(receiver: Receiver) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for r in receiver.got:
@@ -96,11 +105,7 @@ async def test_a_backlog_is_paged_in_order_within_the_window(
         ):
             sent.setdefault(dev, []).append(ev_id)
         total = sum(len(v) for v in sent.values())
-        for _ in range(400):
-            if len(receiver.got) >= total:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await arrived(receiver, total)
         assert len(receiver.got) == total == 635
         assert order_by_device(receiver) == sent
         assert max(small_window) <= WINDOW
@@ -121,19 +126,12 @@ async def test_replayed_rows_beyond_the_window_come_back_in_order(
     run = asyncio.create_task(d.run())
     try:
         await record(store, d, [f"d{i % 5}" for i in range(200)])
-        for _ in range(400):
-            if len(receiver.got) >= 200:
-                break
-            await asyncio.sleep(0.05)
+        await arrived(receiver, 200)
         first = order_by_device(receiver)
         receiver.got.clear()
         done = await d.replay(None, "ops", "delivered")
         assert done.total == 200 and done.first_pending == {"ops": 1} and done.held == 0
-        for _ in range(400):
-            if len(receiver.got) >= 200:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await arrived(receiver, 200)
         assert order_by_device(receiver) == first
         assert max(small_window) <= WINDOW
     finally:
@@ -159,11 +157,7 @@ async def test_an_enable_delivers_a_held_backlog_bigger_than_the_window_in_order
         ):
             sent.setdefault(dev, []).append(ev_id)
         await d.enable("ops")
-        for _ in range(400):
-            if len(receiver.got) >= 300:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await arrived(receiver, 300)
         assert order_by_device(receiver) == sent
         assert max(small_window) <= WINDOW
         assert (await store.delivery_counts())["ops"] == {"delivered": 300}

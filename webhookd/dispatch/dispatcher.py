@@ -301,10 +301,10 @@ class Dispatcher(Paging, OperatorActions):
 
         self._save(Receipt(d.id, "delivered", d.attempts, None, result.status, None), rt, saved)
 
-    def _take_back(self, d: Delivery, attempts: int = 0) -> None:
+    def _take_back(self, d: Delivery) -> None:
         current = self.endpoints.get(d.endpoint)
         if current is not None and not current.row.disabled:
-            row = DeliveryRow(d.id, d.event, d.endpoint, attempts, self._wall())
+            row = DeliveryRow(d.id, d.event, d.endpoint, 0, self._wall())
             current.offer([row], self._due(), (), force=True)
             self._wake.set()
 

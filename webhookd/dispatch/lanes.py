@@ -101,7 +101,7 @@ class EndpointRuntime:
 
     # --- rows coming in -----------------------------------------------------------------------------------
 
-    def offer(self, rows: Iterable[DeliveryRow], due: _Due, skip: Container[int], *, force: bool = False) -> None:
+    def offer(self, rows: Iterable[DeliveryRow], due: Due, skip: Container[int], *, force: bool = False) -> None:
         """New pending rows (just committed): taken while the window has room, else left to the next page.
         `force` takes them whatever the window says (a row that must not wait for a page: see Dispatcher)."""
         for r in rows:
@@ -119,7 +119,7 @@ class EndpointRuntime:
                 continue
             self._insert(r, due, lane)
 
-    def take_page(self, rows: list[DeliveryRow], asked: int, due: _Due, skip: Container[int]) -> None:
+    def take_page(self, rows: list[DeliveryRow], asked: int, due: Due, skip: Container[int]) -> None:
         """The result of reading up to `asked` pending rows above the cursor."""
         for r in rows:
             if r.id in self.known or r.id in skip or r.id in self.done_while_fetching:
@@ -136,7 +136,7 @@ class EndpointRuntime:
         elif len(rows) < asked and self.dropped_max <= self.cursor:
             self.more, self.dropped_max = False, 0
 
-    def take_lane(self, device: str, rows: list[DeliveryRow], asked: int, due: _Due, skip: Container[int]) -> bool:
+    def take_lane(self, device: str, rows: list[DeliveryRow], asked: int, due: Due, skip: Container[int]) -> bool:
         """The result of a lane refill; True when the lane needs another one."""
         lane = self.lanes.get(device)
         if lane is None:
@@ -156,7 +156,7 @@ class EndpointRuntime:
             del self.lanes[device]
         return False
 
-    def _insert(self, r: DeliveryRow, due: _Due, lane: Lane | None) -> None:
+    def _insert(self, r: DeliveryRow, due: Due, lane: Lane | None) -> None:
         device = r.event.device_id
         d = Delivery(r.id, r.event, r.endpoint, r.attempts, due(r.next_attempt_at))
         self.known.add(r.id)
@@ -259,7 +259,7 @@ class EndpointRuntime:
         return inflight
 
 
-class _Due:
+class Due:
     """Maps a stored wall-clock next_attempt_at to a monotonic due time, once per batch of rows."""
 
     __slots__ = ("longest", "now", "wall")
@@ -271,6 +271,3 @@ class _Due:
         # Stored retry times are wall clock: bounded, so that a clock that jumped back cannot park a delivery.
         wait = min(max(0.0, (next_attempt_at or self.wall) - self.wall), self.longest)
         return self.now + wait
-
-
-Due = _Due

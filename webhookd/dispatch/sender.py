@@ -13,7 +13,6 @@ phrase and a redirect's Location (never a response body, and never the URL's que
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import ssl
@@ -30,6 +29,7 @@ from yarl import URL
 
 from webhookd import __version__
 from webhookd.config import EndpointConfig
+from webhookd.config.units import is_link_local
 from webhookd.signing import signature_headers
 
 USER_AGENT = f"webhookd/{__version__}"
@@ -77,16 +77,6 @@ class LinkLocalBlocked(OSError):
             errno.EACCES, f"{host} resolves only to link-local addresses (blocked; allow_link_local: true allows it)"
         )
         self.host = host
-
-
-def is_link_local(addr: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_link_local
 
 
 class GuardedResolver(AbstractResolver):
