@@ -15,7 +15,11 @@ import msgspec
 
 from webhookd.states import DeliveryStatus, DeviceState
 
+# GET /v1/deliveries: how many rows matched the filter, whatever the limit (the body stays a list).
+TOTAL_HEADER = "X-Total-Count"
+
 __all__ = [
+    "TOTAL_HEADER",
     "ApiError",
     "DeliveryCounts",
     "DeliveryInfo",

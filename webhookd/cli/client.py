@@ -187,8 +187,16 @@ class AdminClient:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: object = None, timeout: float | None = None) -> bytes:
-        """The body of a 2xx answer; raises ``DaemonNotRunning``, ``AdminError`` (4xx/5xx) or ``CLIError``."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        timeout: float | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> bytes:
+        """The body of a 2xx answer (its headers into ``headers_out`` when given); raises ``DaemonNotRunning``,
+        ``AdminError`` (4xx/5xx) or ``CLIError``."""
         import http.client
 
         import msgspec
@@ -206,6 +214,8 @@ class AdminClient:
             resp = conn.getresponse()
             raw = resp.read()
             status, reason = resp.status, resp.reason
+            if headers_out is not None:
+                headers_out.update(resp.getheaders())
         except TimeoutError as e:
             raise CLIError(f"the daemon did not answer within {wait:g} s (admin socket {self.socket_path})") from e
         except OSError as e:
@@ -234,9 +244,16 @@ class AdminClient:
         except msgspec.DecodeError as e:
             raise BadAnswer(self.socket_path, "not JSON") from e
 
-    def get(self, path: str, as_type: type[T], query: Mapping[str, object] | None = None) -> T:
+    def get(
+        self,
+        path: str,
+        as_type: type[T],
+        query: Mapping[str, object] | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> T:
         params = {k: str(v) for k, v in (query or {}).items() if v is not None}
-        return self.decode(self.request("GET", path + ("?" + urlencode(params) if params else "")), as_type)
+        target = path + ("?" + urlencode(params) if params else "")
+        return self.decode(self.request("GET", target, headers_out=headers_out), as_type)
 
     def post(self, path: str, as_type: type[T], body: object = None, timeout: float | None = None) -> T:
         raw = self.request("POST", path, body if body is not None else {}, timeout=timeout)

@@ -235,7 +235,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if _json(args):
         print_json(client.get("/v1/deliveries", object, query))
         return EXIT_OK
-    deliveries = client.get("/v1/deliveries", list[DeliveryInfo], query)
+    answer_headers: dict[str, str] = {}
+    deliveries = client.get("/v1/deliveries", list[DeliveryInfo], query, headers_out=answer_headers)
     if not deliveries:
         print("no deliveries")
         return EXIT_OK
@@ -257,15 +258,26 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     headers = ["ID", "ENDPOINT", "DEVICE", "TYPE", "STATUS", "TRIES", "NEXT", "LAST RESULT", "CREATED"]
     print(render_table(headers, rows, flexible=(7, 2)))
     limit: int = getattr(args, "limit", None) or DEFAULT_LIMIT
-    if len(deliveries) >= limit:
-        # the daemon's answer is the rows only, not how many matched: say what is known, not a guessed total
-        # (stderr, so that a table piped on stays a table)
-        print(_cut_line(len(deliveries), limit), file=sys.stderr)
+    total = _total(answer_headers)
+    if len(deliveries) >= limit and (total is None or total > len(deliveries)):
+        # stderr, so that a table piped on stays a table
+        print(_cut_line(len(deliveries), limit, total), file=sys.stderr)
     return EXIT_OK
 
 
-def _cut_line(shown: int, limit: int) -> str:
-    """Below a listing that reached the limit: ``100 shown (limit 100; --limit N for more)``."""
+def _total(headers: dict[str, str]) -> int | None:
+    """How many deliveries matched, from the answer's header (None from a daemon that does not send it)."""
+    from webhookd.api_types import TOTAL_HEADER
+
+    value = next((v for k, v in headers.items() if k.lower() == TOTAL_HEADER.lower()), None)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _cut_line(shown: int, limit: int, total: int | None = None) -> str:
+    """Below a listing that was cut: ``100 of 1,035 shown (--limit N for more)``; without a total from the
+    daemon, ``100 shown (limit 100; --limit N for more)``."""
+    if total is not None:
+        return f"{shown:,} of {total:,} shown (--limit N for more)"
     return f"{shown:,} shown (limit {limit:,}; --limit N for more)"
 
 
