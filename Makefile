@@ -16,7 +16,7 @@ define pip_install
 	  || { cat $(PIP_LOG); echo "pip install $(1) failed (log: $(PIP_LOG))"; exit 1; }
 endef
 
-.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools bench
+.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools mosquitto-tools bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "webhookd needs Python >= 3.11"'
@@ -45,17 +45,17 @@ typecheck: $(TEST_STAMP)
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
 
-unit: $(TEST_STAMP) systemd-tools faketime-tools
+unit: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
-test: $(TEST_STAMP) systemd-tools faketime-tools
+test: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 # The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout. Serial
 # on purpose: -s shows the figures (xdist workers would swallow them), and other tests' load would skew them.
-test-long: $(TEST_STAMP) faketime-tools
+test-long: $(TEST_STAMP) faketime-tools mosquitto-tools
 	$(BIN)/pytest -q -s -p no:xdist -m long tests/faults
 
 # tests/test_systemd.py checks systemd/webhookd.service with systemd-analyze, and the unit's ExecReload needs
@@ -83,6 +83,22 @@ faketime-tools:
 	      || echo "warning: could not install faketime; tests/faults/test_clock.py uses its injected-clock fallback"; \
 	  else \
 	    echo "note: libfaketime is missing (needs root and apt-get); test_clock.py uses its injected-clock fallback"; \
+	  fi; \
+	fi
+
+# The MQTT tests (tests/test_mqtt_broker.py, tests/faults) run a throwaway broker (Debian's mosquitto) on a free
+# 127.0.0.1 port and publish with mosquitto_pub (mosquitto-clients): install them when missing (root on
+# Debian/Ubuntu). The package's own service (port 1883) is not used by the tests; without systemd as PID 1 it does
+# not even start. Elsewhere the tests that need a broker skip.
+mosquitto-tools:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto || ! command -v mosquitto_pub >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's mosquitto and mosquitto-clients packages (the MQTT tests' broker and clients)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        mosquitto mosquitto-clients; } >/dev/null 2>&1 \
+	      || echo "warning: could not install mosquitto; the MQTT tests that need a broker will skip"; \
+	  else \
+	    echo "note: mosquitto or mosquitto_pub is missing (needs root and apt-get to install); the MQTT broker tests will skip"; \
 	  fi; \
 	fi
 
