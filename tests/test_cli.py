@@ -443,6 +443,7 @@ DEVICES: list[dict[str, Any]] = [
         "address": "10.0.0.17",
         "owner": "ops@example.com",
         "last_seen": iso(NOW - timedelta(seconds=42)),
+        "source": "http",
     },
     {
         "id": "sensor-" + "9" * 90,
@@ -451,6 +452,7 @@ DEVICES: list[dict[str, Any]] = [
         "address": None,
         "owner": None,
         "last_seen": iso(NOW - timedelta(days=30)),
+        "source": "mqtt",
     },
 ]
 ENDPOINT_OPS: dict[str, Any] = {
@@ -657,11 +659,11 @@ def test_devices_table(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.Captur
     rc, out, _ = run(["devices", "-c", str(cfg)], capsys)
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "STATE", "LAST", "SEEN", "ADDRESS"]
+    assert lines[0].split() == ["ID", "NAME", "STATE", "LAST", "SEEN", "ADDRESS", "SOURCE"]
     assert all(len(line) <= 100 for line in lines)
     # NOW is fixed at import: a slow suite makes "42s ago" older, never newer.
     assert "printer-17" in lines[1] and re.search(r"\d+[sm] ago", lines[1]) and "10.0.0.17" in lines[1]
-    assert "…" in lines[2]  # the long id is cut
+    assert "…" in lines[2] and lines[2].endswith("mqtt")  # the long id is cut
     rc, out, _ = run(["devices", "--state", "online", "-c", str(cfg)], capsys)
     assert server.requests[-1][1] == "/v1/devices?state=online"
     assert len(out.splitlines()) == 2

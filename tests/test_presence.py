@@ -255,3 +255,64 @@ def test_device_snapshot_copies_every_field() -> None:
     copy = dev.snapshot()
     assert copy == dev and copy is not dev
     assert [getattr(copy, f.name) for f in dataclasses.fields(Device)] == list(values.values())
+
+
+# --- MQTT availability: no silence timer, reasons, paused timers --------------------------------------------------
+
+
+def avail(e: PresenceEngine, dev: str, now: float, state: str) -> Applied:
+    reason = "connected" if state == "online" else "disconnected"
+    return e.heartbeat(Heartbeat(dev, state=state, source="mqtt", reason=reason, timed=False), now, 1e9 + now)
+
+
+def test_an_availability_device_has_no_silence_timer_and_its_reasons() -> None:
+    e = engine()
+    o = avail(e, "m", 0.0, "online")
+    assert o.transition is not None and (o.transition.kind, o.transition.reason) == ("online", "connected")
+    assert o.transition.device.source == "mqtt" and not o.transition.device.timed
+    assert e.next_deadline() is None and e.expire(10 * T, 1e9) == []
+    o = avail(e, "m", 10 * T, "offline")
+    assert o.transition is not None and (o.transition.kind, o.transition.reason) == ("offline", "disconnected")
+    o = avail(e, "m", 11 * T, "online")
+    assert o.transition is not None and o.transition.offline_for == pytest.approx(T)
+    assert avail(e, "m", 12 * T, "online").transition is None  # a retained replay: nothing
+
+
+def test_a_heartbeat_gives_an_availability_device_a_timer_for_good() -> None:
+    e = engine()
+    avail(e, "m", 0.0, "online")
+    assert hb(e, "m", 1.0).transition is None  # liveness only, but now timed
+    assert e.devices["m"].timed and e.devices["m"].source == "http"
+    avail(e, "m", 2.0, "online")
+    assert e.devices["m"].timed and e.devices["m"].source == "mqtt"
+    assert e.expire(1.0 + T, 1e9) == []  # any message is a sign of life
+    [gone] = e.expire(2.0 + T, 1e9)
+    assert gone.transition is not None and gone.transition.reason == "timeout"
+
+
+def test_paused_timers_do_not_expire_and_resume_with_a_full_timeout() -> None:
+    e = engine()
+    hb(e, "a", 0.0)
+    hb(e, "b", 0.0)
+    e.pause(["a", "nobody"])
+    assert [x.transition.device.id for x in e.expire(T, 1e9) if x.transition] == ["b"]
+    assert e.expire(5 * T, 1e9) == []
+    e.resume(["a"], 5 * T)
+    assert e.expire(6 * T - 1, 1e9) == []
+    [gone] = e.expire(6 * T, 1e9)
+    assert gone.transition is not None and gone.transition.device.id == "a"
+
+
+def test_a_never_timeout_has_no_deadline() -> None:
+    e = engine(timeouts={"n": float("inf")})
+    hb(e, "n", 0.0)
+    assert e.next_deadline() is None and e.expire(1e12, 1e9) == []
+    assert e.devices["n"].state == "online"
+
+
+def test_an_undone_transition_restores_source_and_timer() -> None:
+    e = engine()
+    hb(e, "a", 0.0)
+    o = avail(e, "a", 1.0, "offline")
+    e.undo(o)
+    assert (e.devices["a"].state, e.devices["a"].source) == ("online", "http")

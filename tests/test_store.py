@@ -59,9 +59,9 @@ def _bulk_pending(c: sqlite3.Connection, n: int, endpoints: Sequence[str], devic
 
 
 async def test_a_new_database_has_the_current_schema(store: Store, tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     with contextlib.closing(sqlite3.connect(tmp_path / "webhookd.db")) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
         indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"deliveries_by_status", "deliveries_pending_lane"} <= indexes
 
@@ -78,7 +78,7 @@ async def test_migration_1_to_2_on_an_existing_database(tmp_path: Path) -> None:
     s = SQLiteStore(path)
     await s.open()
     try:
-        assert await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+        assert await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 3
         names = await s.read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")])
         assert "deliveries_pending_lane" in names
         lane = await s.load_pending_lane("a", "d1", 0, 100)
@@ -98,6 +98,23 @@ async def test_migration_1_to_2_on_an_existing_database(tmp_path: Path) -> None:
     s = SQLiteStore(path)
     await s.open()
     await s.close()
+
+
+async def test_migration_2_to_3_keeps_devices_as_timed_http_ones(tmp_path: Path) -> None:
+    path = tmp_path / "webhookd.db"
+    conn, _ = connect(path, version=2)
+    with contextlib.closing(conn):
+        conn.execute("INSERT INTO devices (id, state, last_seen, changed_at) VALUES ('a', 'online', 1.0, 1.0)")
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        [dev] = await s.load_devices()
+        assert (dev.id, dev.state, dev.source, dev.timed) == ("a", "online", "http", True)
+        await s.save_devices([Device(id="m", state="online", source="mqtt", timed=False)])
+        got = {d.id: (d.source, d.timed) for d in await s.load_devices()}
+        assert got == {"a": ("http", True), "m": ("mqtt", False)}
+    finally:
+        await s.close()
 
 
 async def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:

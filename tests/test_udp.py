@@ -27,17 +27,17 @@ PEER = "192.0.2.7"
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (b"dev-1", Heartbeat("dev-1", address=PEER)),
-        (b"dev-1\n", Heartbeat("dev-1", address=PEER)),
-        (b"dev-1 \r\n", Heartbeat("dev-1", address=PEER)),
-        (b"dev-1 utilizing\n", Heartbeat("dev-1", state="utilizing", address=PEER)),
-        (b"a.b:c@d-e shutdown", Heartbeat("a.b:c@d-e", state="shutdown", address=PEER)),
-        (b"dev-1\treboot", Heartbeat("dev-1", state="reboot", address=PEER)),
-        (b'{"device": "dev-1"}', Heartbeat("dev-1", address=PEER)),
-        (b'  {"device": "dev-1"}\n', Heartbeat("dev-1", address=PEER)),
+        (b"dev-1", Heartbeat("dev-1", address=PEER, source="udp")),
+        (b"dev-1\n", Heartbeat("dev-1", address=PEER, source="udp")),
+        (b"dev-1 \r\n", Heartbeat("dev-1", address=PEER, source="udp")),
+        (b"dev-1 utilizing\n", Heartbeat("dev-1", state="utilizing", address=PEER, source="udp")),
+        (b"a.b:c@d-e shutdown", Heartbeat("a.b:c@d-e", state="shutdown", address=PEER, source="udp")),
+        (b"dev-1\treboot", Heartbeat("dev-1", state="reboot", address=PEER, source="udp")),
+        (b'{"device": "dev-1"}', Heartbeat("dev-1", address=PEER, source="udp")),
+        (b'  {"device": "dev-1"}\n', Heartbeat("dev-1", address=PEER, source="udp")),
         (
             b'{"device": "d", "name": "Lab", "state": "unplugged", "owner": "o@x", "address": "10.0.0.9"}',
-            Heartbeat("d", state="unplugged", name="Lab", owner="o@x", address="10.0.0.9"),
+            Heartbeat("d", state="unplugged", name="Lab", owner="o@x", address="10.0.0.9", source="udp"),
         ),
     ],
 )

@@ -111,6 +111,7 @@ class AdminAPI:
             "address": dev.address,
             "owner": dev.owner,
             "last_seen": rfc3339_opt(dev.last_seen),
+            "source": dev.source,
         }
 
     async def devices(self, request: web.Request) -> web.Response:

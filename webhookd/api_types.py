@@ -9,7 +9,7 @@ RFC 3339 UTC strings on the wire and ``datetime`` here (msgspec validates and pa
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -93,6 +93,7 @@ class DeviceInfo(msgspec.Struct, frozen=True):
     address: str | None
     owner: str | None
     last_seen: datetime | None
+    source: Literal["http", "udp", "mqtt", "relay"] = "http"
 
 
 # ------------------------------------------------------ GET /v1/endpoints; POST /v1/endpoints/{name}/enable|disable

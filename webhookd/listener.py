@@ -166,7 +166,9 @@ def parse_address(value: object, field: str) -> str | None:
         raise BadInput(400, "address must be an IP address", field) from None
 
 
-def parse_heartbeat(obj: object, peer: str | None, prefix: str = "", device: str | None = None) -> Heartbeat:
+def parse_heartbeat(
+    obj: object, peer: str | None, prefix: str = "", device: str | None = None, source: str = "http"
+) -> Heartbeat:
     if not isinstance(obj, dict):
         raise BadInput(400, "a heartbeat must be a JSON object", prefix.rstrip(".") or None)
     for key in obj:
@@ -184,6 +186,7 @@ def parse_heartbeat(obj: object, peer: str | None, prefix: str = "", device: str
         name=_text(obj, "name", prefix),
         address=parse_address(obj.get("address"), prefix + "address") or peer,
         owner=_text(obj, "owner", prefix),
+        source=source,
     )
 
 

@@ -4,11 +4,17 @@ No I/O and no clock reads: every call takes `now` (monotonic seconds) and `wall`
 caller. A heartbeat costs O(1): it only moves the device's `last_mono`. Deadlines live in a min-heap with one
 entry per live device; an entry that turns out early when popped (the device heartbeated since) is pushed
 back with the real deadline, so the heap is never rewritten on the heartbeat path.
+
+A device whose state comes only from MQTT availability has no silence timer (`timed` False): the broker's
+keep-alive and the device's will are its liveness. One heartbeat that is "I am alive" (HTTP, UDP, an MQTT
+`heartbeat: true` source) gives it a timer for good. Timers of some devices can be paused (their source is
+unreachable, so their silence says nothing) and resumed with a full timeout.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -33,6 +39,9 @@ class Heartbeat:
     name: str | None = None
     address: str | None = None
     owner: str | None = None
+    source: str = "http"  # http | udp | mqtt | relay: shown with the device
+    reason: str | None = None  # the reason of a transition it makes, when not the default (MQTT: connected, ...)
+    timed: bool = True  # False: an availability message, which starts no silence timer
 
 
 @dataclass(slots=True)
@@ -48,6 +57,9 @@ class Device:
     timeout: float = 900.0
     in_heap: bool = False
     version: int = 0  # bumped on every mutation; lets a failed commit undo exactly its own change
+    source: str = "http"
+    timed: bool = True  # has a silence timer (a device known only from MQTT availability has none)
+    paused: bool = False  # timer paused: its source is unreachable (not persisted)
 
     def snapshot(self) -> Device:
         """A copy (dataclasses.replace costs 3x as much, and a power cut takes 200,000 of these)."""
@@ -63,6 +75,9 @@ class Device:
             self.timeout,
             self.in_heap,
             self.version,
+            self.source,
+            self.timed,
+            self.paused,
         )
 
 
@@ -107,8 +122,7 @@ class PresenceEngine:
             dev.last_mono = now
             dev.in_heap = False
             self.devices[dev.id] = dev
-            if dev.state != "offline":
-                self._push(dev)
+            self._push(dev)
 
     def reconfigure(self, defaults_for: Callable[[str], DeviceDefaults], notify_online_after_utilizing: bool) -> None:
         """New timeouts take effect on the running timers (measured from each device's last heartbeat)."""
@@ -118,8 +132,7 @@ class PresenceEngine:
         for dev in self.devices.values():
             dev.timeout = defaults_for(dev.id).silence_timeout
             dev.in_heap = False
-            if dev.state != "offline":
-                self._push(dev)
+            self._push(dev)
 
     # --- the state machine -------------------------------------------------------------------------------
 
@@ -129,11 +142,13 @@ class PresenceEngine:
             return self._first_heartbeat(hb, now, wall)
 
         previous = dev.state
-        target, reason = self._target(previous, hb.state)
+        target, reason = self._target(previous, hb.state, hb.reason)
         address_moved = hb.address is not None and dev.address is not None and hb.address != dev.address
         if target == previous and not address_moved:
             # The common case, routine liveness: no snapshot, no event, persisted lazily.
             self._refresh(dev, hb, now, wall)
+            if not dev.in_heap:  # the first timed heartbeat of a device known from availability only
+                self._push(dev)
             self._dirty.add(dev.id)
             return Applied(previous, None, None)
         undo = dev.snapshot()
@@ -149,10 +164,10 @@ class PresenceEngine:
                 kind = None
             if target == "online" and previous == "offline" and undo.changed_at is not None:
                 offline_for = max(0.0, wall - undo.changed_at)
-            # Going offline leaves the heap entry to be discarded lazily when it is popped.
-            if target != "offline" and not dev.in_heap:
-                self._push(dev)
-        elif previous != "offline" and address_moved:
+        # Going offline leaves the heap entry to be discarded lazily when it is popped.
+        if not dev.in_heap:
+            self._push(dev)
+        if target == previous and previous != "offline" and address_moved:
             kind, reason = "address_changed", "heartbeat"
 
         if dev.state == previous and kind is None:
@@ -164,30 +179,31 @@ class PresenceEngine:
 
     def _first_heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Applied:
         defaults = self._defaults_for(hb.device)
-        target, reason = self._target(UNKNOWN, hb.state)
-        dev = Device(id=hb.device, state=target, timeout=defaults.silence_timeout, changed_at=wall)
+        target, reason = self._target(UNKNOWN, hb.state, hb.reason)
+        dev = Device(id=hb.device, state=target, timeout=defaults.silence_timeout, changed_at=wall, timed=hb.timed)
         dev.name, dev.owner = defaults.name, defaults.owner
         self._refresh(dev, hb, now, wall)
         self.devices[dev.id] = dev
-        if target != "offline":
-            self._push(dev)
+        self._push(dev)
         kind = None if target == "offline" else target
         return Applied(target, Transition(dev.snapshot(), UNKNOWN, kind, reason, None), None)
 
     @staticmethod
-    def _target(previous: str, reported: str | None) -> tuple[str, str]:
+    def _target(previous: str, reported: str | None, reason: str | None) -> tuple[str, str]:
         if reported is None:
             if previous in (UNKNOWN, "offline"):
-                return "online", "heartbeat"
+                return "online", reason or "heartbeat"
             return previous, "heartbeat"
         if reported in ("shutdown", "reboot"):
             return "offline", reported
-        return reported, "reported"
+        return reported, reason or "reported"
 
     @staticmethod
     def _refresh(dev: Device, hb: Heartbeat, now: float, wall: float) -> None:
         dev.last_mono = now
         dev.last_seen = wall
+        dev.source = hb.source
+        dev.timed = dev.timed or hb.timed
         if hb.name is not None:
             dev.name = hb.name
         if hb.owner is not None:
@@ -215,8 +231,28 @@ class PresenceEngine:
     # --- deadlines ---------------------------------------------------------------------------------------
 
     def _push(self, dev: Device) -> None:
+        """Put a live device's deadline on the heap, if its timer runs at all."""
+        if dev.state == "offline" or not dev.timed or dev.paused or math.isinf(dev.timeout):
+            return
         heapq.heappush(self._heap, (dev.last_mono + dev.timeout, dev.id))
         dev.in_heap = True
+
+    def pause(self, ids: Iterable[str]) -> None:
+        """Stop the silence timers of `ids` (their heap entries are dropped when popped)."""
+        for dev_id in ids:
+            if (dev := self.devices.get(dev_id)) is not None:
+                dev.paused = True
+
+    def resume(self, ids: Iterable[str], now: float) -> None:
+        """Restart the timers of paused `ids` with a full timeout from `now` (as after our own restart)."""
+        for dev_id in ids:
+            dev = self.devices.get(dev_id)
+            if dev is None or not dev.paused:
+                continue
+            dev.paused = False
+            dev.last_mono = now
+            if not dev.in_heap:
+                self._push(dev)
 
     def next_deadline(self) -> float | None:
         return self._heap[0][0] if self._heap else None
@@ -231,7 +267,7 @@ class PresenceEngine:
             if dev is None:
                 continue
             dev.in_heap = False
-            if dev.state == "offline":
+            if dev.state == "offline" or not dev.timed or dev.paused:
                 continue
             deadline = dev.last_mono + dev.timeout
             if deadline > now:

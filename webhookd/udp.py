@@ -78,7 +78,7 @@ def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) 
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
             raise BadInput(400, "malformed JSON") from None
-        return parse_heartbeat(obj, peer)
+        return parse_heartbeat(obj, peer, source="udp")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -90,7 +90,7 @@ def parse_datagram(data: bytes, peer: str | None, max_size: int = MAX_DATAGRAM) 
         raise BadInput(400, "expected `ID` or `ID STATE`")
     device = parse_device_id(parts[0], "device")
     state = parse_state(parts[1], "state") if len(parts) == 2 else None
-    return Heartbeat(device=device, state=state, address=peer)
+    return Heartbeat(device=device, state=state, address=peer, source="udp")
 
 
 def reject_reason(e: BadInput) -> str:

@@ -112,8 +112,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"no devices{f' in state {state}' if state else ''}")
         return EXIT_OK
     now = datetime.now(UTC)
-    rows = [[dash(d.id), dash(d.name), d.state, format_time(d.last_seen, now), dash(d.address)] for d in devices]
-    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS"], rows, flexible=(1, 0)))
+    rows = [
+        [dash(d.id), dash(d.name), d.state, format_time(d.last_seen, now), dash(d.address), d.source] for d in devices
+    ]
+    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS", "SOURCE"], rows, flexible=(1, 0)))
     return EXIT_OK
 
 

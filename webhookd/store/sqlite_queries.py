@@ -39,9 +39,22 @@ _LANE = (
 
 
 def load_devices(c: sqlite3.Connection) -> list[Device]:
-    rows = c.execute("SELECT id, state, name, owner, address, last_seen, changed_at FROM devices").fetchall()
+    rows = c.execute(
+        "SELECT id, state, name, owner, address, last_seen, changed_at, source, timed FROM devices"
+    ).fetchall()
     return [
-        Device(id=r[0], state=r[1], name=r[2], owner=r[3], address=r[4], last_seen=r[5], changed_at=r[6]) for r in rows
+        Device(
+            id=r[0],
+            state=r[1],
+            name=r[2],
+            owner=r[3],
+            address=r[4],
+            last_seen=r[5],
+            changed_at=r[6],
+            source=r[7],
+            timed=bool(r[8]),
+        )
+        for r in rows
     ]
 
 

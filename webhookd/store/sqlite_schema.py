@@ -12,7 +12,7 @@ from pathlib import Path
 
 from webhookd.store.api import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -62,6 +62,12 @@ MIGRATIONS: dict[int, str] = {
     # One lane (endpoint, device) of pending deliveries, paged in id order (load_pending_lane).
     2: """
     CREATE INDEX deliveries_pending_lane ON deliveries (endpoint, device_id, id) WHERE status = 'pending';
+    """,
+    # Where a device's state comes from (http, udp, mqtt, relay), and whether it has a silence timer (a device
+    # known only from MQTT availability has none). Rows from before were HTTP or UDP devices, all timed.
+    3: """
+    ALTER TABLE devices ADD COLUMN source TEXT NOT NULL DEFAULT 'http';
+    ALTER TABLE devices ADD COLUMN timed INTEGER NOT NULL DEFAULT 1;
     """,
 }
 
