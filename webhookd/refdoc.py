@@ -71,6 +71,31 @@ KEY_DOCS: dict[str, str] = {
     "logging": "the daemon's log lines",
     "logging.format": "`json`, `console`, or `auto` (console on a terminal, else json)",
     "logging.level": "`debug`, `info`, `warning` or `error`",
+    "mqtt": "MQTT presence: availability messages from a broker (off without this section)",
+    "mqtt.url": "the broker: `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (TLS, 8883)",
+    "mqtt.username": "login name (`null`: anonymous)",
+    "mqtt.password": "login password (needs `username`; `${VAR}` keeps it out of the file)",
+    "mqtt.password_file": "file whose first line is the password (instead of `password`)",
+    "mqtt.client_id": "fixed client id with a persistent session (`null`: `webhookd-<hostname>`)",
+    "mqtt.keepalive": "MQTT keep-alive of our connection (1s-65535s, whole seconds)",
+    "mqtt.settle": "after a (re)connect, messages within this long are reconciled: no event for a device "
+    "back online by its end, one `offline` for each one still offline",
+    "mqtt.status_topic": "our own availability: retained `online`, will `offline` (`null`: none)",
+    "mqtt.tls_verify": "verify the broker's TLS certificate (`mqtts://`)",
+    "mqtt.ca_file": "CA bundle to verify the broker's certificate with (`mqtts://`)",
+    "mqtt.sources": "where availability comes from (at least one): a preset or a generic topic filter",
+    "mqtt.sources[].preset": "a known system's topics and payloads (`null`: a generic source, `topic`)",
+    "mqtt.sources[].base": "the preset's root topic when not its default (`tele`, `shellies`, `zigbee2mqtt`, ...)",
+    "mqtt.sources[].devices": "globs on the resulting device id (case-sensitive)",
+    "mqtt.sources[].id_prefix": "prepended to the device id (keeps MQTT ids apart from HTTP ones)",
+    "mqtt.sources[].topic": "generic source: a topic filter with at least one `+` level",
+    "mqtt.sources[].device": "which `+` level of `topic` (from 1) is the device id",
+    "mqtt.sources[].field": "JSON payloads: read the state from this key (`null`: the payload as text)",
+    "mqtt.sources[].online": "payloads (exact, after trimming whitespace) meaning `online`",
+    "mqtt.sources[].offline": "payloads meaning `offline`",
+    "mqtt.sources[].utilizing": "payloads meaning `utilizing`",
+    "mqtt.sources[].unplugged": "payloads meaning `unplugged`",
+    "mqtt.sources[].heartbeat": "any other message on the topic is a heartbeat of the device",
 }
 
 # Defaults the loader (config/load.py) sets from other keys, where the schema's own default never applies
@@ -254,7 +279,8 @@ def config_keys() -> list[tuple[str, str, str]]:
             inner = _struct_of(field.type)
             if inner is not None:
                 many = typing.get_origin(_strip(field.type)[0]) is tuple
-                rows.append((key, "list" if many else "section", "[]" if many else ""))
+                default = ("required" if field.required else "[]") if many else ""
+                rows.append((key, "list" if many else "section", default))
                 walk(inner, key + ("[]." if many else "."))
                 continue
             kind = _type_name(field.type)

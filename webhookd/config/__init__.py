@@ -3,11 +3,13 @@
 - `units`: durations, sizes, host:port and paths as the file spells them; the annotations the schema uses
 - `schema`: the Structs, declared once: what the file may contain and the `Config` the daemon gets
 - `convert`: key-by-key conversion and ``${VAR}``, every problem reported by key path
+- `mqtt`: the `mqtt:` section (broker, sources) and its rules across keys
 - `load`: the strict YAML loader, the rules that span keys, `load_config` / `parse_config` / `summary`
 """
 
 from .convert import key_path as _key
 from .load import ConfigError, load_config, parse_config, summary
+from .mqtt import MqttConfig, MqttSourceConfig
 from .schema import (
     EVENT_KINDS,
     FORMATS,
@@ -49,6 +51,8 @@ __all__ = [
     "LogFormat",
     "LogLevel",
     "LoggingConfig",
+    "MqttConfig",
+    "MqttSourceConfig",
     "PresenceConfig",
     "Signature",
     "_key",

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import mqtt
 from .convert import Converter, key_path, kind
 from .schema import (
     DEFAULT_SIGNATURE_HEADER,
@@ -260,7 +261,10 @@ def parse_config(
     def endpoints(value: object, _path: str, before: dict[str, Any]) -> tuple[EndpointConfig, ...]:
         return _endpoints(c, value, before.get("delivery") or DeliveryConfig())
 
-    values = c.fields(data, Config, "", custom={"endpoints": endpoints})
+    def mqtt_section(value: object, path: str, _before: dict[str, Any]) -> mqtt.MqttConfig | None:
+        return mqtt.resolve(c, value, path)  # its rules across keys are with its schema, in mqtt.py
+
+    values = c.fields(data, Config, "", custom={"endpoints": endpoints, "mqtt": mqtt_section})
     if c.problems or values is None:
         raise ConfigError(c.problems if lines is None else _in_file_order(c.problems, c.paths, lines))
     return Config(path=path, **values)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from msgspec import Meta
 
+from .mqtt import MqttConfig
 from .units import (
     NOT_IN_FILE,
     OR_NULL,
@@ -316,6 +317,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     endpoints: Annotated[tuple[EndpointConfig, ...], OR_NULL] = ()  # checked by load.py
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    mqtt: MqttConfig | None = None  # checked by load.py (mqtt.resolve)
 
     def endpoint(self, name: str) -> EndpointConfig | None:
         for ep in self.endpoints:
