@@ -1,0 +1,1 @@
+"""MQTT presence (CONTRACT §11): the broker client, the sources that interpret its messages, settling."""
