@@ -40,6 +40,8 @@ class AdminAPI:
         started_mono: float,
         metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        # `status` of the MQTT connection (None: no `mqtt:` in the config); the daemon sets it.
+        self.mqtt_status: Callable[[], dict[str, Any] | None] = lambda: None
         self.engine = engine
         self.store = store
         self.dispatcher = dispatcher
@@ -97,8 +99,15 @@ class AdminAPI:
                 },
                 "deliveries": totals,
                 "store": {"healthy": self.store.healthy},
+                "mqtt": self._mqtt(),
             },
         )
+
+    def _mqtt(self) -> dict[str, Any] | None:
+        mqtt = self.mqtt_status()
+        if mqtt is None:
+            return None
+        return {**mqtt, "since": rfc3339_opt(mqtt["since"])}
 
     def _device(self, dev_id: str) -> dict[str, Any] | None:
         dev = self.engine.devices.get(dev_id)

@@ -28,6 +28,7 @@ __all__ = [
     "EndpointCounts",
     "EndpointInfo",
     "EndpointTestResult",
+    "MqttStatus",
     "ReplayRequest",
     "Replayed",
     "Status",
@@ -72,6 +73,13 @@ class StoreHealth(msgspec.Struct, frozen=True):
     healthy: bool  # false: the store cannot write (state changes are refused with 503)
 
 
+class MqttStatus(msgspec.Struct, frozen=True):
+    connected: bool
+    broker: str  # the URL without credentials
+    since: datetime | None  # of the last connect, or of the drop while disconnected
+    sources: dict[str, int]  # source name -> devices seen through it
+
+
 class Status(msgspec.Struct, frozen=True):
     version: str
     pid: int
@@ -81,6 +89,7 @@ class Status(msgspec.Struct, frozen=True):
     endpoints: EndpointCounts
     deliveries: DeliveryCounts
     store: StoreHealth
+    mqtt: MqttStatus | None = None
 
 
 # -------------------------------------------------------------------------- GET /v1/devices, /v1/devices/{id}

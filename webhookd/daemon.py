@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -34,6 +35,9 @@ from webhookd.store import Store, StoreError, retention_loop
 from webhookd.tracker import Tracker
 from webhookd.udp import UDPListener
 
+if TYPE_CHECKING:
+    from webhookd.mqtt.client import MqttPresence
+
 log = get_logger("webhookd.daemon")
 
 STOP_BUDGET = 25.0  # seconds the whole shutdown may take: below the unit's TimeoutStopSec=30s
@@ -44,6 +48,7 @@ STATUS_INTERVAL = 10.0
 HTTP_KEEPALIVE = 75.0  # seconds an idle (or slowloris) heartbeat API connection is kept
 HTTP_SHUTDOWN = 3.0  # seconds requests in progress get when the listeners close (aiohttp's default: 60)
 UDP_GRACE = 5.0  # seconds UDP heartbeats being applied get at shutdown
+MQTT_GRACE = 3.0  # seconds the MQTT side gets at shutdown (its status "offline", readings in flight)
 RELOAD_WAIT = 5.0  # seconds a running reload gets to finish when a stop is asked for
 
 
@@ -83,6 +88,7 @@ class Daemon:
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
         self.metrics.udp = lambda: self.udp
+        self.metrics.mqtt = lambda: self.mqtt
         self.admin = AdminAPI(
             self.engine,
             self.store,
@@ -91,8 +97,12 @@ class Daemon:
             started_mono=self.started_mono,
             metrics=self.metrics.render,
         )
+        self.admin.mqtt_status = lambda: self.mqtt.status() if self.mqtt is not None else None
         self._runners: list[web.BaseRunner] = []
         self.udp: UDPListener | None = None
+        self.mqtt: MqttPresence | None = None
+        self._mqtt_task: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
         self._failed = False  # a supervised task died: /healthz says so until the daemon has exited
@@ -210,6 +220,8 @@ class Daemon:
                     tasks.append(tg.create_task(self._watchdog_loop(interval), name="sd-watchdog"))
                 for t in tasks:
                     t.add_done_callback(self._watch)
+                self._tg = tg
+                self._start_mqtt(self.cfg)
                 await self._stop.wait()
                 await self._shutdown(tasks)
         except* Exception as eg:
@@ -249,6 +261,7 @@ class Daemon:
         log.info("daemon_stopping", inflight=self.dispatcher.inflight)
         if self.udp is not None:
             await self.udp.close(left(UDP_GRACE))  # no new UDP heartbeats; those in flight get recorded
+        await self._stop_mqtt(left(MQTT_GRACE))  # "offline" on its status topic; readings in flight recorded
         for runner in self._runners:
             # No new heartbeats, no admin calls; requests in progress get HTTP_SHUTDOWN seconds.
             with contextlib.suppress(TimeoutError):
@@ -318,6 +331,35 @@ class Daemon:
             return
         self._reloading = asyncio.get_running_loop().create_task(self.reload(), name="reload")
 
+    # --- MQTT presence (optional; a reload may add, change or remove it) ----------------------------------
+
+    def _start_mqtt(self, cfg: Config) -> None:
+        if cfg.mqtt is None or self._tg is None:
+            return
+        from webhookd.mqtt.client import MqttPresence  # aiomqtt is imported only by a daemon that uses it
+
+        self.mqtt = MqttPresence(cfg.mqtt, self.tracker)
+        self._mqtt_task = self._tg.create_task(self.mqtt.run(), name="mqtt")
+        self._mqtt_task.add_done_callback(self._watch)
+
+    async def _stop_mqtt(self, grace: float) -> None:
+        task, self._mqtt_task = self._mqtt_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=max(grace, 0.1))
+        self.mqtt = None
+
+    async def _reload_mqtt(self, new: Config) -> None:
+        if new.mqtt is None:
+            if self.mqtt is not None:
+                log.info("mqtt_stopped", broker=self.mqtt.cfg.broker, reason="mqtt removed from the config")
+                await self._stop_mqtt(MQTT_GRACE)
+        elif self.mqtt is None:
+            self._start_mqtt(new)
+        else:
+            self.mqtt.reconfigure(new.mqtt)
+
     async def reload(self) -> None:
         sdnotify.reloading()
         try:
@@ -341,6 +383,7 @@ class Daemon:
             configure_logging(new.logging.format, new.logging.level)
             self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
             self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
+            await self._reload_mqtt(new)
             old, self.cfg = self.cfg, new
             log.info(
                 "config_reloaded",

@@ -32,6 +32,7 @@ from webhookd.states import DEVICE_STATES as STATES
 if TYPE_CHECKING:
     from webhookd.dispatch import AttemptResult, Dispatcher
     from webhookd.listener import HeartbeatAPI
+    from webhookd.mqtt.client import MqttPresence
     from webhookd.presence import PresenceEngine
     from webhookd.store import Store
     from webhookd.tracker import Tracker
@@ -113,6 +114,7 @@ class Metrics:
         self._endpoints: dict[str, _EndpointChildren] = {}
         # The UDP listener keeps plain-int counters; they are read at scrape time (see `_sync_udp`).
         self.udp: Callable[[], UDPListener | None] = lambda: None
+        self.mqtt: Callable[[], MqttPresence | None] = lambda: None
         self._udp_applied = 0
 
     # --- hooks -------------------------------------------------------------------------------------------
@@ -253,9 +255,37 @@ class _StateCollector(Collector):
             yield rejected
             yield GaugeMetricFamily(f"{NS}_udp_inflight", "UDP heartbeats being applied.", udp.inflight)
 
+        mqtt = m.mqtt()
+        if mqtt is not None:
+            yield from _mqtt_metrics(mqtt)
+
         yield GaugeMetricFamily(
             f"{NS}_store_healthy", "1 while the store's last transaction committed.", 1 if m.store.healthy else 0
         )
         yield GaugeMetricFamily(
             f"{NS}_uptime_seconds", "Seconds since the daemon started.", m._clock() - m.started_mono
         )
+
+
+def _mqtt_metrics(mqtt: MqttPresence) -> Iterable[Metric]:
+    yield GaugeMetricFamily(
+        f"{NS}_mqtt_connected",
+        "1 while connected to the MQTT broker (subscriptions acknowledged).",
+        int(mqtt.connected),
+    )
+    c = mqtt.counters
+    messages = CounterMetricFamily(
+        f"{NS}_mqtt_messages", "MQTT messages received, by the source they matched.", labels=["source"]
+    )
+    ignored = CounterMetricFamily(
+        f"{NS}_mqtt_ignored", "MQTT payloads that meant no state (logged at debug), by source.", labels=["source"]
+    )
+    for name in mqtt.sources.names:
+        messages.add_metric([name], c.messages.get(name, 0))
+        ignored.add_metric([name], c.ignored.get(name, 0))
+    yield messages
+    yield ignored
+    yield CounterMetricFamily(
+        f"{NS}_mqtt_dropped", "MQTT messages dropped because the incoming queue was full.", c.dropped
+    )
+    yield CounterMetricFamily(f"{NS}_mqtt_connections", "Connections to the MQTT broker made.", c.connections)

@@ -92,6 +92,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if not s.store.healthy:
         lines.append("store:      UNAVAILABLE (cannot write; state changes are refused with 503)")
+    if s.mqtt is not None:
+        m = s.mqtt
+        when = format_time(m.since) if m.since is not None else "-"
+        link = f"connected since {when}" if m.connected else f"DISCONNECTED (since {when}; reconnecting)"
+        per = ", ".join(f"{name} {n:,}" for name, n in m.sources.items()) or "no sources"
+        lines.append(f"mqtt:       {m.broker}, {link}")
+        lines.append(f"            devices by source: {per}")
     print("\n".join(lines))
     return EXIT_OK
 
