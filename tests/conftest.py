@@ -1,4 +1,5 @@
-"""Shared fixtures: `store` for the in-process store tests; `daemon` and `receiver` for the whole-daemon tests."""
+"""Shared fixtures: `store` for the in-process store tests; `daemon` and `receiver` for the whole-daemon tests;
+`broker` and `devices` for the MQTT tests (a throwaway mosquitto, real MQTT device processes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Protocol, TypeVar, overload
 import pytest
 
 from tests.harness import Daemon, Receiver
+from tests.mqtt_broker import Broker, missing_tools
+from tests.mqtt_devices import Devices
 from webhookd.store import Store
 
 
@@ -175,6 +178,89 @@ async def daemon(
     """Real daemons as subprocesses; stopped and checked at teardown (see DaemonFactory). Depends on `receiver` so
     that receivers are stopped only after the daemons."""
     factory = DaemonFactory(tmp_path, request)
+    yield factory
+    await factory.teardown()
+
+
+# --- MQTT tests: throwaway mosquitto brokers and real device processes, stopped by PID at teardown ----------------
+
+
+class BrokerFactory:
+    """`await broker(**options)` is a started tests.mqtt_broker.Broker (options: persistence=, passwords=, acl=,
+    tls=, plain=, port=, max_keepalive=, autosave_interval=, extra=; start=False leaves it down). The first broker
+    lives in tmp_path/broker, later ones in tmp_path/broker-2, ...
+
+    Skips the test when mosquitto or mosquitto-clients are not installed (`make mosquitto-tools` installs them).
+    At teardown every broker is stopped by its PID (SIGTERM, then SIGKILL); one that exited without stop()/kill()
+    (a crash, a config it rejected on restart) fails the test with its log, unless the test failed already."""
+
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.tmp_path = tmp_path
+        self.request = request
+        self.brokers: list[Broker] = []
+
+    async def __call__(self, *, start: bool = True, **options: Any) -> Broker:
+        missing = missing_tools()
+        if missing:
+            pytest.skip(f"{' and '.join(missing)} not installed (make mosquitto-tools installs Debian's packages)")
+        n = len(self.brokers) + 1
+        b = Broker(self.tmp_path / ("broker" if n == 1 else f"broker-{n}"), **options)
+        self.brokers.append(b)
+        if start:
+            await b.start()
+        return b
+
+    async def teardown(self) -> None:
+        report = getattr(self.request.node, "rep_call", None)
+        test_failed = report is not None and report.failed
+        died = [b for b in self.brokers if b.died()]
+        for b in reversed(self.brokers):
+            await b.stop()
+        if died and not test_failed:
+            raise AssertionError(
+                "\n".join(
+                    f"broker {b.url} (pid {b.pid}) exited {b.proc and b.proc.returncode} on its own; its log "
+                    f"ends:\n{b.log()[-3000:]}"
+                    for b in died
+                )
+            )
+
+
+@pytest.fixture
+async def broker(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[BrokerFactory]:
+    """Throwaway mosquitto brokers on free 127.0.0.1 ports (see BrokerFactory), stopped at teardown."""
+    factory = BrokerFactory(tmp_path, request)
+    yield factory
+    await factory.teardown()
+
+
+class DevicesFactory:
+    """`await devices(broker_or_url, n_or_ids, **options)` is a started tests.mqtt_devices.Devices (`ready N`
+    printed; options: preset=, keepalive=, prefix=, base=, topic=, online=, offline=, retain=, no_reconnect=,
+    stay_down=, retry=, username=, password=, ca_file=, client_id_prefix=; start=False leaves it down). At teardown
+    every process still running is stopped by PID (SIGCONT if frozen, SIGTERM, SIGKILL after 15 s)."""
+
+    def __init__(self) -> None:
+        self.fleets: list[Devices] = []
+
+    async def __call__(
+        self, target: Broker | str, devices: int | Sequence[str] = 1, /, *, start: bool = True, **options: Any
+    ) -> Devices:
+        d = Devices(target, devices, **options)
+        self.fleets.append(d)
+        if start:
+            await d.start()
+        return d
+
+    async def teardown(self) -> None:
+        for d in reversed(self.fleets):
+            await d.stop()
+
+
+@pytest.fixture
+async def devices(broker: BrokerFactory) -> AsyncIterator[DevicesFactory]:
+    """Real MQTT device processes (see DevicesFactory), stopped at teardown before the brokers."""
+    factory = DevicesFactory()
     yield factory
     await factory.teardown()
 

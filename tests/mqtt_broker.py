@@ -22,7 +22,10 @@ import signal
 import ssl
 import subprocess
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.harness import free_port
 
@@ -374,3 +377,115 @@ class Broker:
             raise BrokerError(
                 f"mosquitto_pub -t {topic} exited {proc.returncode}: {(err or out).decode(errors='replace').strip()}"
             )
+
+
+@dataclass
+class Seen:
+    at: float  # time.monotonic() when received
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode(errors="replace")
+
+
+class Watcher:
+    """A test's own MQTT subscriber (aiomqtt) recording every message with its time.monotonic():
+
+        async with Watcher(b, ["tele/+/LWT"]) as w:
+            m = await w.wait_for(lambda m: m.topic == "tele/dev-1/LWT" and m.text == "Offline", 15)
+
+    client_id + clean_session=False: a persistent session (QoS 1 messages published while it is away are queued
+    by the broker and delivered when it connects again). Credentials and TLS are the broker's unless given."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        topics: Sequence[str] = ("#",),
+        *,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        qos: int = 1,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.topics = list(topics)
+        self.client_id = client_id
+        self.clean_session = clean_session
+        self.qos = qos
+        creds = (username, password) if username is not None else broker.credentials()
+        self.username, self.password = creds if creds is not None else (None, None)
+        self.messages: list[Seen] = []
+        self._changed = asyncio.Event()
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def start(self) -> Watcher:
+        """Connect and subscribe (returns once the SUBACK is in)."""
+        import aiomqtt
+
+        self._client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.client_id,
+            clean_session=self.clean_session,
+            username=self.username,
+            password=self.password,
+            tls_context=self.broker.ssl_context(),
+            keepalive=10,
+            timeout=10,
+        )
+        await self._client.__aenter__()
+        for topic in self.topics:
+            await self._client.subscribe(topic, qos=self.qos)
+        self._task = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self) -> None:
+        try:
+            async for m in self._client.messages:
+                payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                self.messages.append(Seen(time.monotonic(), str(m.topic), payload, bool(m.retain), int(m.qos)))
+                self._changed.set()
+        except Exception as e:  # the broker went away: keep what was seen
+            self.error = e
+            self._changed.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.__aexit__(None, None, None), 5)
+            self._client = None
+
+    async def __aenter__(self) -> Watcher:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def matching(self, pred: Callable[[Seen], bool]) -> list[Seen]:
+        return [m for m in self.messages if pred(m)]
+
+    async def wait_for(self, pred: Callable[[Seen], bool], timeout: float = 15.0) -> Seen:
+        """The first message (already seen or arriving within `timeout`) that matches; AssertionError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.matching(pred)
+            if found:
+                return found[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                last = [(m.topic, m.text) for m in self.messages[-5:]]
+                raise AssertionError(f"no matching message within {timeout} s (last seen {last}, error {self.error})")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
