@@ -24,6 +24,13 @@ STATES: Final = ("online", "offline", "utilizing", "unplugged")
 GENERIC_KEYS: Final = ("topic", "device", "field", *STATES, "heartbeat")
 MAX_TOPIC_BYTES = 65535  # MQTT 3.1.1 §1.5.3: a UTF-8 string with a 16-bit length
 DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
+DEFAULT_URL: Final = "mqtt://127.0.0.1:1883"
+DEFAULT_PAYLOADS: Final[dict[str, tuple[str, ...]]] = {
+    "online": ("online",),
+    "offline": ("offline",),
+    "utilizing": (),
+    "unplugged": (),
+}
 
 # ----------------------------------------------------------------------------------------------------
 # Topics (MQTT 3.1.1 §4.7); `webhookd.mqtt.sources` matches with the same rules
@@ -118,6 +125,12 @@ def _existing_file(p: Path, at: At) -> Path:
     return p
 
 
+def _pattern(p: str, at: At) -> str:
+    if not p.strip():
+        raise ValueError("empty pattern")
+    return p
+
+
 def _lower(v: str, at: At) -> str:
     return v.strip().lower()
 
@@ -128,7 +141,7 @@ Filter = Annotated[str, Check(_check_filter)]
 Topic = Annotated[str, Check(_check_topic)]
 Base = Annotated[str, Check(_check_base)]
 Payloads = Annotated[tuple[Annotated[str, Check(_check_payload)], ...], Many("a list of strings"), OR_NULL]
-Pattern = Annotated[str, Meta(min_length=1, extra={"message": "empty pattern"}), _NO_CONTROL]
+Pattern = Annotated[str, Check(_pattern)]
 #: Seconds, >= 0 (a `Duration` that may be 0).
 Duration0 = Annotated[float, Read(_DURATION_FILE, _read_duration), Meta(ge=0)]
 
@@ -151,10 +164,10 @@ class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     topic: Filter | None = None
     device: Annotated[int, Meta(ge=1)] = 1  # which `+` level of `topic` is the device id
     field: Annotated[Text, Meta(min_length=1)] | None = None
-    online: Payloads = ("online",)
-    offline: Payloads = ("offline",)
-    utilizing: Payloads = ()
-    unplugged: Payloads = ()
+    online: Payloads = DEFAULT_PAYLOADS["online"]
+    offline: Payloads = DEFAULT_PAYLOADS["offline"]
+    utilizing: Payloads = DEFAULT_PAYLOADS["utilizing"]
+    unplugged: Payloads = DEFAULT_PAYLOADS["unplugged"]
     heartbeat: bool = False
 
     def states(self) -> dict[str, str]:
@@ -163,7 +176,7 @@ class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MqttConfig(msgspec.Struct, frozen=True, kw_only=True):
-    url: Annotated[str, Check(_check_url)] = "mqtt://127.0.0.1:1883"
+    url: Annotated[str, Check(_check_url)] = DEFAULT_URL
     username: Annotated[Text, Meta(min_length=1)] | None = None
     password: Annotated[Text, Meta(min_length=1)] | None = None  # or the first line of `password_file`
     password_file: FilePath | None = None
@@ -218,8 +231,8 @@ def resolve(c: Converter, value: object, path: str) -> MqttConfig | None:
     if value.get("sources", None) is None and "sources" not in value:
         c.add(f"{path}.sources", "missing required key (at least one source)")
     _credentials(c, value, values, path)
-    tls = "url" in values and urlsplit(values["url"]).scheme.lower() == "mqtts"
-    if "url" in values and not tls:
+    url = values.get("url", None if c.bad(f"{path}.url") else DEFAULT_URL)
+    if url is not None and urlsplit(url).scheme.lower() != "mqtts":
         for key in ("ca_file", "tls_verify"):
             if value.get(key) not in (None, True):
                 c.add(f"{path}.{key}", "needs an mqtts:// url (TLS)")
@@ -241,6 +254,9 @@ def _credentials(c: Converter, raw: dict[Any, Any], values: dict[str, Any], path
         fpath, p = f"{path}.password_file", values["password_file"]
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            c.add(fpath, f"file not found: {p}")
+            return
         except UnicodeDecodeError:
             c.add(fpath, f"not a UTF-8 text file: {p}")
             return
@@ -304,7 +320,7 @@ def _source(c: Converter, raw: object, path: str) -> MqttSourceConfig | None:
                 c.add(f"{path}.device", f"must be 1-{pluses}: the filter has {pluses} '+' level(s)")
         seen: dict[str, str] = {}
         for state in STATES:
-            for j, p in enumerate(values.get(state, ())):
+            for j, p in enumerate(values.get(state, DEFAULT_PAYLOADS[state])):
                 if p in seen and seen[p] != state:
                     c.add(f"{path}.{state}[{j}]", f"payload {p!r} is also in {seen[p]}")
                 seen.setdefault(p, state)

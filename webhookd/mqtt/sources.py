@@ -122,6 +122,9 @@ class _Source:
     def handle(self, levels: list[str], payload: bytes) -> Result | None:
         raise NotImplementedError
 
+    def adopt(self, old: "_Source") -> None:
+        """Take over what `old` (the same source before a reload) remembered."""
+
 
 class _Simple(_Source):
     """A preset whose device is one level of a fixed filter and whose payload is one of two words."""
@@ -180,6 +183,10 @@ class _Zigbee2mqtt(_Source):
         self.bridge: str | None = None  # its last state; None: not seen (its devices speak for themselves)
         self.own: dict[str, str] = {}  # device id (selected, prefixed) -> its last availability
 
+    def adopt(self, old: _Source) -> None:
+        assert isinstance(old, _Zigbee2mqtt)
+        self.bridge, self.own = old.bridge, old.own
+
     def handle(self, levels: list[str], payload: bytes) -> Result | None:
         rest = levels[self.depth :]
         if rest == ["bridge", "state"]:
@@ -220,6 +227,10 @@ class _Sparkplug(_Source):
         self.depth = len(root.split("/"))
         self.bd_seq: dict[str, int | None] = {}  # node -> bdSeq of its last NBIRTH
         self.devices: dict[str, set[str]] = {}  # node -> its devices seen born (raw ids) and not dead since
+
+    def adopt(self, old: _Source) -> None:
+        assert isinstance(old, _Sparkplug)
+        self.bd_seq, self.devices = old.bd_seq, old.devices
 
     def handle(self, levels: list[str], payload: bytes) -> Result | None:
         group, kind, edge, *dev = levels[self.depth :]
@@ -286,6 +297,17 @@ class Sources:
             built.append(_build(names[-1], src))
         self._sources = tuple(built)
         self.names: tuple[str, ...] = tuple(names)
+
+    def keep_state(self, old: "Sources") -> None:
+        """After a reload: each source configured exactly as one of `old` takes over what that one
+        remembered (a zigbee2mqtt bridge's state and its devices' availability, Sparkplug bdSeqs), so that a
+        SIGHUP neither forgets an offline bridge nor accepts a stale NDEATH."""
+        unused = list(old._sources)
+        for src in self._sources:
+            same = next((o for o in unused if o.cfg == src.cfg and type(o) is type(src)), None)
+            if same is not None:
+                unused.remove(same)
+                src.adopt(same)
 
     def filters(self) -> list[str]:
         """The topic filters to subscribe to, each once, in source order."""
