@@ -434,6 +434,7 @@ STATUS: dict[str, Any] = {
     "endpoints": {"enabled": 2, "disabled": 1},
     "deliveries": {"pending": 3, "held": 4, "delivered": 1520, "dead": 1},
     "store": {"healthy": True},
+    "mqtt": None,
 }
 DEVICES: list[dict[str, Any]] = [
     {
