@@ -388,3 +388,15 @@ def test_a_topic_matches_itself_and_hash(topic_levels: list[str]) -> None:
     topic = "/".join(topic_levels)
     assert matches(topic, topic)
     assert matches("#", topic) != topic.startswith("$")
+
+
+def test_routing_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from webhookd.mqtt import sources as module
+
+    monkeypatch.setattr(module, "CACHE_TOPICS", 10)
+    s = sources({"preset": "esphome"}, {"topic": "+/+", "online": ["up"]}, status_topic=None)
+    for i in range(50):
+        assert readings(s, f"d{i}/status", "online") == [on(f"d{i}")]
+        assert readings(s, f"d{i}/other", "up") == [on(f"d{i}")]
+        assert len(s._candidates) <= 10
+    assert s.route("d1/status", b"up") == ("esphome", Ignored("payload matches no state"))

@@ -9,7 +9,7 @@ states which filters are valid).
 
 import fnmatch
 import json
-import unicodedata
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -19,6 +19,8 @@ from webhookd.config.mqtt import MqttConfig, MqttSourceConfig
 from . import sparkplug
 
 MAX_ID = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc)
+CACHE_TOPICS = 100_000  # topics whose matching sources `Sources.route` remembers
 REASONS: Final = {"online": "connected", "offline": "disconnected", "utilizing": "reported", "unplugged": "reported"}
 
 
@@ -39,18 +41,22 @@ NO_STATE: Final = Ignored("payload matches no state")
 Result = list[Reading] | Ignored
 
 
-def matches(filter_: str, topic: str) -> bool:
-    """Does `topic` match the topic filter (MQTT 3.1.1 §4.7: ``+`` one level, ``#`` the rest, even none;
-    a wildcard first level never matches a ``$`` topic)?"""
-    if topic.startswith("$") and filter_[:1] in ("+", "#"):
+def _matches(f: tuple[str, ...], t: list[str]) -> bool:
+    """`matches` on split filter and topic."""
+    if t[0].startswith("$") and f[0] in ("+", "#"):
         return False
-    f, t = filter_.split("/"), topic.split("/")
     for i, level in enumerate(f):
         if level == "#":
             return True
         if i >= len(t) or (level != "+" and level != t[i]):
             return False
     return len(f) == len(t)
+
+
+def matches(filter_: str, topic: str) -> bool:
+    """Does `topic` match the topic filter (MQTT 3.1.1 §4.7: ``+`` one level, ``#`` the rest, even none;
+    a wildcard first level never matches a ``$`` topic)?"""
+    return _matches(tuple(filter_.split("/")), topic.split("/"))
 
 
 def _reading(device: str, state: str) -> Reading:
@@ -96,6 +102,7 @@ class _Source:
 
     def __init__(self, name: str, cfg: MqttSourceConfig, filters: list[str]) -> None:
         self.name, self.cfg, self.filters = name, cfg, filters
+        self.every = "*" in cfg.devices  # fnmatch is the cost of a message: skip it for the default
 
     def device(self, raw: str) -> str | Ignored:
         """The device id of topic level(s) `raw`, or why it cannot be one."""
@@ -104,13 +111,15 @@ class _Source:
             return Ignored("empty device id")
         if len(device) > MAX_ID:
             return Ignored(f"device id longer than {MAX_ID} characters")
-        if any(unicodedata.category(ch) == "Cc" for ch in device):
+        if _CONTROL.search(device):
             return Ignored("device id contains control characters")
         if not self.selected(device):
             return Ignored(f"device {device!r} not selected by devices:")
         return device
 
     def selected(self, device: str) -> bool:
+        if self.every:
+            return True
         return any(fnmatch.fnmatchcase(device, p) for p in self.cfg.devices)
 
     def one(self, raw: str, state: str | Ignored) -> Result:
@@ -297,6 +306,10 @@ class Sources:
             built.append(_build(names[-1], src))
         self._sources = tuple(built)
         self.names: tuple[str, ...] = tuple(names)
+        self._split = tuple(tuple(tuple(f.split("/")) for f in src.filters) for src in built)
+        # topic -> the sources whose filters match it. Devices publish on the same few topics again and again:
+        # this makes routing one lookup. Bounded (a broker may carry any number of topics): cleared when full.
+        self._candidates: dict[str, tuple[_Source, ...]] = {}
 
     def keep_state(self, old: "Sources") -> None:
         """After a reload: each source configured exactly as one of `old` takes over what that one
@@ -319,9 +332,16 @@ class Sources:
         if topic == self.status_topic:
             return None
         levels = topic.split("/")
-        for src in self._sources:
-            if any(matches(f, topic) for f in src.filters):
-                result = src.handle(levels, payload)
-                if result is not None:
-                    return src.name, result
+        candidates = self._candidates.get(topic)
+        if candidates is None:
+            if len(self._candidates) >= CACHE_TOPICS:
+                self._candidates.clear()
+            candidates = tuple(
+                src for src, fs in zip(self._sources, self._split, strict=True) if any(_matches(f, levels) for f in fs)
+            )
+            self._candidates[topic] = candidates
+        for src in candidates:
+            result = src.handle(levels, payload)
+            if result is not None:
+                return src.name, result
         return None
