@@ -202,7 +202,7 @@ GOOD_SOURCE = {"topic": "lab/+/presence"}
         ({"password": "p", "password_file": "/x", "sources": [TASMOTA]}, "mqtt.password_file: use either password or"),
         ({"password": "p", "sources": [TASMOTA]}, "mqtt.password: needs a username"),
         ({"url": "mqtt://u:p@h", "username": "v", "sources": [TASMOTA]}, "mqtt.url: credentials in url and username"),
-        ({"username": "", "sources": [TASMOTA]}, "mqtt.username: must be at least 1 characters (got 0)"),
+        ({"username": "", "sources": [TASMOTA]}, "mqtt.username: must not be empty (use null for none)"),
         ({"username": "a\nb", "sources": [TASMOTA]}, "mqtt.username: must not contain control characters"),
         ({"client_id": "", "sources": [TASMOTA]}, "mqtt.client_id: must be 1-256 characters (got 0)"),
         # TLS settings without TLS
@@ -270,6 +270,7 @@ GOOD_SOURCE = {"topic": "lab/+/presence"}
             {"sources": [{"topic": "a/+", "online": [1]}]},
             "mqtt.sources[0].online[0]: expected a string, got an integer",
         ),
+        ({"sources": [{"topic": "a/+", "field": ""}]}, "mqtt.sources[0].field: must not be empty (use null for none)"),
         ({"sources": [{"topic": "a/+", "heartbeat": "yes"}]}, "mqtt.sources[0].heartbeat: expected true or false"),
     ],
 )

@@ -125,6 +125,12 @@ def _existing_file(p: Path, at: At) -> Path:
     return p
 
 
+def _not_empty(v: str, at: At) -> str:
+    if not v:
+        raise ValueError("must not be empty (use null for none)")
+    return v
+
+
 def _pattern(p: str, at: At) -> str:
     if not p.strip():
         raise ValueError("empty pattern")
@@ -137,6 +143,7 @@ def _lower(v: str, at: At) -> str:
 
 _NO_CONTROL = Meta(pattern=r"\A[^\x00-\x1f\x7f]*\Z", extra={"message": "must not contain control characters"})
 Text = Annotated[str, _NO_CONTROL]
+NonEmpty = Annotated[str, _NO_CONTROL, Check(_not_empty)]
 Filter = Annotated[str, Check(_check_filter)]
 Topic = Annotated[str, Check(_check_topic)]
 Base = Annotated[str, Check(_check_base)]
@@ -163,7 +170,7 @@ class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     id_prefix: Annotated[Text, Meta(max_length=100), OR_NULL] = ""
     topic: Filter | None = None
     device: Annotated[int, Meta(ge=1)] = 1  # which `+` level of `topic` is the device id
-    field: Annotated[Text, Meta(min_length=1)] | None = None
+    field: NonEmpty | None = None
     online: Payloads = DEFAULT_PAYLOADS["online"]
     offline: Payloads = DEFAULT_PAYLOADS["offline"]
     utilizing: Payloads = DEFAULT_PAYLOADS["utilizing"]
@@ -177,8 +184,8 @@ class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class MqttConfig(msgspec.Struct, frozen=True, kw_only=True):
     url: Annotated[str, Check(_check_url)] = DEFAULT_URL
-    username: Annotated[Text, Meta(min_length=1)] | None = None
-    password: Annotated[Text, Meta(min_length=1)] | None = None  # or the first line of `password_file`
+    username: NonEmpty | None = None
+    password: NonEmpty | None = None  # or the first line of `password_file`
     password_file: FilePath | None = None
     client_id: Annotated[Text, Meta(min_length=1, max_length=256)] | None = None
     keepalive: Annotated[float, Read(_DURATION_FILE, _read_duration), Check(_keepalive)] = 30.0
