@@ -18,6 +18,7 @@ broker -> aiomqtt (a fresh client per attempt) -> Sources.route (pure) -> Settle
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 import time
@@ -37,6 +38,10 @@ from webhookd.store import StoreError
 from webhookd.tracker import Tracker
 
 log = get_logger("webhookd.mqtt")
+# paho's own lines ("failed to receive on socket: Connection reset by peer" at error level on every broker
+# restart) would say in its words what mqtt_disconnected / mqtt_unreachable already say in ours.
+_paho_log = logging.getLogger("webhookd.mqtt.paho")
+_paho_log.setLevel(logging.CRITICAL)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
@@ -197,6 +202,7 @@ class MqttPresence:
             queue_type=_inbox_type(self.counters, inboxes),
             max_queued_incoming_messages=INBOX_MAX,
             timeout=10.0,
+            logger=_paho_log,
         )
         try:
             async with client:

@@ -1,0 +1,136 @@
+"""MQTT faults against a real Mosquitto (issue 11, item 5): broker restarts, a broker down for long, our own
+SIGKILL with retained availabilities, refused logins and ACLs, TLS. No storms, no false offline, no missed one."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
+from tests.harness import Daemon, Receiver, endpoint, eventually
+from tests.test_mqtt_daemon import connected, kinds, mqtt_cfg
+
+
+def events_of(r: Receiver, kind: str) -> list[str]:
+    return sorted(e["device"]["id"] for e in r.events() if e["type"] == f"device.{kind}")
+
+
+async def settled(d: Daemon, n: int = 1, timeout: float = 30.0) -> None:
+    """Until the daemon logged its n-th `mqtt_settled`."""
+    await eventually(lambda: sum(1 for x in d.logs() if x.get("event") == "mqtt_settled") >= n, timeout)
+
+
+async def test_a_broker_restart_makes_offline_events_only_for_devices_still_down(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker(persistence=True)
+    r = await receiver()
+    fleet = await devices(b, 50, preset="tasmota", keepalive=5, stay_down=3, retry=0.5)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "tasmota"}, settle="6s"))
+    await r.wait_for(50, timeout=20)
+    assert len(events_of(r, "online")) == 50
+    await settled(d)
+    t = time.monotonic()
+    await b.restart()  # SIGTERM (every client's will), the same port and persistence directory
+    await fleet.wait_connected([f"dev-{i}" for i in range(1, 48)], 15, since=t)
+    await settled(d, 2)
+    await asyncio.sleep(0.5)  # deliveries of the settle's end
+    assert events_of(r, "offline") == ["dev-48", "dev-49", "dev-50"]
+    assert len(r.got) == 53, kinds(r)[50:]
+    warnings = [x for x in d.logs() if x.get("event") == "mqtt_disconnected"]
+    assert len(warnings) == 1
+
+
+async def test_a_broker_down_longer_than_the_silence_timeout_makes_no_event(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker(persistence=True)
+    r = await receiver()
+    # generic source with heartbeat: true keeps the silence timer; the broker's absence must not fire it
+    fleet = await devices(b, 3, preset="tasmota", keepalive=5, retry=0.5)
+    source = {"topic": "tele/+/LWT", "device": 1, "online": ["Online"], "offline": ["Offline"], "heartbeat": True}
+    d = await daemon([endpoint("sink", r)], presence={"silence_timeout": "2s"}, mqtt=mqtt_cfg(b, source, settle="2s"))
+    await r.wait_for(3, timeout=15)
+    await settled(d)
+    await b.pub("tele/dev-1/LWT", "ping")  # a heartbeat: dev-1 now has a silence timer too
+    await asyncio.sleep(0.3)
+    await b.stop()
+    await asyncio.sleep(4.0)  # twice the silence timeout with the broker away
+    t = time.monotonic()
+    await b.start()
+    await fleet.wait_connected(["dev-1", "dev-2", "dev-3"], 15, since=t)
+    await settled(d, 2)
+    await asyncio.sleep(0.5)
+    assert len(r.got) == 3, kinds(r)
+    _, body = await d.admin("GET", "/v1/status")
+    assert body["mqtt"]["connected"] is True
+
+
+async def test_webhookd_sigkilled_and_restarted_over_1000_retained_availabilities_makes_no_event(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker()
+    r = await receiver()
+    await devices(b, 1000, preset="esphome", keepalive=30)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "esphome"}, settle="1s"))
+    await r.wait_for(1000, timeout=30)
+    await settled(d)
+    await d.kill()
+    await d.start()
+    await settled(d, 2)
+    await asyncio.sleep(0.5)
+    assert len(r.got) == 1000
+    status = await connected(d)
+    assert status["sources"] == {"esphome": 1000}
+    [line] = [x for x in d.logs() if x.get("event") == "mqtt_settled"][-1:]
+    assert line["devices"] == 1000 and line["events"] == 0
+
+
+async def test_a_refused_login_is_logged_and_the_http_side_goes_on(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    b = await broker(passwords={"webhookd": "right"})
+    r = await receiver()
+    cfg = mqtt_cfg(b, {"preset": "tasmota"}, username="webhookd", password="wrong")
+    d = await daemon([endpoint("sink", r)], mqtt=cfg, allow_errors=True)
+    await eventually(lambda: any(x.get("event") == "mqtt_auth_failed" for x in d.logs()), 10)
+    assert "wrong" not in d.logs_text()
+    await d.heartbeat("http-1")
+    await r.wait_for(1)
+    _, body = await d.admin("GET", "/v1/status")
+    assert body["mqtt"]["connected"] is False
+    # the right password by SIGHUP: it reconnects at once, no restart
+    d.cfg["mqtt"]["password"] = "right"
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    await connected(d)
+
+
+async def test_a_password_broker_with_an_acl(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    acl = "user webhookd\ntopic read tele/#\ntopic readwrite webhookd/#\n"
+    b = await broker(passwords={"webhookd": "pw", "dev": "pw"}, acl=acl + "user dev\ntopic readwrite #\n")
+    r = await receiver()
+    cfg = mqtt_cfg(b, {"preset": "tasmota"}, {"preset": "esphome"}, username="webhookd", password="pw")
+    d = await daemon([endpoint("sink", r)], mqtt=cfg)
+    await connected(d)
+    await b.pub("tele/plug/LWT", "Online", retain=True, username="dev", password="pw")
+    await b.pub("cam/status", "online", retain=True, username="dev", password="pw")  # denied to webhookd
+    await r.wait_for(1, timeout=10)
+    await asyncio.sleep(1.0)
+    assert kinds(r) == [("device.online", "plug", "connected")]
+
+
+async def test_tls_with_a_throwaway_ca(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker(tls=True)
+    assert b.url.startswith("mqtts://") and b.ca_file is not None
+    r = await receiver()
+    await devices(b, 2, preset="shelly", keepalive=5)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "shelly"}, ca_file=str(b.ca_file)))
+    await r.wait_for(2, timeout=15)
+    assert {e["device"]["id"] for e in r.events()} == {"dev-1", "dev-2"}
+    assert (await connected(d))["broker"] == b.url
