@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import time
 from typing import Any
 
 from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
 from tests.harness import Daemon, Receiver, endpoint
 from tests.mqtt_broker import Broker, Watcher
+from tests.test_metrics import scrape
 
 
 def mqtt_cfg(b: Broker, *sources: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -31,7 +34,7 @@ async def connected(d: Daemon) -> dict[str, Any]:
         got = await check()
         if got:
             return got
-        await __import__("asyncio").sleep(0.05)
+        await asyncio.sleep(0.05)
     raise AssertionError("the daemon did not connect to the broker")
 
 
@@ -65,3 +68,97 @@ async def test_tasmota_devices_online_then_a_power_loss_within_a_second_of_the_w
         assert lag < 1.0, f"dev-{i}: webhook {lag:.3f} s after the will"
     # no silence timer for availability devices: nothing more, however long
     assert len(r.got) == 6
+
+
+async def publish(b: Broker, topic: str, payload: bytes, *, retain: bool = False, will: Any = None) -> None:
+    import aiomqtt
+
+    async with aiomqtt.Client(b.host, b.port) as c:
+        await c.publish(topic, payload, qos=1, retain=retain)
+
+
+async def test_zigbee2mqtt_bridge_loss_takes_its_devices_offline_and_ids_with_slashes(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker()
+    r = await receiver()
+    bridge = await devices(b, ["living/lamp", "hall sensor"], preset="zigbee2mqtt", keepalive=2)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "zigbee2mqtt"}))
+    await r.wait_for(3, timeout=15)
+    assert sorted(kinds(r)) == [
+        ("device.online", "hall sensor", "connected"),
+        ("device.online", "living/lamp", "connected"),
+        ("device.online", "zigbee2mqtt", "connected"),
+    ]
+    status, one = await d.admin("GET", "/v1/devices/living%2Flamp")
+    assert status == 200 and (one["id"], one["source"]) == ("living/lamp", "mqtt")
+    await bridge.kill()  # the bridge's socket closes: its will {"state":"offline"} at once
+    await r.wait_for(6, timeout=10)
+    assert sorted(kinds(r)[3:]) == [
+        ("device.offline", "hall sensor", "disconnected"),
+        ("device.offline", "living/lamp", "disconnected"),
+        ("device.offline", "zigbee2mqtt", "disconnected"),
+    ]
+    out = await d.cli("status")
+    assert out.returncode == 0 and f"mqtt:       {b.url}, connected since" in out.stdout
+    assert "devices by source: zigbee2mqtt 3" in out.stdout
+
+
+def sparkplug_birth(bd_seq: int) -> bytes:
+    from webhookd.mqtt import sparkplug
+
+    p = sparkplug.Payload(timestamp=1_733_230_000_000, seq=0)
+    p.metrics.add(name="bdSeq", datatype=4, long_value=bd_seq)
+    return bytes(p.SerializeToString())
+
+
+async def test_sparkplug_ndeath_counts_only_with_the_births_bdseq(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    b = await broker()
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "sparkplug"}))
+    await connected(d)
+    await publish(b, "spBv1.0/plant/NBIRTH/edge1", sparkplug_birth(4))
+    await publish(b, "spBv1.0/plant/DBIRTH/edge1/pump", sparkplug_birth(4))
+    await r.wait_for(2, timeout=10)
+    await publish(b, "spBv1.0/plant/NDEATH/edge1", sparkplug_birth(3))  # a stale session's death: ignored
+    await asyncio.sleep(0.8)
+    assert len(r.got) == 2
+    await publish(b, "spBv1.0/plant/NDEATH/edge1", sparkplug_birth(4))
+    await r.wait_for(4, timeout=10)
+    assert sorted(kinds(r)[2:]) == [
+        ("device.offline", "plant/edge1", "disconnected"),
+        ("device.offline", "plant/edge1/pump", "disconnected"),
+    ]
+    m = await scrape(d)
+    assert m[("webhookd_mqtt_ignored_total", (("source", "sparkplug"),))] == 1
+    assert m[("webhookd_mqtt_messages_total", (("source", "sparkplug"),))] == 4
+    assert m[("webhookd_mqtt_connected", ())] == 1
+
+
+async def test_sighup_adds_a_source_and_reconnects_without_losing_anything(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker(persistence=True)
+    r = await receiver()
+    await devices(b, 2, preset="tasmota", keepalive=5)
+    await devices(b, 2, preset="esphome", keepalive=5, prefix="cam-")
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "tasmota"}))
+    await r.wait_for(2, timeout=15)
+    d.cfg["mqtt"]["sources"].append({"preset": "esphome"})
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    await r.wait_for(4, timeout=15)
+    assert sorted(e for e in kinds(r)) == [
+        ("device.online", "cam-1", "connected"),
+        ("device.online", "cam-2", "connected"),
+        ("device.online", "dev-1", "connected"),
+        ("device.online", "dev-2", "connected"),
+    ]
+    reloaded = [x for x in d.logs() if x.get("event") == "config_reloaded"]
+    assert reloaded and "mqtt.sources" in json.dumps(reloaded[-1])
+    status = await connected(d)
+    assert status["sources"] == {"tasmota": 2, "esphome": 2}
+    await asyncio.sleep(0.5)
+    assert len(r.got) == 4  # the tasmota devices' retained Online, replayed on the new subscription: no event

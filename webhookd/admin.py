@@ -54,7 +54,7 @@ class AdminAPI:
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/devices", self.devices)
-        r.add_get("/v1/devices/{id}", self.device)
+        r.add_get("/v1/devices/{id:.+}", self.device)  # MQTT ids may hold '/' (URL-encoded or not)
         r.add_get("/v1/endpoints", self.endpoints)
         r.add_post("/v1/endpoints/{name}/enable", self.enable)
         r.add_post("/v1/endpoints/{name}/disable", self.disable)

@@ -100,6 +100,11 @@ def changes(old: Config, new: Config) -> dict[str, object]:
         changed += [f"{section}.{f}" for f in before.__struct_fields__ if getattr(before, f) != getattr(after, f)]
     if old.state_dir != new.state_dir:
         changed.append("state_dir")
+    if (old.mqtt is None) != (new.mqtt is None):
+        changed.append("mqtt")
+    elif old.mqtt is not None and new.mqtt is not None:
+        # `password` is named like any other key, never shown
+        changed += [f"mqtt.{f}" for f in old.mqtt.__struct_fields__ if getattr(old.mqtt, f) != getattr(new.mqtt, f)]
     out: dict[str, object] = {}
     rules = _rules_changed(old.devices, new.devices)
     if rules:

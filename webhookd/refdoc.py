@@ -326,6 +326,14 @@ class _Stub:
         return {}
 
 
+def _mqtt_stub(tracker: Any) -> Any:
+    """An MQTT side that never connects, so that its metrics show (one source, counters at 0)."""
+    from webhookd.config.mqtt import MqttConfig, MqttSourceConfig
+    from webhookd.mqtt.client import MqttPresence
+
+    return MqttPresence(MqttConfig(sources=(MqttSourceConfig(preset="tasmota"),)), tracker)
+
+
 def metric_families() -> list[tuple[str, str, str, list[str]]]:
     """(name, type, help, labels) of every metric family in the daemon's registry (without process_*)."""
     from webhookd.metrics import Metrics
@@ -335,6 +343,8 @@ def metric_families() -> list[tuple[str, str, str, list[str]]]:
     m = Metrics(stub, stub, stub, 0.0, clock=lambda: 0.0, process=False)
     udp = UDPListener(stub, 1024)  # never started: its counters at 0
     m.udp = lambda: udp
+    mqtt = _mqtt_stub(stub)
+    m.mqtt = lambda: mqtt
     m._state.delivery_counts = {}
     # One child of each labelled family, so that a scrape shows its labels.
     m.on_rejected(400)

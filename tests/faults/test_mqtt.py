@@ -114,13 +114,17 @@ async def test_a_password_broker_with_an_acl(
     b = await broker(passwords={"webhookd": "pw", "dev": "pw"}, acl=acl + "user dev\ntopic readwrite #\n")
     r = await receiver()
     cfg = mqtt_cfg(b, {"preset": "tasmota"}, {"preset": "esphome"}, username="webhookd", password="pw")
-    d = await daemon([endpoint("sink", r)], mqtt=cfg)
-    await connected(d)
     await b.pub("tele/plug/LWT", "Online", retain=True, username="dev", password="pw")
     await b.pub("cam/status", "online", retain=True, username="dev", password="pw")  # denied to webhookd
+    d = await daemon([endpoint("sink", r)], mqtt=cfg)
+    await connected(d)
     await r.wait_for(1, timeout=10)
-    await asyncio.sleep(1.0)
+    await settled(d)
+    await asyncio.sleep(0.5)
     assert kinds(r) == [("device.online", "plug", "connected")]
+    # the ACL's silent drop of esphome's subscription is named once the first window is over
+    [silent] = [x for x in d.logs() if x.get("event") == "mqtt_sources_silent"]
+    assert silent["sources"] == ["esphome"] and "ACL" in silent["detail"]
 
 
 async def test_tls_with_a_throwaway_ca(

@@ -132,11 +132,13 @@ class MqttPresence:
 
     def reconfigure(self, cfg: MqttConfig) -> None:
         """A reload: new sources and settle apply at once; new connection settings reconnect."""
+        sources = Sources(cfg)
+        sources.keep_state(self.sources)  # a SIGHUP forgets neither an offline bridge nor a bdSeq
         reconnect = connection_settings(cfg) != connection_settings(self.cfg) or (
-            self.sources.filters() != Sources(cfg).filters() or cfg.status_topic != self.cfg.status_topic
+            self.sources.filters() != sources.filters() or cfg.status_topic != self.cfg.status_topic
         )
         self.cfg = cfg
-        self.sources = Sources(cfg)
+        self.sources = sources
         self.settle.settle = cfg.settle
         if reconnect:
             self._reconnect.set()
@@ -313,6 +315,18 @@ class MqttPresence:
             self.tracker.engine.resume(self._paused, self._clock())
             self._paused.clear()
         log.info("mqtt_settled", broker=self.cfg.broker, devices=reconciled, events=events)
+        # Mosquitto grants a subscription its ACL denies (SUBACK QoS 1) and then sends nothing: a source that
+        # had no message at all by the end of the first window is worth a look.
+        if self.counters.connections == 1:
+            silent = [name for name in self.sources.names if not self.counters.messages.get(name)]
+            if silent:
+                log.warning(
+                    "mqtt_sources_silent",
+                    broker=self.cfg.broker,
+                    sources=silent,
+                    detail="no message on their topics yet: no such devices, or the broker's ACL denies "
+                    f"{self.cfg.username or 'this client'} reading them",
+                )
 
     async def _apply(self, readings: Sequence[Reading]) -> int:
         """Make `readings` durable in order; returns how many made an event."""
