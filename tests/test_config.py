@@ -904,3 +904,12 @@ def test_problems_without_a_file_have_no_lines() -> None:
         "listen.tokens: expected a list of strings, got a string (write [...] even for one)",
         "logging.level: must be one of debug, info, warning, error (got 'loud')",
     ]
+
+
+def test_silence_timeout_never() -> None:
+    cfg = parse_config(
+        {"presence": {"silence_timeout": "never"}, "devices": [{"match": "x*", "silence_timeout": "Never"}]}, Path(".")
+    )
+    assert cfg.presence.silence_timeout == float("inf") and cfg.devices[0].silence_timeout == float("inf")
+    with pytest.raises(ConfigError, match=r"presence.silence_timeout: invalid duration 'nevr'"):
+        parse_config({"presence": {"silence_timeout": "nevr"}}, Path("."))

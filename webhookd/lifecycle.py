@@ -5,6 +5,7 @@ startup."""
 from __future__ import annotations
 
 import gc
+import math
 import socket
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def _rules_changed(old: tuple[DeviceRule, ...], new: tuple[DeviceRule, ...]) -> 
     return list(dict.fromkeys(r.match for r in differ)) or [r.match for r in new]
 
 
+def _timeout(seconds: float) -> float | str:
+    return "never" if math.isinf(seconds) else seconds
+
+
 def changes(old: Config, new: Config) -> dict[str, object]:
     """What a reload from `old` to `new` changes, as config_reloaded's fields (`changed=[]`: nothing).
 
@@ -121,7 +126,7 @@ def changes(old: Config, new: Config) -> dict[str, object]:
         changed.append("endpoints")
     out.update({k: v for k, v in named.items() if v})
     if old.presence.silence_timeout != new.presence.silence_timeout:
-        out["silence_timeout"] = [old.presence.silence_timeout, new.presence.silence_timeout]
+        out["silence_timeout"] = [_timeout(old.presence.silence_timeout), _timeout(new.presence.silence_timeout)]
     if old.logging.level != new.logging.level:
         out["log_level"] = [old.logging.level, new.logging.level]
     return {"changed": changed, **out}

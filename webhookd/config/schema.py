@@ -33,6 +33,7 @@ from .units import (
     Many,
     Read,
     Size,
+    Timeout,
     redact_url,
 )
 
@@ -248,13 +249,13 @@ class AdminConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PresenceConfig(msgspec.Struct, frozen=True, kw_only=True):
-    silence_timeout: Duration = 900.0  # seconds
+    silence_timeout: Timeout = 900.0  # seconds; math.inf for "never"
     notify_online_after_utilizing: bool = False
 
 
 class DeviceRule(msgspec.Struct, frozen=True, kw_only=True):
     match: Annotated[str, _not_blank("must not be empty")]  # fnmatch glob on the device id (case-sensitive)
-    silence_timeout: Duration | None = None
+    silence_timeout: Timeout | None = None
     name: Annotated[Text, Meta(max_length=256)] | None = None
     owner: Annotated[Text, Meta(max_length=256)] | None = None
 
