@@ -1011,6 +1011,30 @@ async def row_aiosqlite(ctx: Ctx) -> list[Row]:
     return out
 
 
+# --- 10-12. MQTT presence (issue 11 item 6): bench.mqtt -----------------------------------------------------
+
+
+async def row_mqtt_ingest(ctx: Ctx) -> Row:
+    from bench import mqtt
+
+    result: Row = await mqtt.row_ingest(ctx)
+    return result
+
+
+async def row_mqtt_reconcile(ctx: Ctx) -> Row:
+    from bench import mqtt
+
+    result: Row = await mqtt.row_reconcile(ctx)
+    return result
+
+
+async def row_mqtt_will(ctx: Ctx) -> Row:
+    from bench import mqtt
+
+    result: Row = await mqtt.row_will_latency(ctx)
+    return result
+
+
 ROWS: dict[str, Callable[[Ctx], Any]] = {
     "1": row_liveness,
     "2": row_transitions,
@@ -1021,4 +1045,7 @@ ROWS: dict[str, Callable[[Ctx], Any]] = {
     "7": row_backlog,
     "8": row_power_cut_memory,
     "9": row_aiosqlite,
+    "10": row_mqtt_ingest,
+    "11": row_mqtt_reconcile,
+    "12": row_mqtt_will,
 }
