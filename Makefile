@@ -103,14 +103,14 @@ mosquitto-tools:
 	fi
 
 # Benchmarks (issue 5), never part of `make test`: the real daemon vs bare baselines in the same run, with and
-# without uvloop; ~35 min (rows 7-9 add ~12). BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
+# without uvloop; ~35 min (rows 7-9 add ~12; rows 10-12, MQTT against a throwaway mosquitto, ~5). BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
 # wrk (Debian package) drives the load; without it bench/loadgen.py (aiohttp) does, and the output says so.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
 	$(call pip_install,-e '.[test,speed,bench]')
 	@touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) mosquitto-tools
 	@if ! command -v wrk >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's wrk package"; \

@@ -23,6 +23,7 @@ BENCH_MODULES = [
     "bench.baseline_delivery",
     "bench.backlog",
     "bench.aiosqlite_compare",
+    "bench.mqtt",
 ]
 
 WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8470/
@@ -50,7 +51,7 @@ def test_bench_module_imports(name: str) -> None:
 def test_every_row_is_registered() -> None:
     from bench.rows import ROWS
 
-    assert sorted(ROWS) == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert sorted(ROWS, key=int) == [str(i) for i in range(1, 13)]
 
 
 def test_backlog_fixture_fills_a_daemon_store(tmp_path: Path) -> None:
@@ -133,3 +134,57 @@ def test_profile_summary_parses_collapsed_stacks(tmp_path: Path) -> None:
     assert s.samples == 4
     assert s.self_.most_common(1)[0] == ("single (webhookd/listener.py)", 3)
     assert "x: 4 samples" in s.render()
+
+
+def test_mqtt_ingest_messages_are_each_a_change() -> None:
+    from bench.mqtt import _payload
+
+    devices, n = 5, 20  # n / devices even: every device ends online
+    last = dict.fromkeys(range(devices), b"online")
+    for k in range(n):
+        dev, payload = _payload(k, devices, 0, False)
+        assert payload != last[dev]
+        last[dev] = payload
+    assert set(last.values()) == {b"online"}
+
+
+def test_mqtt_metrics_sum() -> None:
+    from bench.mqtt import _sum
+
+    m = {'webhookd_events_total{type="device.online"}': 3.0, 'webhookd_events_total{type="device.offline"}': 2.0}
+    assert _sum(m, "webhookd_events_total") == 5.0
+    assert _sum(m, "webhookd_mqtt_messages_total") == 0.0
+
+
+async def test_mqtt_publisher_and_bare_subscriber_run(tmp_path: Path) -> None:
+    """Row 10's raw-socket publisher and bare aiomqtt subscriber against a throwaway mosquitto (~1 s)."""
+    import asyncio
+    import json
+    import sys
+
+    from tests.mqtt_broker import Broker, missing_tools
+
+    if missing_tools():
+        pytest.skip(f"{', '.join(missing_tools())} missing (make mosquitto-tools)")
+    b = Broker(tmp_path / "broker", extra="max_queued_messages 0")
+    await b.start()
+    try:
+        bare = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.mqtt", "bare", "--port", str(b.port), "--topic", "bare/+/status",
+            "--n", "200", "--timeout", "20", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert bare.stdout is not None
+        assert (await asyncio.wait_for(bare.stdout.readline(), 20)).strip() == b"READY"
+        pub = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.mqtt", "pub", "--port", str(b.port), "--template", "bare/{id}/status",
+            "--devices", "10", "--n", "200", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(pub.communicate(), 30)
+        result = json.loads(out.decode().splitlines()[-1].removeprefix("RESULT "))
+        assert result["acked"] == 200 and result["rate"] > 0
+        line = (await asyncio.wait_for(bare.stdout.readline(), 20)).decode()
+        counted = json.loads(line.removeprefix("RESULT "))
+        assert counted["count"] == 200 and counted["last"] >= counted["first"] > 0
+        await asyncio.wait_for(bare.wait(), 10)
+    finally:
+        await b.stop()
