@@ -57,6 +57,7 @@ EVENTS: dict[str, EventData] = {
     "utilizing": ev("device.utilizing"),
     "unplugged": ev("device.unplugged", previous_state="utilizing", name=None, owner=None),
     "address_changed": ev("device.address_changed", reason="heartbeat", state="online", address="10.0.0.8"),
+    "still_offline": ev("device.still_offline", reason="timeout", state="offline", offline_for=1800.0, reminder=2),
     "test": make_test_event(T, EID),
 }
 
@@ -146,6 +147,24 @@ WEBHOOKD: dict[str, dict[str, Any]] = {
         "offline_for": None,
         "endpoint": "ops-bridge",
     },
+    "still_offline": {
+        "id": EID,
+        "type": "device.still_offline",
+        "time": T_STR,
+        "reason": "timeout",
+        "device": {
+            "id": "printer-1",
+            "name": "Printer 1",
+            "state": "offline",
+            "previous_state": "online",
+            "address": "10.0.0.7",
+            "owner": "ops@example.com",
+            "last_seen": T_STR,
+        },
+        "offline_for": 1800.0,
+        "endpoint": "ops-bridge",
+        "reminder": 2,
+    },
     "test": {
         "id": EID,
         "type": "webhook.test",
@@ -184,6 +203,7 @@ REMOTEIT: dict[str, dict[str, Any]] = {
     "utilizing": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "utilizing", "device_state"),
     "unplugged": _remoteit("10.0.0.7", "printer-1", None, "printer-1", "unplugged", "device_state"),
     "address_changed": _remoteit("10.0.0.8", "printer-1", "ops@example.com", "Printer 1", "online", "address_changed"),
+    "still_offline": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "offline", "device_state"),
     "test": _remoteit(None, "webhookd-test", None, "webhookd test", "online", "test"),
 }
 
@@ -210,6 +230,7 @@ KOBITON: dict[str, dict[str, Any]] = {
     "utilizing": _kobiton("device.state.utilizing", "Utilizing", "printer-1", "Printer 1"),
     "unplugged": _kobiton("device.state.unplugged", "Unplugged", "printer-1", "printer-1"),
     "address_changed": _kobiton("device.address_changed", "Address changed", "printer-1", "Printer 1"),
+    "still_offline": _kobiton("device.status.offline", "Offline", "printer-1", "Printer 1"),
     "test": _kobiton("webhook.test", "Test", "webhookd-test", "webhookd test"),
 }
 

@@ -40,6 +40,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "device.utilizing",
     "device.unplugged",
     "device.address_changed",
+    "device.still_offline",
     "webhook.test",
 )
 #: Device id carried by ``webhook.test`` events in every format.
@@ -51,6 +52,7 @@ _REMOTEIT_TYPE: dict[str, str] = {
     "device.utilizing": "device_state",
     "device.unplugged": "device_state",
     "device.address_changed": "address_changed",
+    "device.still_offline": "device_state",  # a reminder: still offline, as remote.it knows it
     "webhook.test": "test",
 }
 _KOBITON_ACTIVITY: dict[str, tuple[str, str]] = {
@@ -59,6 +61,7 @@ _KOBITON_ACTIVITY: dict[str, tuple[str, str]] = {
     "device.utilizing": ("device.state.utilizing", "Utilizing"),
     "device.unplugged": ("device.state.unplugged", "Unplugged"),
     "device.address_changed": ("device.address_changed", "Address changed"),
+    "device.still_offline": ("device.status.offline", "Offline"),  # a reminder renders as offline
     "webhook.test": ("webhook.test", "Test"),
 }
 
@@ -76,7 +79,8 @@ class EventData:
     address: str | None
     owner: str | None
     last_seen: float | None  # unix seconds
-    offline_for: float | None  # seconds offline, on online after offline
+    offline_for: float | None  # seconds offline, on online after offline (and on still_offline)
+    reminder: int | None = None  # device.still_offline: 1, 2, ...
 
     def to_json(self) -> bytes:
         return _STORE_ENCODER.encode(self)
@@ -164,6 +168,7 @@ def _webhookd(event: EventData, endpoint_name: str) -> dict[str, Any]:
         },
         "offline_for": None if event.offline_for is None else round(event.offline_for, 3),
         "endpoint": endpoint_name,
+        **({"reminder": event.reminder} if event.reminder is not None else {}),
     }
 
 

@@ -37,9 +37,15 @@ KEY_DOCS: dict[str, str] = {
     "presence": "how devices go online and offline",
     "presence.silence_timeout": "a device with no heartbeat for this long goes offline",
     "presence.notify_online_after_utilizing": "send `device.online` when a device leaves `utilizing`",
+    "presence.debounce": "an offline that is not a timeout (shutdown, reboot, reported, disconnected) is held this"
+    " long: a device online again by then makes neither event; else the offline is sent then, with the time it"
+    " went offline (`0s`: off)",
+    "presence.remind_every": "while a device stays offline, one `device.still_offline` event this often, counted"
+    " from the offline (`0s`: off)",
     "devices": "per-device rules; the first whose `match` fits a device id applies",
     "devices[].match": "glob on the device id (`lab-*`, case-sensitive)",
     "devices[].silence_timeout": "silence timeout for these devices (`null`: `presence.silence_timeout`)",
+    "devices[].debounce": "debounce for these devices (`null`: `presence.debounce`)",
     "devices[].name": "name carried in the devices' events",
     "devices[].owner": "owner carried in the devices' events",
     "delivery": "how webhooks are delivered",

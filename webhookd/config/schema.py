@@ -27,6 +27,7 @@ from .units import (
     At,
     Check,
     Duration,
+    Duration0,
     FileDefault,
     FilePath,
     HostPort,
@@ -37,7 +38,7 @@ from .units import (
     redact_url,
 )
 
-EventKind = Literal["online", "offline", "utilizing", "unplugged", "address_changed"]
+EventKind = Literal["online", "offline", "utilizing", "unplugged", "address_changed", "still_offline"]
 Format = Literal["webhookd", "remoteit", "kobiton"]
 Signature = Literal["hmac-sha256", "standard-webhooks", "none"]
 LogFormat = Literal["auto", "json", "console"]
@@ -251,11 +252,16 @@ class AdminConfig(msgspec.Struct, frozen=True, kw_only=True):
 class PresenceConfig(msgspec.Struct, frozen=True, kw_only=True):
     silence_timeout: Timeout = 900.0  # seconds; math.inf for "never"
     notify_online_after_utilizing: bool = False
+    # An offline that is not a timeout waits this long: a device back by then makes neither event (0: off).
+    debounce: Duration0 = 0.0
+    # While a device stays offline, a device.still_offline event this often (0: off).
+    remind_every: Duration0 = 0.0
 
 
 class DeviceRule(msgspec.Struct, frozen=True, kw_only=True):
     match: Annotated[str, _not_blank("must not be empty")]  # fnmatch glob on the device id (case-sensitive)
     silence_timeout: Timeout | None = None
+    debounce: Duration0 | None = None
     name: Annotated[Text, Meta(max_length=256)] | None = None
     owner: Annotated[Text, Meta(max_length=256)] | None = None
 

@@ -315,6 +315,8 @@ def _read_timeout(v: str | int | float, at: At) -> float:
 _TIMEOUT_FILE = Annotated[str | int | float, Meta(title=f"a duration ({DURATION_EXAMPLES}) or never")]
 #: A silence timeout: a `Duration`, or ``never`` (infinity: offline only when the device or its will says so).
 Timeout = Annotated[float, Read(_TIMEOUT_FILE, _read_timeout), Meta(gt=0)]
+#: Seconds, >= 0 (``0s`` turns the feature off).
+Duration0 = Annotated[float, Read(_DURATION_FILE, _read_duration), Meta(ge=0)]
 #: Bytes, > 0: ``64KiB``, ``1MiB`` (binary), ``100KB`` (decimal), ``512B`` or an integer.
 Size = Annotated[int, Read(_SIZE_FILE, _read_size), Meta(gt=0)]
 #: ``host:port`` (``[v6]:port``, ``:port`` for 0.0.0.0).
