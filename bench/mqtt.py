@@ -40,6 +40,7 @@ from bench.common import (
     LOAD_CORE,
     Child,
     DaemonUnderTest,
+    cpu_seconds,
     daemon_config,
     free_port,
     median,
@@ -56,6 +57,7 @@ RECONCILE_LIMIT = 2.0
 WILL_P99_LIMIT = 1.0
 RETAINED = 10_000
 LOSSES = 1_000
+POLL = 0.1  # seconds between /metrics scrapes while a row waits for the daemon
 
 
 # --- helper processes ------------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def publish(port: int, template: str, devices: int, n: int, round0: int, online_
 async def bare(port: int, topic: str, n: int, timeout: float) -> None:
     """The bare subscriber: aiomqtt with the daemon's settings (fixed client id, persistent session, QoS 1, a
     bounded queue), counting live (not retained) messages until n. Prints `READY` once subscribed, then
-    `RESULT {"first": t, "last": t, "count": c}` (monotonic)."""
+    `RESULT {"first": t, "last": t, "count": c, "cpu": s}` (monotonic; CPU seconds after READY)."""
     import aiomqtt
 
     count = 0
@@ -149,6 +151,7 @@ async def bare(port: int, topic: str, n: int, timeout: float) -> None:
     ) as client:
         await client.subscribe(topic, qos=1)
         print("READY", flush=True)
+        cpu0 = time.process_time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 async for m in client.messages:
@@ -160,7 +163,8 @@ async def bare(port: int, topic: str, n: int, timeout: float) -> None:
                     count += 1
                     if count >= n:
                         break
-    print("RESULT " + json.dumps({"first": first, "last": last, "count": count}), flush=True)
+        cpu = time.process_time() - cpu0
+    print("RESULT " + json.dumps({"first": first, "last": last, "count": count, "cpu": cpu}), flush=True)
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------
@@ -286,6 +290,8 @@ async def row_ingest(ctx: Any) -> Any:
     daemon_runs: list[float] = []
     bare_runs: list[float] = []
     pub_runs: list[float] = []
+    daemon_cpu: list[float] = []  # CPU microseconds per message (all threads, one core)
+    bare_cpu: list[float] = []
     try:
         d = await _daemon(wd, b.port, "0s", DEAD_URL)
         await d.admin("POST", "/v1/endpoints/bench/disable")  # events and held deliveries written, none sent
@@ -299,8 +305,11 @@ async def row_ingest(ctx: Any) -> Any:
             # the daemon
             before = await events(d)
             async with ctx.profile(d.pid, "row10-mqtt-ingest", r):
+                c0 = cpu_seconds(d.pid)
                 pub = await _publish_started(wd, b.port, "{id}/status", devices, n)
-                t_done = await _wait_count(lambda: events(d), before + n, 300)
+                # polled every 0.1 s: each /metrics scrape costs the daemon a delivery_counts query
+                t_done = await _wait_count(lambda: events(d), before + n, 300, POLL)
+                daemon_cpu.append((cpu_seconds(d.pid) - c0) / n * 1e6)
             pr = await _pub_result(pub)
             rate = n / (t_done - pr["start"])
             daemon_runs.append(rate)
@@ -325,9 +334,11 @@ async def row_ingest(ctx: Any) -> Any:
                 raise RuntimeError(f"bare subscriber counted {br['count']} of {n}")
             bare_rate = n / (br["last"] - pr2["start"])
             bare_runs.append(bare_rate)
+            bare_cpu.append(br["cpu"] / n * 1e6)
             pub_runs.append(pr2["rate"])
             ctx.log(
-                f"    run {r + 1}: daemon {rate:,.0f} msg/s (events durable), bare {bare_rate:,.0f} msg/s,"
+                f"    run {r + 1}: daemon {rate:,.0f} msg/s (events durable, {daemon_cpu[-1]:.0f} us CPU/msg),"
+                f" bare {bare_rate:,.0f} msg/s ({bare_cpu[-1]:.0f} us CPU/msg),"
                 f" publisher {pr['rate']:,.0f} / {pr2['rate']:,.0f} msg/s acked"
             )
         m = await metrics(d)
@@ -349,10 +360,18 @@ async def row_ingest(ctx: Any) -> Any:
             f"per run daemon {', '.join(_rate(x) for x in daemon_runs)};"
             f" bare {', '.join(_rate(x) for x in bare_runs)};"
             f" publisher (raw socket, QoS 1, acked) median {_rate(median(pub_runs))} msg/s;"
+            f" CPU per message: daemon {median(daemon_cpu):.0f} us (all threads), bare {median(bare_cpu):.0f} us;"
             " endpoint disabled (event + held delivery written per change);"
             f" dropped by the daemon's inbox {dropped:.0f}"
         ],
-        data={"daemon": daemon_runs, "bare": bare_runs, "publisher": pub_runs, "ratio": ratio},
+        data={
+            "daemon": daemon_runs,
+            "bare": bare_runs,
+            "publisher": pub_runs,
+            "ratio": ratio,
+            "daemon_cpu_us": daemon_cpu,
+            "bare_cpu_us": bare_cpu,
+        },
     )
 
 
@@ -420,11 +439,12 @@ async def row_reconcile(ctx: Any) -> Any:
             ready.append(await d.start())
             async with ctx.profile(d.pid, "row11-mqtt-reconcile", r):
                 _, conn = await _wait_log(d, "mqtt_connected", 30)
-                t_routed = await _wait_count(lambda: routed(d), n, 60, 0.01)
+                t_routed = await _wait_count(lambda: routed(d), n, 60, 0.05)
                 _, settled = await _wait_log(d, "mqtt_settled", 30)
             await asyncio.sleep(0.3)
             ev = await events(d)
-            # routed is polled (10 ms); the log lines carry the daemon's own wall-clock timestamps
+            # routed is polled (every 50 ms: a scrape costs the daemon a delivery_counts query); the log lines
+            # carry the daemon's own wall-clock timestamps
             t_conn = _iso(conn["timestamp"])
             t_settled = _iso(settled["timestamp"])
             t_all = max(t_settled, wall0 + (t_routed - d.started_at))
