@@ -316,3 +316,93 @@ def test_an_undone_transition_restores_source_and_timer() -> None:
     o = avail(e, "a", 1.0, "offline")
     e.undo(o)
     assert (e.devices["a"].state, e.devices["a"].source) == ("online", "http")
+
+
+# --- debounce and reminders (issue 12) -------------------------------------------------------------------------
+
+
+def engine_with(debounce: float = 0.0, remind: float = 0.0) -> PresenceEngine:
+    return PresenceEngine(lambda dev: DeviceDefaults(T, debounce=debounce), False, remind)
+
+
+def at(e: PresenceEngine, dev: str, now: float, state: str | None = None) -> Applied:
+    return e.heartbeat(Heartbeat(dev, state=state), now, 1e9 + now)
+
+
+def due(e: PresenceEngine, now: float, skew: float = 0.0) -> list[tuple[str | None, str, int | None]]:
+    """What expires by `now` (the wall clock is 1e9 + now + skew)."""
+    applied = e.expire(now, 1e9 + now + skew)
+    return [(a.transition.kind, a.transition.reason, a.transition.reminder) for a in applied if a.transition]
+
+
+def test_a_reboot_back_within_the_debounce_makes_no_event_at_all() -> None:
+    e = engine_with(debounce=30.0)
+    at(e, "d", 0.0)
+    o = at(e, "d", 10.0, "reboot")
+    assert o.state == "offline" and o.transition is not None and o.transition.kind is None  # persisted, silent
+    back = at(e, "d", 25.0)
+    assert back.transition is not None and back.transition.kind is None and back.state == "online"
+    assert due(e, 80.0) == []  # nothing left of the held offline (its silence timer runs from 25 s)
+
+
+def test_an_offline_still_offline_at_the_debounce_end_is_sent_once_with_its_time() -> None:
+    e = engine_with(debounce=30.0)
+    at(e, "d", 0.0)
+    at(e, "d", 10.0, "shutdown")
+    assert due(e, 39.9) == []
+    [a] = e.expire(40.0, 1e9 + 40.0)
+    assert a.transition is not None and (a.transition.kind, a.transition.reason) == ("offline", "shutdown")
+    assert a.transition.previous_state == "online" and a.transition.device.changed_at == 1e9 + 10.0
+    assert due(e, 1000.0) == []
+    assert e.devices["d"].offline_reason == "shutdown"
+    o = at(e, "d", 1001.0)  # back later: an online event with the whole time offline
+    assert o.transition is not None and o.transition.kind == "online" and o.transition.offline_for == 991.0
+
+
+def test_a_timeout_is_never_debounced_and_back_in_another_state_is_that_event() -> None:
+    e = engine_with(debounce=30.0)
+    at(e, "d", 0.0)
+    assert due(e, T) == [("offline", "timeout", None)]
+    at(e, "u", 0.0)
+    at(e, "u", 1.0, "offline")
+    o = at(e, "u", 2.0, "utilizing")
+    assert o.transition is not None and (o.transition.kind, o.transition.previous_state) == ("utilizing", "online")
+
+
+def test_a_held_offline_survives_a_restart_without_loss_or_duplicate() -> None:
+    e = engine_with(debounce=30.0)
+    at(e, "d", 0.0)
+    at(e, "d", 10.0, "shutdown")
+    saved = e.devices["d"].snapshot()
+    e2 = engine_with(debounce=30.0)
+    e2.load([saved], 500.0, 1e9 + 20.0)  # restarted 10 s into the debounce (a new monotonic clock)
+    assert due(e2, 519.9) == []
+    assert due(e2, 520.0) == [("offline", "shutdown", None)]
+    assert due(e2, 600.0) == []
+
+
+def test_reminders_count_from_the_offline_and_stop_when_it_is_back() -> None:
+    e = engine_with(remind=100.0)
+    at(e, "d", 0.0)
+    assert due(e, T) == [("offline", "timeout", None)]
+    assert due(e, T + 99.0) == []
+    [a] = e.expire(T + 100.0, 1e9 + T + 100.0)
+    assert a.transition is not None and (a.transition.kind, a.transition.reminder) == ("still_offline", 1)
+    assert a.transition.offline_for == 100.0 and a.state == "offline"
+    assert due(e, T + 200.0) == [("still_offline", "timeout", 2)]
+    at(e, "d", T + 250.0)
+    assert e.devices["d"].reminders == 0
+    assert due(e, 2 * T + 250.0) == [("offline", "timeout", None)]  # silent again: reminders count anew
+    assert due(e, 2 * T + 349.0) == [] and due(e, 2 * T + 350.0) == [("still_offline", "timeout", 1)]
+
+
+def test_reminders_after_a_restart_neither_reset_nor_burst() -> None:
+    e = engine_with(remind=100.0)
+    at(e, "d", 0.0, "shutdown")  # first seen offline: recorded, no event; reminders count from it
+    assert e.devices["d"].offline_reason is None and due(e, 1000.0) == []  # no offline event: no reminders
+    dev = e.devices["d"]
+    dev.changed_at, dev.reminders, dev.offline_reason = 1e9, 2, "shutdown"  # as stored: 2 reminders sent
+    e2 = engine_with(remind=100.0)
+    e2.load([dev.snapshot()], 0.0, 1e9 + 750.0)  # down for several intervals: one reminder now, numbered 7
+    assert due(e2, 0.0, skew=750.0) == [("still_offline", "shutdown", 7)]
+    assert due(e2, 49.0, skew=750.0) == [] and due(e2, 50.0, skew=750.0) == [("still_offline", "shutdown", 8)]

@@ -64,9 +64,10 @@ def defaults_for(cfg: Config) -> Callable[[str], DeviceDefaults]:
     def lookup(device_id: str) -> DeviceDefaults:
         rule = cfg.device_rule(device_id)
         timeout = cfg.silence_timeout_under(rule)
+        debounce = rule.debounce if rule is not None and rule.debounce is not None else cfg.presence.debounce
         if rule is None:
-            return DeviceDefaults(timeout)
-        return DeviceDefaults(timeout, rule.name, rule.owner)
+            return DeviceDefaults(timeout, debounce=debounce)
+        return DeviceDefaults(timeout, rule.name, rule.owner, debounce)
 
     return lookup
 
@@ -81,7 +82,9 @@ class Daemon:
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
         self.store = Store(cfg.db_path)
-        self.engine = PresenceEngine(defaults_for(cfg), cfg.presence.notify_online_after_utilizing)
+        self.engine = PresenceEngine(
+            defaults_for(cfg), cfg.presence.notify_online_after_utilizing, cfg.presence.remind_every
+        )
         self.dispatcher = Dispatcher(cfg, self.store)
         self.tracker = Tracker(self.engine, self.store, self.dispatcher)
         self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, self._healthy)
@@ -121,7 +124,7 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot open the store in {self.cfg.state_dir}: {e.strerror or e}") from e
         try:
-            self.engine.load(await self.store.load_devices(), time.monotonic())
+            self.engine.load(await self.store.load_devices(), time.monotonic(), time.time())
             await self.dispatcher.start()
             self._pending = await self.store.pending_count()
         except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
@@ -381,7 +384,13 @@ class Daemon:
             new = keep_bound(self.cfg, new)
             await self.dispatcher.reconfigure(new)  # first: it writes to the store, which may fail
             configure_logging(new.logging.format, new.logging.level)
-            self.engine.reconfigure(defaults_for(new), new.presence.notify_online_after_utilizing)
+            self.engine.reconfigure(
+                defaults_for(new),
+                new.presence.notify_online_after_utilizing,
+                new.presence.remind_every,
+                time.monotonic(),
+                time.time(),
+            )
             self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
             await self._reload_mqtt(new)
             old, self.cfg = self.cfg, new

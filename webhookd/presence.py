@@ -16,89 +16,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
+from webhookd.presence_model import Applied, Device, DeviceDefaults, Heartbeat, Transition
 from webhookd.states import DEVICE_STATES as STATES
 from webhookd.states import REPORTED_STATES as REPORTED_STATES
 from webhookd.states import UNKNOWN
 
-
-@dataclass(frozen=True, slots=True)
-class DeviceDefaults:
-    """What the config says about a device id (first matching `devices:` rule, else the global values)."""
-
-    silence_timeout: float
-    name: str | None = None
-    owner: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    device: str
-    state: str | None = None  # one of REPORTED_STATES, or None: "I am alive"
-    name: str | None = None
-    address: str | None = None
-    owner: str | None = None
-    source: str = "http"  # http | udp | mqtt | relay: shown with the device
-    reason: str | None = None  # the reason of a transition it makes, when not the default (MQTT: connected, ...)
-    timed: bool = True  # False: an availability message, which starts no silence timer
-
-
-@dataclass(slots=True)
-class Device:
-    id: str
-    state: str
-    name: str | None = None
-    owner: str | None = None
-    address: str | None = None
-    last_seen: float | None = None  # wall clock of the last heartbeat
-    changed_at: float | None = None  # wall clock of the last state change
-    last_mono: float = 0.0  # monotonic time the silence timer counts from
-    timeout: float = 900.0
-    in_heap: bool = False
-    version: int = 0  # bumped on every mutation; lets a failed commit undo exactly its own change
-    source: str = "http"
-    timed: bool = True  # has a silence timer (a device known only from MQTT availability has none)
-    paused: bool = False  # timer paused: its source is unreachable (not persisted)
-
-    def snapshot(self) -> Device:
-        """A copy (dataclasses.replace costs 3x as much, and a power cut takes 200,000 of these)."""
-        return Device(
-            self.id,
-            self.state,
-            self.name,
-            self.owner,
-            self.address,
-            self.last_seen,
-            self.changed_at,
-            self.last_mono,
-            self.timeout,
-            self.in_heap,
-            self.version,
-            self.source,
-            self.timed,
-            self.paused,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A change of persistent device state. `kind` names the event to emit, or None for a silent change."""
-
-    device: Device  # snapshot after the change
-    previous_state: str
-    kind: str | None  # online|offline|utilizing|unplugged|address_changed, or None
-    reason: str
-    offline_for: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What one heartbeat (or one expiry) did to a device."""
-
-    state: str
-    transition: Transition | None  # must be made durable before the heartbeat is acknowledged
-    undo: Device | None  # snapshot to restore if making it durable fails
+__all__ = ["REPORTED_STATES", "Applied", "Device", "DeviceDefaults", "Heartbeat", "PresenceEngine", "Transition"]
 
 
 class PresenceEngine:
@@ -106,33 +30,75 @@ class PresenceEngine:
         self,
         defaults_for: Callable[[str], DeviceDefaults],
         notify_online_after_utilizing: bool = False,
+        remind_every: float = 0.0,
     ) -> None:
         self._defaults_for = defaults_for
         self._notify_online_after_utilizing = notify_online_after_utilizing
+        self._remind_every = remind_every
         self.devices: dict[str, Device] = {}
         self._heap: list[tuple[float, str]] = []
+        # Debounce ends and reminders: (due, device, "held" | "remind"); an entry whose due no longer equals the
+        # device's held_due / remind_due is stale and dropped when popped.
+        self._timers: list[tuple[float, str, str]] = []
         self._dirty: set[str] = set()
 
     # --- setup -------------------------------------------------------------------------------------------
 
-    def load(self, devices: Iterable[Device], now: float) -> None:
-        """Adopt persisted devices after a (re)start: every live one gets a full timeout from `now`."""
+    def load(self, devices: Iterable[Device], now: float, wall: float | None = None) -> None:
+        """Adopt persisted devices after a (re)start: every live one gets a full timeout from `now`; a held
+        offline and the next reminder keep their wall-clock times (measured from the offline)."""
+        wall = now if wall is None else wall
         for dev in devices:
             dev.timeout = self._defaults_for(dev.id).silence_timeout
             dev.last_mono = now
             dev.in_heap = False
             self.devices[dev.id] = dev
             self._push(dev)
+            self._schedule(dev, now, wall)
 
-    def reconfigure(self, defaults_for: Callable[[str], DeviceDefaults], notify_online_after_utilizing: bool) -> None:
-        """New timeouts take effect on the running timers (measured from each device's last heartbeat)."""
+    def reconfigure(
+        self,
+        defaults_for: Callable[[str], DeviceDefaults],
+        notify_online_after_utilizing: bool,
+        remind_every: float | None = None,
+        now: float = 0.0,
+        wall: float = 0.0,
+    ) -> None:
+        """New timeouts take effect on the running timers (measured from each device's last heartbeat); a new
+        debounce or reminder interval on the held offlines and reminders (measured from each offline)."""
         self._defaults_for = defaults_for
         self._notify_online_after_utilizing = notify_online_after_utilizing
         self._heap = []
+        retime = remind_every is not None
+        if remind_every is not None:
+            self._remind_every = remind_every
+            self._timers = []
         for dev in self.devices.values():
             dev.timeout = defaults_for(dev.id).silence_timeout
             dev.in_heap = False
             self._push(dev)
+            if retime:
+                self._schedule(dev, now, wall)
+
+    def _schedule(self, dev: Device, now: float, wall: float) -> None:
+        """Push the debounce end or the next reminder of an offline device, from its wall-clock offline time."""
+        if dev.state != "offline":
+            return
+        since = dev.changed_at if dev.changed_at is not None else wall
+        if dev.held_reason is not None:
+            dev.held_due = now + max(0.0, since + self._defaults_for(dev.id).debounce - wall)
+            heapq.heappush(self._timers, (dev.held_due, dev.id, "held"))
+        elif self._remind_every > 0 and dev.offline_reason is not None:  # an offline event was made
+            due = since + (dev.reminders + 1) * self._remind_every
+            dev.remind_due = now + max(0.0, due - wall)
+            heapq.heappush(self._timers, (dev.remind_due, dev.id, "remind"))
+
+    def _offline_made(self, dev: Device, now: float, wall: float, reason: str) -> None:
+        """An offline event was made: reminders count from it."""
+        dev.offline_reason = reason
+        dev.reminders = 0
+        dev.remind_due = 0.0
+        self._schedule(dev, now, wall)
 
     # --- the state machine -------------------------------------------------------------------------------
 
@@ -156,13 +122,30 @@ class PresenceEngine:
 
         kind: str | None = None
         offline_for: float | None = None
+        shown = previous  # the state the event says it left (a held offline was never shown)
         if target != previous:
+            held = dev.held_reason is not None
+            if held:  # back within the debounce: as far as anyone was told, it never went offline
+                shown = dev.held_previous or UNKNOWN
+                dev.held_reason = dev.held_previous = None
             dev.state = target
             dev.changed_at = wall
             kind = target
-            if target == "online" and previous == "utilizing" and not self._notify_online_after_utilizing:
+            if target == "offline":
+                if reason != "timeout" and self._defaults_for(dev.id).debounce > 0:
+                    dev.held_reason, dev.held_previous = reason, previous
+                    dev.held_due = now + self._defaults_for(dev.id).debounce
+                    heapq.heappush(self._timers, (dev.held_due, dev.id, "held"))
+                    kind = None
+                else:
+                    self._offline_made(dev, now, wall, reason)
+            else:
+                dev.reminders, dev.remind_due = 0, 0.0
+                if held and target == shown:
+                    kind = None
+            if target == "online" and shown == "utilizing" and not self._notify_online_after_utilizing:
                 kind = None
-            if target == "online" and previous == "offline" and undo.changed_at is not None:
+            if target == "online" and shown == "offline" and undo.changed_at is not None:
                 offline_for = max(0.0, wall - undo.changed_at)
         # Going offline leaves the heap entry to be discarded lazily when it is popped.
         if not dev.in_heap:
@@ -175,7 +158,7 @@ class PresenceEngine:
             return Applied(dev.state, None, None)
         dev.version += 1
         self._dirty.discard(dev.id)
-        return Applied(dev.state, Transition(dev.snapshot(), previous, kind, reason, offline_for), undo)
+        return Applied(dev.state, Transition(dev.snapshot(), shown, kind, reason, offline_for), undo)
 
     def _first_heartbeat(self, hb: Heartbeat, now: float, wall: float) -> Applied:
         defaults = self._defaults_for(hb.device)
@@ -227,6 +210,12 @@ class PresenceEngine:
         self.devices[dev_id] = restored
         if restored.state != "offline" and not restored.in_heap:
             self._push(restored)
+        # Its timer entries may have been popped (a reminder, a debounce end): push them again; a duplicate is
+        # harmless, the first to fire moves the due time and the other turns stale.
+        if restored.held_reason is not None:
+            heapq.heappush(self._timers, (restored.held_due, dev_id, "held"))
+        elif restored.state == "offline" and restored.remind_due:
+            heapq.heappush(self._timers, (restored.remind_due, dev_id, "remind"))
 
     # --- deadlines ---------------------------------------------------------------------------------------
 
@@ -255,7 +244,8 @@ class PresenceEngine:
                 self._push(dev)
 
     def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        times = [h[0][0] for h in (self._heap, self._timers) if h]
+        return min(times, default=None)
 
     def expire(self, now: float, wall: float, limit: int | None = None) -> list[Applied]:
         """Devices whose silence deadline is at or before `now` go offline (reason timeout); at most `limit`."""
@@ -277,10 +267,42 @@ class PresenceEngine:
             previous = dev.state
             dev.state = "offline"
             dev.changed_at = wall
+            self._offline_made(dev, now, wall, "timeout")
             dev.version += 1
             self._dirty.discard(dev.id)
             out.append(Applied("offline", Transition(dev.snapshot(), previous, "offline", "timeout", None), undo))
+        timers = self._timers
+        while timers and timers[0][0] <= now and (limit is None or len(out) < limit):
+            due, dev_id, what = heapq.heappop(timers)
+            dev = self.devices.get(dev_id)
+            if dev is None or dev.state != "offline":
+                continue
+            if what == "held" and dev.held_reason is not None and dev.held_due == due:
+                out.append(self._release_held(dev, now, wall))
+            elif what == "remind" and dev.held_reason is None and dev.remind_due == due:
+                out.append(self._remind(dev, now, wall))
         return out
+
+    def _release_held(self, dev: Device, now: float, wall: float) -> Applied:
+        """The debounce ended with the device still offline: its offline event, at the time it went offline."""
+        undo = dev.snapshot()
+        reason, shown = dev.held_reason or "reported", dev.held_previous or UNKNOWN
+        dev.held_reason = dev.held_previous = None
+        self._offline_made(dev, now, wall, reason)
+        dev.version += 1
+        return Applied("offline", Transition(dev.snapshot(), shown, "offline", reason, None), undo)
+
+    def _remind(self, dev: Device, now: float, wall: float) -> Applied:
+        """A still_offline reminder; after downtime spanning several intervals, one, numbered for the time."""
+        undo = dev.snapshot()
+        since = dev.changed_at if dev.changed_at is not None else wall
+        offline_for = max(0.0, wall - since)
+        dev.reminders = max(dev.reminders + 1, int(offline_for // self._remind_every))
+        self._schedule(dev, now, wall)
+        dev.version += 1
+        reason = dev.offline_reason or "timeout"
+        t = Transition(dev.snapshot(), "offline", "still_offline", reason, offline_for, dev.reminders)
+        return Applied("offline", t, undo)
 
     # --- liveness that is persisted lazily ---------------------------------------------------------------
 

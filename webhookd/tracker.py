@@ -140,10 +140,12 @@ class Tracker:
             targets: list[tuple[str, DeliveryStatus]] = []
             if t.kind is not None:
                 d = t.device
+                # A reminder happens now; every other event when the state changed (a debounced offline: then).
+                when = self._wall() if t.reminder is not None else d.changed_at or self._wall()
                 event = EventData(
                     id=new_event_id(),
                     type=event_type_for(t.kind),
-                    time=d.changed_at or self._wall(),
+                    time=when,
                     reason=t.reason,
                     device_id=d.id,
                     name=d.name,
@@ -153,6 +155,7 @@ class Tracker:
                     owner=d.owner,
                     last_seen=d.last_seen,
                     offline_for=t.offline_for,
+                    reminder=t.reminder,
                 )
                 targets = self.dispatcher.targets(event)
             changes.append(Change(t.device, event, targets))

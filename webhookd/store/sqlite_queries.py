@@ -40,7 +40,8 @@ _LANE = (
 
 def load_devices(c: sqlite3.Connection) -> list[Device]:
     rows = c.execute(
-        "SELECT id, state, name, owner, address, last_seen, changed_at, source, timed FROM devices"
+        "SELECT id, state, name, owner, address, last_seen, changed_at, source, timed, reminders, offline_reason,"
+        " held_reason, held_previous FROM devices"
     ).fetchall()
     return [
         Device(
@@ -53,6 +54,10 @@ def load_devices(c: sqlite3.Connection) -> list[Device]:
             changed_at=r[6],
             source=r[7],
             timed=bool(r[8]),
+            reminders=r[9],
+            offline_reason=r[10],
+            held_reason=r[11],
+            held_previous=r[12],
         )
         for r in rows
     ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from webhookd.store.api import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -68,6 +68,21 @@ MIGRATIONS: dict[int, str] = {
     3: """
     ALTER TABLE devices ADD COLUMN source TEXT NOT NULL DEFAULT 'http';
     ALTER TABLE devices ADD COLUMN timed INTEGER NOT NULL DEFAULT 1;
+    """,
+    # Operators' controls (§12): reminders sent for the current offline; an offline held by the debounce (its
+    # reason and the state before it; the time it went offline is changed_at); mute rules (globs).
+    4: """
+    ALTER TABLE devices ADD COLUMN reminders INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN offline_reason TEXT;
+    ALTER TABLE devices ADD COLUMN held_reason TEXT;
+    ALTER TABLE devices ADD COLUMN held_previous TEXT;
+    CREATE TABLE mutes (
+        match TEXT PRIMARY KEY,
+        until REAL,
+        reason TEXT,
+        created_at REAL NOT NULL,
+        created_by TEXT
+    ) WITHOUT ROWID;
     """,
 }
 

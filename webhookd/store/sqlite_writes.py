@@ -22,10 +22,13 @@ from webhookd.store.api import Change, DeliveryRow, EndpointRow, Receipt
 # (device, event, [(endpoint, status)]): what record() took before Change existed (kept while callers switch)
 
 UPSERT_DEVICE = (
-    "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at, source, timed)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state=excluded.state,"
+    "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at, source, timed, reminders,"
+    " offline_reason, held_reason, held_previous) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET state=excluded.state,"
     " name=excluded.name, owner=excluded.owner, address=excluded.address,"
-    " last_seen=excluded.last_seen, changed_at=excluded.changed_at, source=excluded.source, timed=excluded.timed"
+    " last_seen=excluded.last_seen, changed_at=excluded.changed_at, source=excluded.source, timed=excluded.timed,"
+    " reminders=excluded.reminders, offline_reason=excluded.offline_reason, held_reason=excluded.held_reason,"
+    " held_previous=excluded.held_previous"
 )
 INSERT_EVENT = "INSERT INTO events (id, type, device_id, created_at, data) VALUES (?, ?, ?, ?, ?)"
 INSERT_DELIVERY = (
@@ -45,12 +48,40 @@ UPSERT_ENDPOINT = (
     " consecutive_failures=excluded.consecutive_failures, last_error=excluded.last_error"
 )
 
-DeviceRow = tuple[str, str, str | None, str | None, str | None, float | None, float | None, str, int]
+DeviceRow = tuple[
+    str,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    float | None,
+    float | None,
+    str,
+    int,
+    int,
+    str | None,
+    str | None,
+    str | None,
+]
 EndpointTuple = tuple[str, int, str | None, int, str | None]
 
 
 def device_row(d: Device) -> DeviceRow:
-    return (d.id, d.state, d.name, d.owner, d.address, d.last_seen, d.changed_at, d.source, int(d.timed))
+    return (
+        d.id,
+        d.state,
+        d.name,
+        d.owner,
+        d.address,
+        d.last_seen,
+        d.changed_at,
+        d.source,
+        int(d.timed),
+        d.reminders,
+        d.offline_reason,
+        d.held_reason,
+        d.held_previous,
+    )
 
 
 def endpoint_row(r: EndpointRow) -> EndpointTuple:
