@@ -1,0 +1,107 @@
+"""Debounce and reminders end to end (issue 12, items 2 and 3): the real daemon, a real receiver, short timers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.harness import Receiver, endpoint
+
+
+def seen(r: Receiver) -> list[tuple[str, str, str]]:
+    return [(e["type"], e["device"]["id"], e["reason"]) for e in r.events()]
+
+
+def when(e: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")).timestamp()
+
+
+async def test_a_reboot_back_within_the_debounce_makes_no_event(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], presence={"debounce": "2s"})
+    await d.heartbeat("ap-1")
+    await r.wait_for(1)
+    answer = await d.heartbeat("ap-1", "reboot")
+    assert answer["state"] == "offline"
+    await asyncio.sleep(0.5)
+    await d.heartbeat("ap-1")
+    await asyncio.sleep(2.5)  # past the debounce
+    assert seen(r) == [("device.online", "ap-1", "heartbeat")]
+    _, dev = await d.admin("GET", "/v1/devices/ap-1")
+    assert dev["state"] == "online"
+
+
+async def test_an_offline_past_the_debounce_is_sent_once_with_the_time_it_went_offline(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon(
+        [endpoint("sink", r)], presence={"debounce": "1s"}, devices=[{"match": "slow-*", "debounce": "3s"}]
+    )
+    await d.heartbeat("ap-1")
+    await d.heartbeat("slow-1")
+    await r.wait_for(2)
+    t0 = time.time()
+    await d.heartbeat("ap-1", "shutdown")
+    await d.heartbeat("slow-1", "shutdown")
+    [off] = [r.got[i] for i in range(len(await r.wait_for(3, timeout=5))) if i >= 2]
+    assert off.json["type"] == "device.offline" and off.json["device"]["id"] == "ap-1"
+    assert off.json["reason"] == "shutdown" and abs(when(off.json) - t0) < 0.5  # the offline's own time
+    await r.wait_for(4, timeout=5)  # the per-device rule: 3 s
+    assert seen(r)[3] == ("device.offline", "slow-1", "shutdown")
+    await asyncio.sleep(1.0)
+    assert len(r.got) == 4
+
+
+async def test_a_restart_during_the_debounce_neither_loses_nor_duplicates_the_offline(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], presence={"debounce": "2s"})
+    await d.heartbeat("ap-1")
+    await r.wait_for(1)
+    t0 = time.time()
+    await d.heartbeat("ap-1", "shutdown")
+    assert await d.stop() == 0
+    await d.start()
+    await r.wait_for(2, timeout=6)
+    assert seen(r)[1] == ("device.offline", "ap-1", "shutdown") and abs(when(r.events()[1]) - t0) < 0.5
+    await asyncio.sleep(2.5)
+    assert len(r.got) == 2
+
+
+async def test_reminders_while_offline_subscribable_and_no_burst_after_a_restart(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    everything, reminders = await receiver(), await receiver()
+    d = await daemon(
+        [endpoint("all", everything), endpoint("nag", reminders, events=["still_offline"])],
+        presence={"silence_timeout": "1s", "remind_every": "1s"},
+    )
+    await d.heartbeat("pump")
+    await reminders.wait_for(2, timeout=8)  # offline after 1 s, then reminders 1 and 2
+    got = reminders.events()[:2]
+    assert [(e["type"], e["reminder"], e["reason"]) for e in got] == [
+        ("device.still_offline", 1, "timeout"),
+        ("device.still_offline", 2, "timeout"),
+    ]
+    assert 0.9 <= got[0]["offline_for"] <= 1.6 and 1.9 <= got[1]["offline_for"] <= 2.6
+    assert [e["type"] for e in everything.events()[:2]] == ["device.online", "device.offline"]
+    assert await d.stop() == 0
+    n = len(reminders.got)
+    last = reminders.events()[-1]["reminder"]
+    await asyncio.sleep(2.2)  # down for two intervals
+    await d.start()
+    await reminders.wait_for(n + 1, timeout=5)
+    await asyncio.sleep(0.3)
+    after = [e["reminder"] for e in reminders.events()[n:]]
+    assert after[0] >= last + 2 and len(after) <= 2, after  # one, numbered for the time: no burst
+    await d.heartbeat("pump")  # back: reminders stop
+    await asyncio.sleep(0.3)
+    k = len(reminders.got)
+    await asyncio.sleep(1.5)
+    assert len(reminders.got) == k
