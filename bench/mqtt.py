@@ -55,8 +55,9 @@ from bench.common import (
 INGEST_RATIO = 0.8
 RECONCILE_LIMIT = 2.0
 WILL_P99_LIMIT = 1.0
-RETAINED = 10_000
+RETAINED_N = 10_000
 LOSSES = 1_000
+RETAINED = ("--retained", "--timeout", "60")  # bare: count what the broker replays on subscribe
 POLL = 0.1  # seconds between /metrics scrapes while a row waits for the daemon
 
 
@@ -132,10 +133,11 @@ def publish(port: int, template: str, devices: int, n: int, round0: int, online_
     print("RESULT " + json.dumps(result), flush=True)
 
 
-async def bare(port: int, topic: str, n: int, timeout: float) -> None:
+async def bare(port: int, topic: str, n: int, timeout: float, retained: bool = False) -> None:
     """The bare subscriber: aiomqtt with the daemon's settings (fixed client id, persistent session, QoS 1, a
-    bounded queue), counting live (not retained) messages until n. Prints `READY` once subscribed, then
-    `RESULT {"first": t, "last": t, "count": c, "cpu": s}` (monotonic; CPU seconds after READY)."""
+    bounded queue), counting live (not retained) messages until n (retained=True: only the retained ones the
+    broker replays on subscribe). Prints `READY` once subscribed, then `RESULT {"connected": t, "first": t,
+    "last": t, "count": c, "cpu": s}` (monotonic; connected = CONNACK; CPU seconds after READY)."""
     import aiomqtt
 
     count = 0
@@ -149,13 +151,14 @@ async def bare(port: int, topic: str, n: int, timeout: float) -> None:
         max_queued_incoming_messages=100_000,
         timeout=10.0,
     ) as client:
+        connected = time.monotonic()
         await client.subscribe(topic, qos=1)
         print("READY", flush=True)
         cpu0 = time.process_time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 async for m in client.messages:
-                    if m.retain:
+                    if bool(m.retain) != retained:
                         continue
                     last = time.monotonic()
                     if count == 0:
@@ -164,7 +167,8 @@ async def bare(port: int, topic: str, n: int, timeout: float) -> None:
                     if count >= n:
                         break
         cpu = time.process_time() - cpu0
-    print("RESULT " + json.dumps({"first": first, "last": last, "count": count, "cpu": cpu}), flush=True)
+    result = {"connected": connected, "first": first, "last": last, "count": count, "cpu": cpu}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 # --- plumbing ---------------------------------------------------------------------------------------------------
@@ -416,7 +420,7 @@ def _iso(ts: str) -> float:
 async def row_reconcile(ctx: Any) -> Any:
     from bench.rows import Row
 
-    n = 1_000 if ctx.quick else RETAINED
+    n = 1_000 if ctx.quick else RETAINED_N
     wd = ctx.dir("11-mqtt-reconcile")
     b = await _broker(wd)
     d: DaemonUnderTest | None = None
@@ -424,6 +428,7 @@ async def row_reconcile(ctx: Any) -> Any:
     to_settled: list[float] = []
     from_start: list[float] = []
     ready: list[float] = []
+    bare_s: list[float] = []
     bad: list[str] = []
     try:
         # the store learns every device online once (no endpoint: only the state matters here)
@@ -453,12 +458,30 @@ async def row_reconcile(ctx: Any) -> Any:
             from_start.append(t_all - wall0)
             if ev or settled.get("events"):
                 bad.append(f"run {r + 1}: {ev} events (mqtt_settled events={settled.get('events')})")
+            await d.stop()
+            # the bare subscriber: the same retained messages from the same broker, on the daemon's core
+            child = spawn(
+                "mqtt-bare",
+                python_cmd(
+                    "bench.mqtt", "bare", "--port", str(b.port), "--topic", "+/status", "--n", str(n), *RETAINED
+                ),
+                wd / "mqtt-bare.log",
+                DAEMON_CORE,
+            )
+            try:
+                line = await wait_line(child, "RESULT ", timeout=90)
+            finally:
+                await child.stop()
+            br = json.loads(line.removeprefix("RESULT "))
+            if br["count"] < n:
+                raise RuntimeError(f"bare subscriber got {br['count']} of {n} retained")
+            bare_s.append(br["last"] - br["connected"])
             ctx.log(
                 f"    run {r + 1}: connected -> all {n:,} reconciled {t_all - t_conn:.2f}s (mqtt_settled after"
                 f" {t_settled - t_conn:.2f}s, devices={settled.get('devices')}, events={settled.get('events')});"
-                f" start -> READY {ready[-1]:.2f}s, start -> all {t_all - wall0:.2f}s; events_total {ev}"
+                f" start -> READY {ready[-1]:.2f}s, start -> all {t_all - wall0:.2f}s; events_total {ev};"
+                f" bare aiomqtt CONNACK -> {n:,} retained {bare_s[-1]:.2f}s"
             )
-            await d.stop()
     finally:
         if d is not None:
             await d.stop()
@@ -469,15 +492,24 @@ async def row_reconcile(ctx: Any) -> Any:
         "11",
         f"mqtt {n:,} retained at startup",
         f"{fig:.2f}s connected -> reconciled, 0 events" if not bad else f"{fig:.2f}s; EVENTS: {bad[0]}",
-        f"start -> READY {median(ready):.2f}s, start -> reconciled {median(from_start):.2f}s",
-        f"<= {RECONCILE_LIMIT:g}s",
+        f"bare aiomqtt {median(bare_s):.2f}s CONNACK -> {n:,} retained",
+        f"<= {RECONCILE_LIMIT:g}s ({fig / median(bare_s):.2f}x bare)",
         ok,
         notes=[
-            f"per run {', '.join(f'{x:.2f}' for x in figures)}s; mqtt_settled (settle 0.2s) after"
+            f"per run {', '.join(f'{x:.2f}' for x in figures)}s (bare {', '.join(f'{x:.2f}' for x in bare_s)}s);"
+            f" start -> READY {median(ready):.2f}s, start -> reconciled {median(from_start):.2f}s;"
+            f" mqtt_settled (settle 0.2s) after"
             f" {median(to_settled):.2f}s; reconciled = the later of mqtt_settled and the {n:,}th message routed"
             + (f"; {'; '.join(bad)}" if bad else "")
         ],
-        data={"figure": figures, "to_settled": to_settled, "from_start": from_start, "ready": ready, "bad": bad},
+        data={
+            "figure": figures,
+            "to_settled": to_settled,
+            "from_start": from_start,
+            "ready": ready,
+            "bare": bare_s,
+            "bad": bad,
+        },
     )
 
 
@@ -593,11 +625,12 @@ def main(argv: list[str] | None = None) -> None:
     bp.add_argument("--topic", required=True)
     bp.add_argument("--n", type=int, required=True)
     bp.add_argument("--timeout", type=float, default=300.0)
+    bp.add_argument("--retained", action="store_true", help="count the retained messages replayed on subscribe")
     args = p.parse_args(argv)
     if args.cmd == "pub":
         publish(args.port, args.template, args.devices, args.n, args.round, args.online_only, args.qos)
     else:
-        run_main(lambda: bare(args.port, args.topic, args.n, args.timeout))
+        run_main(lambda: bare(args.port, args.topic, args.n, args.timeout, args.retained))
 
 
 if __name__ == "__main__":
