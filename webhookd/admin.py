@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -12,18 +15,66 @@ from aiohttp import web
 
 from webhookd import __version__
 from webhookd.api_types import TOTAL_HEADER
-from webhookd.config import redact_url
+from webhookd.config import parse_duration, redact_url
 from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
+from webhookd.mutes import MuteRule
 from webhookd.payloads import rfc3339, rfc3339_opt
 from webhookd.states import DELIVERY_STATUSES, DeliveryStatus
+from webhookd.store.api import StoreError
 
 if TYPE_CHECKING:
     from webhookd.dispatch import Dispatcher, EndpointRuntime
     from webhookd.presence import PresenceEngine
     from webhookd.store import DeliveryStore, EndpointRow
+    from webhookd.tracker import Tracker
 
 log = get_logger("webhookd.admin")
+
+MATCH_MAX = 256  # characters of a mute's match
+REASON_MAX = 500  # characters of a mute's reason
+
+
+def peer_user(request: web.Request) -> str | None:
+    """Who is on the other end of the admin socket: the user name of its SO_PEERCRED uid (`uid 1234` when
+    the uid has no name), or None when the transport cannot tell (not a unix socket)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or peercred is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", raw)
+    except (OSError, struct.error):
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+async def _object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 answer saying what is wrong with it."""
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError:
+        return error_response(400, "malformed JSON")
+    if not isinstance(body, dict):
+        return error_response(400, "expected a JSON object")
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        return error_response(400, f"unknown field {unknown[0]!r} (expected {', '.join(sorted(allowed))})")
+    return body
+
+
+def _match(body: dict[str, Any]) -> str | web.Response:
+    match = body.get("match")
+    if not isinstance(match, str) or not match.strip():
+        return error_response(400, "match must be a device id or a glob (printer-*)", "match")
+    if len(match) > MATCH_MAX or any(c in match for c in "\n\r\t\0"):
+        return error_response(400, f"match must be one line of at most {MATCH_MAX} characters", "match")
+    return match
 
 
 class AdminAPI:
@@ -36,6 +87,7 @@ class AdminAPI:
         store: DeliveryStore,
         dispatcher: Dispatcher,
         *,
+        tracker: Tracker,
         started_wall: float,
         started_mono: float,
         metrics: Callable[[], Awaitable[bytes]] | None = None,
@@ -43,6 +95,7 @@ class AdminAPI:
         # `status` of the MQTT connection (None: no `mqtt:` in the config); the daemon sets it.
         self.mqtt_status: Callable[[], dict[str, Any] | None] = lambda: None
         self.engine = engine
+        self.tracker = tracker
         self.store = store
         self.dispatcher = dispatcher
         self.started_wall = started_wall
@@ -54,7 +107,10 @@ class AdminAPI:
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/devices", self.devices)
+        r.add_post("/v1/devices/mute", self.mute)
+        r.add_post("/v1/devices/unmute", self.unmute)
         r.add_get("/v1/devices/{id:.+}", self.device)  # MQTT ids may hold '/' (URL-encoded or not)
+        r.add_delete("/v1/devices/{id:.+}", self.forget)
         r.add_get("/v1/endpoints", self.endpoints)
         r.add_post("/v1/endpoints/{name}/enable", self.enable)
         r.add_post("/v1/endpoints/{name}/disable", self.disable)
@@ -109,10 +165,18 @@ class AdminAPI:
             return None
         return {**mqtt, "since": rfc3339_opt(mqtt["since"])}
 
-    def _device(self, dev_id: str) -> dict[str, Any] | None:
+    def _device(self, dev_id: str, rules: list[MuteRule] | None = None, wall: float = 0.0) -> dict[str, Any] | None:
+        """The device document; `rules`: the mutes in force at `wall` (None: looked up now)."""
         dev = self.engine.devices.get(dev_id)
         if dev is None:
             return None
+        if rules is None:
+            wall = time.time()
+            rules = self.tracker.mutes.active(wall)
+        covering = [r for r in rules if r.covers(dev_id, wall)]
+        until: float | None = None
+        if covering and all(r.until is not None for r in covering):
+            until = max(r.until for r in covering if r.until is not None)
         return {
             "id": dev.id,
             "name": dev.name,
@@ -120,6 +184,8 @@ class AdminAPI:
             "address": dev.address,
             "owner": dev.owner,
             "last_seen": rfc3339_opt(dev.last_seen),
+            "muted": bool(covering),
+            "muted_until": rfc3339_opt(until),
             "source": dev.source,
         }
 
@@ -127,13 +193,124 @@ class AdminAPI:
         state = request.query.get("state")
         devices = self.engine.devices
         ids = sorted(i for i, dev in devices.items() if state is None or dev.state == state)
-        return json_response(200, [self._device(i) for i in ids])
+        wall = time.time()
+        rules = self.tracker.mutes.active(wall)
+        return json_response(200, [self._device(i, rules, wall) for i in ids])
 
     async def device(self, request: web.Request) -> web.Response:
         dev = self._device(request.match_info["id"])
         if dev is None:
             return error_response(404, "unknown device")
         return json_response(200, dev)
+
+    # --- operators' controls (mute, unmute, forget) ------------------------------------------------------
+
+    def _covered(self, rule: MuteRule, wall: float) -> list[str]:
+        return sorted(i for i in self.engine.devices if rule.covers(i, wall))
+
+    @staticmethod
+    def _rule(rule: MuteRule, devices: list[str]) -> dict[str, Any]:
+        return {
+            "match": rule.match,
+            "until": rfc3339_opt(rule.until),
+            "reason": rule.reason,
+            "created_at": rfc3339(rule.created_at),
+            "created_by": rule.created_by,
+            "devices": devices,
+        }
+
+    async def _prune_mutes(self, wall: float) -> None:
+        """Expired mutes leave the store too (they are ignored already; this keeps the table small)."""
+        gone = self.tracker.mutes.prune(wall)
+        if gone:
+            await self.store.delete_mutes([r.match for r in gone])
+
+    async def mute(self, request: web.Request) -> web.Response:
+        """``{"match", "for"?, "reason"?}`` -> the rule and the devices it covers now."""
+        body = await _object(request, frozenset({"match", "for", "reason"}))
+        if isinstance(body, web.Response):
+            return body
+        match = _match(body)
+        if isinstance(match, web.Response):
+            return match
+        wall = time.time()
+        until: float | None = None
+        if body.get("for") is not None:
+            try:
+                seconds = parse_duration(body["for"])
+            except ValueError as e:
+                return error_response(400, f"for: {e} (a duration: 30m, 2h, 1d)", "for")
+            if seconds <= 0:
+                return error_response(400, "for must be longer than 0s (leave it out to mute until unmute)", "for")
+            until = wall + seconds
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return error_response(400, "reason must be a string", "reason")
+        if isinstance(reason, str) and len(reason) > REASON_MAX:
+            return error_response(400, f"reason must be at most {REASON_MAX} characters", "reason")
+        who = peer_user(request)
+        rule = MuteRule(match, until, reason or None, wall, who)
+        try:
+            await self._prune_mutes(wall)
+            await self.store.save_mute(rule)
+        except StoreError as e:
+            return error_response(503, f"the mute was not saved: {e}")
+        replaced = self.tracker.mutes.add(rule)
+        covered = self._covered(rule, wall)
+        log.info(
+            "device_muted",
+            match=match,
+            devices=len(covered),
+            until=rfc3339_opt(until),
+            reason=rule.reason,
+            by=who,
+            replaced=replaced is not None and replaced.live(wall),
+        )
+        return json_response(200, self._rule(rule, covered))
+
+    async def unmute(self, request: web.Request) -> web.Response:
+        """``{"match"}``: removes the rule with exactly that match -> the rule and the devices it covered."""
+        body = await _object(request, frozenset({"match"}))
+        if isinstance(body, web.Response):
+            return body
+        match = _match(body)
+        if isinstance(match, web.Response):
+            return match
+        wall = time.time()
+        mutes = self.tracker.mutes
+        rule = mutes.get(match)
+        if rule is None or not rule.live(wall):
+            by = [r.match for r in mutes.covering_all(match, wall)]
+            if by:
+                named = ", ".join(repr(m) for m in by)
+                those = "that" if len(by) == 1 else "those"
+                return error_response(409, f"{match} is muted by {named}: unmute {those}")
+            return error_response(404, f"no mute for {match!r}")
+        try:
+            await self.store.delete_mutes([match])
+        except StoreError as e:
+            return error_response(503, f"the mute was not removed: {e}")
+        if mutes.get(match) is rule:
+            mutes.remove(match)
+        covered = self._covered(rule, wall)
+        log.info("device_unmuted", match=match, devices=len(covered), reason=rule.reason, by=peer_user(request))
+        return json_response(200, self._rule(rule, covered))
+
+    async def forget(self, request: web.Request) -> web.Response:
+        """Drop a device (its state, timer and the mute of its id) -> the device as it was."""
+        dev_id = request.match_info["id"]
+        doc = self._device(dev_id)
+        if doc is None:
+            return error_response(404, f"unknown device {dev_id!r}")
+        had_mute = self.tracker.mutes.get(dev_id) is not None
+        try:
+            known = await self.tracker.forget(dev_id)
+        except StoreError as e:
+            return error_response(503, f"the device was not forgotten: {e}")
+        if not known:  # forgotten meanwhile by another call
+            return error_response(404, f"unknown device {dev_id!r}")
+        log.info("device_forgotten", device=dev_id, state=doc["state"], mute_removed=had_mute, by=peer_user(request))
+        return json_response(200, doc)
 
     @staticmethod
     def _entry(name: str, rt: EndpointRuntime | None, row: EndpointRow | None, per: dict[str, int]) -> dict[str, Any]:

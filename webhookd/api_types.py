@@ -29,10 +29,13 @@ __all__ = [
     "EndpointInfo",
     "EndpointTestResult",
     "MqttStatus",
+    "MuteInfo",
+    "MuteRequest",
     "ReplayRequest",
     "Replayed",
     "Status",
     "StoreHealth",
+    "UnmuteRequest",
 ]
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -103,6 +106,34 @@ class DeviceInfo(msgspec.Struct, frozen=True):
     owner: str | None
     last_seen: datetime | None
     source: Literal["http", "udp", "mqtt", "relay"] = "http"
+    muted: bool = False  # (a daemon older than mutes: never)
+    muted_until: datetime | None = None  # a timed mute's end; None: not muted, or until unmute
+
+
+# ------------------------------------------------------------------ POST /v1/devices/mute, /v1/devices/unmute
+
+
+class MuteRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """``{"match": "printer-*", "for": "2h", "reason": "toner swap"}``: without ``for``, until unmute."""
+
+    match: Annotated[str, msgspec.Meta(min_length=1)]
+    for_: str | None = msgspec.field(default=None, name="for")
+    reason: str | None = None
+
+
+class UnmuteRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    match: Annotated[str, msgspec.Meta(min_length=1)]  # exactly the match of a mute
+
+
+class MuteInfo(msgspec.Struct, frozen=True):
+    """A mute rule (the answer to mute and unmute) and the devices it covers (covered, for unmute) now."""
+
+    match: str
+    until: datetime | None  # None: until unmute
+    reason: str | None
+    created_at: datetime
+    created_by: str | None  # the user who muted (the admin socket's peer)
+    devices: list[str]
 
 
 # ------------------------------------------------------ GET /v1/endpoints; POST /v1/endpoints/{name}/enable|disable

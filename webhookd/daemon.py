@@ -30,6 +30,7 @@ from webhookd.lifecycle import changes, keep_bound, restart_required, socket_ans
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import batch_logs, configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
+from webhookd.mutes import Mutes
 from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import Store, StoreError, retention_loop
 from webhookd.tracker import Tracker
@@ -96,6 +97,7 @@ class Daemon:
             self.engine,
             self.store,
             self.dispatcher,
+            tracker=self.tracker,
             started_wall=self.started_wall,
             started_mono=self.started_mono,
             metrics=self.metrics.render,
@@ -125,6 +127,7 @@ class Daemon:
             raise StartupError(f"cannot open the store in {self.cfg.state_dir}: {e.strerror or e}") from e
         try:
             self.engine.load(await self.store.load_devices(), time.monotonic(), time.time())
+            await self._load_mutes()
             await self.dispatcher.start()
             self._pending = await self.store.pending_count()
         except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
@@ -150,11 +153,19 @@ class Daemon:
             version=__version__,
             pid=os.getpid(),
             devices=len(self.engine.devices),
+            mutes=len(self.tracker.mutes),
             endpoints=len(self.dispatcher.endpoints),
             pending=self._pending,
             http=str(listen.http) if listen.http else None,
             admin_socket=str(self.cfg.admin.socket),
         )
+
+    async def _load_mutes(self) -> None:
+        """Mutes survive restarts; those that expired while the daemon was down are deleted."""
+        self.tracker.mutes = Mutes(await self.store.load_mutes())
+        expired = self.tracker.mutes.prune(time.time())
+        if expired:
+            await self.store.delete_mutes([r.match for r in expired])
 
     async def _serve_tcp(self, runner: web.BaseRunner, host: str, port: int, what: str) -> None:
         # aiohttp has no header-read timeout: it closes a connection that has not completed a request head

@@ -81,6 +81,13 @@ class Metrics:
             f"{NS}_heartbeat_rejected", "Heartbeat requests answered with a 4xx error.", ["status"], registry=r
         )
         self.events = Counter(f"{NS}_events", "Events recorded in the outbox.", ["type"], registry=r)
+        self.suppressed = Counter(
+            f"{NS}_events_suppressed",
+            "Events recorded without deliveries, by why (muted: the device was muted).",
+            ["reason"],
+            registry=r,
+        )
+        self.suppressed.labels("muted")  # shown at 0 from the start
         self.deliveries = Counter(
             f"{NS}_deliveries",
             "Delivery attempts by outcome: delivered, failed (will retry), dead (out of retries), held.",
@@ -124,6 +131,7 @@ class Metrics:
         api.on_heartbeats = self.heartbeat_counter("http")
         api.on_rejected = self.on_rejected
         tracker.on_event = self.on_event
+        tracker.on_suppressed = self.on_suppressed
         self.dispatcher.on_result = self.on_result
         self.dispatcher.on_outcome = self.on_outcome
         self.store.on_write = self.store_write.observe
@@ -146,6 +154,9 @@ class Metrics:
         if inc is None:
             inc = self._events[event_type] = self.events.labels(event_type).inc
         inc()
+
+    def on_suppressed(self, reason: str) -> None:
+        self.suppressed.labels(reason).inc()
 
     def _endpoint(self, name: str) -> _EndpointChildren:
         children = self._endpoints.get(name)

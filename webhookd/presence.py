@@ -304,6 +304,12 @@ class PresenceEngine:
         t = Transition(dev.snapshot(), "offline", "still_offline", reason, offline_for, dev.reminders)
         return Applied("offline", t, undo)
 
+    def forget(self, device_id: str) -> Device | None:
+        """Drop a device: its state, silence timer, held offline and reminders (their heap entries are dropped
+        lazily when popped). A later heartbeat makes it a new device. Returns the device (None: unknown)."""
+        self._dirty.discard(device_id)
+        return self.devices.pop(device_id, None)
+
     # --- liveness that is persisted lazily ---------------------------------------------------------------
 
     def take_dirty(self, limit: int | None = None) -> list[Device]:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from webhookd.dispatch import Dispatcher
 from webhookd.logs import get_logger
+from webhookd.mutes import Mutes
 from webhookd.payloads import EventData, event_type_for, new_event_id
 from webhookd.presence import Applied, Heartbeat, PresenceEngine
 from webhookd.states import DeliveryStatus
@@ -48,6 +49,7 @@ class _Commit:
     applied: list[Applied]
     gate: asyncio.Future[None]
     changes: list[Change]
+    muted: dict[int, str] | None = None  # index in changes -> the match of the mute that took its deliveries
 
 
 class Tracker:
@@ -70,6 +72,9 @@ class Tracker:
         self._sweep_backoff_until = 0.0
         self._commits: set[asyncio.Task[HeartbeatAnswer]] = set()  # heartbeat_nowait's, referenced until done
         self.on_event: Callable[[str], None] | None = None  # metrics hook: one call per recorded event
+        # Metrics hook: one call per recorded event that got no deliveries, with why ("muted").
+        self.on_suppressed: Callable[[str], None] | None = None
+        self.mutes = Mutes()  # maintenance: events of covered devices are recorded without deliveries
 
     async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[HeartbeatAnswer]:
         """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
@@ -132,12 +137,17 @@ class Tracker:
         on a heartbeat for one of these devices waits for this commit."""
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         changes = []
+        muted: dict[int, str] | None = None
         for a in applied:
             t = a.transition
             assert t is not None
             self._pending[t.device.id] = gate
             event = None
             targets: list[tuple[str, DeliveryStatus]] = []
+            rule = self.mutes.covering(t.device.id, self._wall()) if t.kind is not None and self.mutes else None
+            if rule is not None and t.kind == "still_offline":
+                changes.append(Change(t.device, None, targets))  # no reminder at all: its count is saved
+                continue
             if t.kind is not None:
                 d = t.device
                 # A reminder happens now; every other event when the state changed (a debounced offline: then).
@@ -157,9 +167,13 @@ class Tracker:
                     offline_for=t.offline_for,
                     reminder=t.reminder,
                 )
-                targets = self.dispatcher.targets(event)
+                if rule is None:
+                    targets = self.dispatcher.targets(event)
+                else:  # recorded, not delivered
+                    muted = muted or {}
+                    muted[len(changes)] = rule.match
             changes.append(Change(t.device, event, targets))
-        return _Commit(applied, gate, changes)
+        return _Commit(applied, gate, changes, muted)
 
     async def _finish(self, c: _Commit, *, summarize: bool = False) -> None:
         """Record a prepared commit (one transaction), then hand its deliveries to the dispatcher. With
@@ -176,6 +190,10 @@ class Tracker:
         if self.on_event is not None:
             for _, event, _ in events:
                 self.on_event(event.type)
+        muted = c.muted or {}
+        if muted and self.on_suppressed is not None:
+            for _ in muted:
+                self.on_suppressed("muted")
         if summarize and len(events) > LOG_EACH_MAX:
             # A power cut: one line per chunk, not 100,000 (journald would drop most of them anyway; every event
             # is in the store and its webhooks).
@@ -187,8 +205,10 @@ class Tracker:
                 deliveries=sum(len(targets) for _, _, targets in events),
             )
             return
-        for a, event, targets in events:
-            t = a.transition
+        for i, (a, ch) in enumerate(zip(c.applied, c.changes, strict=True)):
+            t, made = a.transition, ch.event
+            if made is None:
+                continue
             assert t is not None
             log.info(
                 f"device_{t.kind}",
@@ -197,8 +217,9 @@ class Tracker:
                 previous_state=t.previous_state,
                 reason=t.reason,
                 address=t.device.address,
-                event_id=event.id,
-                deliveries=len(targets),
+                event_id=made.id,
+                deliveries=len(ch.targets),
+                **({"muted_by": muted[i]} if i in muted else {}),
             )
 
     async def _commit_expired(self, c: _Commit) -> None:
@@ -272,6 +293,31 @@ class Tracker:
                     # Cancelled before it ran: its devices must not stay gated, nor offline unrecorded.
                     self._undo(c)
                     self._open_gate(c)
+
+    async def forget(self, device_id: str) -> bool:
+        """Drop a device (`devices forget`): from the engine (state, timer, held offline, reminders), its row
+        from the store, and the mute whose match is its id. Waits for its commit in flight first; heartbeats of
+        it meanwhile wait, and then make it a new device. Its pending deliveries continue. False: unknown.
+
+        Raises StoreError when the row could not be deleted (the device is then kept as it was)."""
+        while (p := self._pending.get(device_id)) is not None:
+            await asyncio.wait({p})
+        dev = self.engine.forget(device_id)
+        if dev is None:
+            return False
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[device_id] = gate
+        try:
+            await self.store.forget_device(device_id)
+        except StoreError:
+            self.engine.load([dev], self._clock(), self._wall())  # back, with a full timeout
+            raise
+        finally:
+            if self._pending.get(device_id) is gate:
+                del self._pending[device_id]
+            gate.set_result(None)
+        self.mutes.remove(device_id)
+        return True
 
     def _undo(self, c: _Commit) -> None:
         for a in reversed(c.applied):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from webhookd.mutes import MuteRule
 from webhookd.payloads import EventData
 from webhookd.presence import Device
 from webhookd.states import DeliveryStatus
@@ -137,6 +138,21 @@ class DeliveryStore(Protocol):
 
     async def save_devices(self, devices: Sequence[Device]) -> None:
         """Upsert device rows (liveness: last_seen, name, address), in order: the last copy of a device wins."""
+
+    async def forget_device(self, device_id: str) -> bool:
+        """Delete the device's row and the mute rule whose match is exactly its id, in one transaction; its
+        events and deliveries stay (pending ones are still delivered). Returns whether the device had a row."""
+
+    # --- mutes ---------------------------------------------------------------------------------------
+
+    async def load_mutes(self) -> list[MuteRule]:
+        """Every mute rule saved (expired ones included: the caller ignores them), by match."""
+
+    async def save_mute(self, rule: MuteRule) -> None:
+        """Insert the rule, or replace the rule with the same match."""
+
+    async def delete_mutes(self, matches: Sequence[str]) -> int:
+        """Delete the rules with these matches; returns how many existed."""
 
     # --- the outbox ----------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from webhookd.logs import get_logger
+from webhookd.mutes import MuteRule
 from webhookd.presence import Device
 from webhookd.store import retention, sqlite_queries
 from webhookd.store.api import (
@@ -327,6 +328,20 @@ class SQLiteStore:
     async def save_devices(self, devices: Sequence[Device]) -> None:
         if devices:
             await self._queue_op(DevicesOp([device_row(d) for d in devices]))
+
+    async def forget_device(self, device_id: str) -> bool:
+        return await self.write(functools.partial(sqlite_queries.forget_device, device_id=device_id))
+
+    # --- mutes -------------------------------------------------------------------------------------------
+
+    async def load_mutes(self) -> list[MuteRule]:
+        return await self.read(sqlite_queries.load_mutes)
+
+    async def save_mute(self, rule: MuteRule) -> None:
+        await self.write(functools.partial(sqlite_queries.save_mute, rule=rule))
+
+    async def delete_mutes(self, matches: Sequence[str]) -> int:
+        return await self.write(functools.partial(sqlite_queries.delete_mutes, matches=list(matches)), len(matches))
 
     # --- the outbox --------------------------------------------------------------------------------------
 

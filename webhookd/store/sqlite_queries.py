@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from webhookd.mutes import MuteRule
 from webhookd.payloads import EventData
 from webhookd.presence import Device
 from webhookd.states import DELIVERY_STATUSES
@@ -95,6 +96,32 @@ def pending_count(c: sqlite3.Connection) -> int:
 def load_endpoints(c: sqlite3.Connection) -> dict[str, EndpointRow]:
     rows = c.execute("SELECT name, disabled, disabled_reason, consecutive_failures, last_error FROM endpoints")
     return {r[0]: EndpointRow(r[0], bool(r[1]), r[2], r[3], r[4]) for r in rows}
+
+
+def forget_device(c: sqlite3.Connection, device_id: str) -> bool:
+    c.execute("DELETE FROM mutes WHERE match = ?", (device_id,))
+    return c.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount > 0
+
+
+def load_mutes(c: sqlite3.Connection) -> list[MuteRule]:
+    rows = c.execute("SELECT match, until, reason, created_at, created_by FROM mutes ORDER BY match").fetchall()
+    return [MuteRule(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def save_mute(c: sqlite3.Connection, rule: MuteRule) -> None:
+    c.execute(
+        "INSERT INTO mutes (match, until, reason, created_at, created_by) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (match) DO UPDATE SET until=excluded.until, reason=excluded.reason,"
+        " created_at=excluded.created_at, created_by=excluded.created_by",
+        (rule.match, rule.until, rule.reason, rule.created_at, rule.created_by),
+    )
+
+
+def delete_mutes(c: sqlite3.Connection, matches: Sequence[str]) -> int:
+    n = 0
+    for match in matches:
+        n += c.execute("DELETE FROM mutes WHERE match = ?", (match,)).rowcount
+    return n
 
 
 def endpoint_names(c: sqlite3.Connection) -> set[str]:
