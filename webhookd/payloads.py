@@ -1,7 +1,8 @@
 """Events and their webhook bodies (CONTRACT §6).
 
 An :class:`EventData` is what the outbox stores (``to_json``/``from_json``); :func:`render` turns one event
-into the compact JSON body for one endpoint in that endpoint's ``format``. Rendering is on the delivery hot
+into the body for one endpoint in that endpoint's ``format`` (compact JSON; the formats for people are in
+messages.py, and `render_request` adds the headers that go with a body). Rendering is on the delivery hot
 path: it builds plain dicts and encodes them with one shared msgspec encoder.
 """
 
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from webhookd import messages
+
 if TYPE_CHECKING:
     from webhookd.config import EndpointConfig
 
@@ -24,13 +27,16 @@ __all__ = [
     "EVENT_TYPES",
     "TEST_DEVICE_ID",
     "EventData",
+    "content_type",
     "event_type_for",
     "kobiton_webhook_id",
     "make_test_event",
     "new_event_id",
     "render",
+    "render_request",
     "rfc3339",
     "rfc3339_opt",
+    "webhookd_object",
 ]
 
 #: Event types, in CONTRACT order.
@@ -151,7 +157,8 @@ def kobiton_webhook_id(endpoint_name: str) -> int:
     return zlib.crc32(endpoint_name.encode()) & 0x7FFFFFFF
 
 
-def _webhookd(event: EventData, endpoint_name: str) -> dict[str, Any]:
+def webhookd_object(event: EventData, endpoint_name: str) -> dict[str, Any]:
+    """The ``webhookd`` format's object (also a template's ``event``)."""
     return {
         "id": event.id,
         "type": event.type,
@@ -206,19 +213,57 @@ def _kobiton(event: EventData, endpoint_name: str) -> dict[str, Any]:
     }
 
 
+def content_type(endpoint: EndpointConfig) -> str:
+    """The Content-Type of every body of `endpoint` (its format's; `content_type` for ``format: template``)."""
+    if endpoint.format == "ntfy":
+        return "text/plain; charset=utf-8"
+    if endpoint.format == "template":
+        return endpoint.content_type
+    return "application/json"
+
+
+_NO_HEADERS: dict[str, str] = {}
+
+
+def render_request(event: EventData, endpoint: EndpointConfig) -> tuple[bytes, dict[str, str]]:
+    """The body of `event` for `endpoint` and the headers that go with this body (ntfy's Title, Priority, Tags;
+    none for the other formats). Raises messages.RenderError when a template fails."""
+    fmt = endpoint.format
+    if fmt == "ntfy":
+        return messages.sentence(event).encode(), messages.ntfy_headers(event)
+    if fmt == "template":
+        if endpoint.template is None:
+            raise messages.RenderError("format: template without a template")
+        context = {
+            "event": webhookd_object(event, endpoint.name),
+            "text": messages.sentence(event),
+            "endpoint": endpoint.name,
+        }
+        return messages.render_template(endpoint.template, endpoint.content_type, context), _NO_HEADERS
+    return render(event, endpoint), _NO_HEADERS
+
+
 def render(event: EventData, endpoint: EndpointConfig) -> bytes:
-    """The compact JSON body of ``event`` for ``endpoint`` (its ``format`` and ``secret_field``).
+    """The body of `event` for `endpoint` (its ``format`` and ``secret_field``): compact JSON, or text for ntfy.
 
     Render once per (event, endpoint) and reuse the bytes for every attempt: only the signature changes.
     """
     fmt = endpoint.format
     body: dict[str, Any]
     if fmt == "webhookd":
-        body = _webhookd(event, endpoint.name)
+        body = webhookd_object(event, endpoint.name)
     elif fmt == "remoteit":
         body = _remoteit(event)
     elif fmt == "kobiton":
         body = _kobiton(event, endpoint.name)
+    elif fmt == "slack":
+        body = messages.slack(event)
+    elif fmt == "discord":
+        body = messages.discord(event)
+    elif fmt == "teams":
+        body = messages.teams(event, rfc3339(event.time))
+    elif fmt in ("ntfy", "template"):
+        return render_request(event, endpoint)[0]
     else:
         raise ValueError(f"unknown payload format {fmt!r}")
     if endpoint.secret_field and endpoint.secrets:

@@ -61,7 +61,13 @@ KEY_DOCS: dict[str, str] = {
     "endpoints[].events": "event kinds to send (`online`, `offline`, `utilizing`, `unplugged`, "
     "`address_changed`, or `all`)",
     "endpoints[].devices": "globs of the device ids to send events for",
-    "endpoints[].format": "payload format (`webhookd`, `remoteit`, `kobiton`)",
+    "endpoints[].format": "payload format: `webhookd`, `remoteit`, `kobiton`, or a message for people: `slack`, "
+    "`discord`, `teams`, `ntfy`, `template` (see Webhooks)",
+    "endpoints[].template": "`format: template`: the body as a Jinja2 template (with `event`, `text`, `endpoint`);"
+    " `check-config` renders it for every event type",
+    "endpoints[].template_file": "`format: template`: a file holding the template (instead of `template`)",
+    "endpoints[].content_type": "`format: template`: the body's `Content-Type`; a JSON type (`application/json`,"
+    " `*+json`) must render valid JSON",
     "endpoints[].secret": "signing secret, or a list of them (rotation: all are used to sign)",
     "endpoints[].secret_file": "file with one secret per non-empty line (instead of `secret`)",
     "endpoints[].signature": "how requests are signed (see Webhooks)",

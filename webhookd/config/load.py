@@ -20,10 +20,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from webhookd import messages
+
 from . import mqtt
 from .convert import Converter, key_path, kind
 from .schema import (
     DEFAULT_SIGNATURE_HEADER,
+    EVENT_KINDS,
     HEADER_NAME,
     RESERVED_HEADERS,
     Config,
@@ -99,6 +102,7 @@ def _endpoint(c: Converter, item: object, path: str, delivery: DeliveryConfig) -
                 c.add(spath, "standard-webhooks needs secrets of the form whsec_<base64>")
     if values.get("secret_field") is not None and not secret_given:
         c.add(f"{path}.secret_field", "needs a secret (set secret or secret_file)")
+    _format_keys(c, item, values, path)
     # Delivery refuses a link-local literal (sender.Target): say so now. (A DNS name is checked at delivery.)
     allowed = values.get("allow_link_local", False) or c.bad(f"{path}.allow_link_local")
     if "url" in values and not allowed and url_is_link_local(values["url"]):
@@ -107,6 +111,69 @@ def _endpoint(c: Converter, item: object, path: str, delivery: DeliveryConfig) -
     if len(c.problems) != n_before:
         return None
     return EndpointConfig(**values)
+
+
+TEMPLATE_KEYS = ("template", "template_file", "content_type")
+NOT_AN_OBJECT = "not for format: {0} (its body is not a JSON object of webhookd's)"
+
+
+def _format_keys(c: Converter, item: dict[Any, Any], values: dict[str, Any], path: str) -> None:
+    """The keys of `format: template` (CONTRACT §13): there and only there, one source, and a template that
+    renders every event type the endpoint can get (and `webhook.test`) with a sample event."""
+    if c.bad(f"{path}.format"):
+        return
+    fmt = values.get("format", "webhookd")
+    if fmt in ("ntfy", "template") and item.get("secret_field") is not None:
+        c.add(f"{path}.secret_field", NOT_AN_OBJECT.format(fmt))
+    given = [k for k in TEMPLATE_KEYS if item.get(k) is not None]
+    if fmt != "template":
+        for key in given:
+            c.add(f"{path}.{key}", "only for format: template")
+        return
+    if "template" in given and "template_file" in given:
+        c.add(f"{path}.template_file", "use either template or template_file, not both")
+        return
+    if "template" not in given and "template_file" not in given:
+        c.add(f"{path}.template", "required with format: template (or template_file: PATH)")
+        return
+    if "template_file" in given:
+        tpath, where = f"{path}.template_file", "template file"
+        if c.bad(tpath) or values.get("template_file") is None:
+            return
+        source = _read_template(c, tpath, values["template_file"])
+        if source is None:
+            return
+        values["template"] = source
+    else:
+        tpath, where = f"{path}.template", "template"
+        if c.bad(tpath) or "template" not in values:
+            return
+    if c.bad(f"{path}.content_type") or c.bad(f"{path}.events"):
+        return
+    events = values.get("events", frozenset(EVENT_KINDS))
+    kinds = [f"device.{k}" for k in EVENT_KINDS if k in events] + ["webhook.test"]
+    ctype = values.get("content_type", "application/json")
+    problem = messages.check_template(values["template"], ctype, values.get("name", ""), kinds, where)
+    if problem is not None:
+        c.add(tpath, problem)
+
+
+def _read_template(c: Converter, tpath: str, p: Path) -> str | None:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        c.add(tpath, f"file not found: {p}")
+        return None
+    except UnicodeDecodeError:
+        c.add(tpath, f"not a UTF-8 text file: {p}")
+        return None
+    except OSError as e:
+        c.add(tpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+        return None
+    if not text.strip():
+        c.add(tpath, f"empty template file: {p}")
+        return None
+    return text
 
 
 def _secrets(c: Converter, item: dict[Any, Any], values: dict[str, Any], path: str) -> list[tuple[str, str]]:

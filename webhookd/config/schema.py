@@ -11,6 +11,7 @@ span fields (secrets and signatures, headers) are in `load.py`.
 
 import fnmatch
 import ipaddress
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -39,7 +40,7 @@ from .units import (
 )
 
 EventKind = Literal["online", "offline", "utilizing", "unplugged", "address_changed", "still_offline"]
-Format = Literal["webhookd", "remoteit", "kobiton"]
+Format = Literal["webhookd", "remoteit", "kobiton", "slack", "discord", "teams", "ntfy", "template"]
 Signature = Literal["hmac-sha256", "standard-webhooks", "none"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -189,6 +190,15 @@ def _existing_file(p: Path, at: At) -> Path:
     return p
 
 
+_MEDIA_TYPE = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[^\x00-\x1f\x7f]*)?\Z")
+
+
+def _media_type(v: str, at: At) -> str:
+    if _MEDIA_TYPE.fullmatch(v.strip()) is None:
+        raise ValueError("must be a media type such as application/json or text/plain; charset=utf-8")
+    return v.strip()
+
+
 def _lower(aliases: dict[str, str] | None = None) -> Read:
     """A case-insensitive name: a Literal field's file form."""
 
@@ -293,6 +303,10 @@ class EndpointConfig(msgspec.Struct, frozen=True, kw_only=True):
         OR_NULL,
     ] = ("*",)
     format: Annotated[Format, _lower()] = "webhookd"
+    # format: template: the Jinja2 source (from `template`, or read from `template_file` by load.py).
+    template: Annotated[str, _not_blank("must not be empty")] | None = None
+    template_file: FilePath | None = None
+    content_type: Annotated[str, Check(_media_type)] = "application/json"
     # From `secret` (a string or a list, for rotation) or `secret_file` (one per non-empty line).
     secrets: Annotated[tuple[Secret, ...], Many(_STRINGS, empty="must list at least one secret"), OR_NULL] = (
         msgspec.field(default=(), name="secret")

@@ -27,7 +27,8 @@ from webhookd.dispatch.operator import OperatorActions
 from webhookd.dispatch.paging import Paging
 from webhookd.dispatch.sender import AttemptResult, Sender
 from webhookd.logs import get_logger
-from webhookd.payloads import render
+from webhookd.messages import RenderError
+from webhookd.payloads import render_request
 from webhookd.store import DeliveryRow, DeliveryStore, Receipt, StoreError
 
 log = get_logger("webhookd.dispatch")
@@ -209,14 +210,20 @@ class Dispatcher(Paging, OperatorActions):
     # --- one delivery --------------------------------------------------------------------------------------
 
     def _body(self, rt: EndpointRuntime, d: Delivery) -> bytes:
+        """The body for this endpoint (rendered once per config; its own headers go to `d.headers`)."""
         if d.body_for is not rt.cfg:
-            d.body = render(d.event, rt.cfg)
+            d.body, d.headers = render_request(d.event, rt.cfg)
             d.body_for = rt.cfg
         return d.body
 
     async def _deliver(self, rt: EndpointRuntime, generation: int, d: Delivery) -> None:
+        try:
+            body = self._body(rt, d)
+        except RenderError as e:  # a template failing on this event: no attempt can succeed
+            await self._undeliverable(rt, generation, d, f"template: {e}"[:200])
+            return
         started = self._clock()
-        result = await self.sender.attempt(rt.target, d.event.id, self._body(rt, d), d.attempts + 1)
+        result = await self.sender.attempt(rt.target, d.event.id, body, d.attempts + 1, d.headers)
         d.inflight = False  # the request is over: dropping its lane from here on makes it no stale attempt
         if self.on_result is not None:
             self.on_result(rt.cfg.name, result)
@@ -275,6 +282,18 @@ class Dispatcher(Paging, OperatorActions):
             await self._persist(receipt, rt)
             if generation == rt.generation and self.endpoints.get(rt.cfg.name) is rt:
                 heapq.heappush(rt.ready, (d.due, d.id, d.event.device_id))
+
+    async def _undeliverable(self, rt: EndpointRuntime, generation: int, d: Delivery, error: str) -> None:
+        """`d` has no body (its endpoint's template fails on its event): dead at once, nothing sent. Not the
+        receiver's failure, so the endpoint's health and last_error stay as they are."""
+        d.inflight = False
+        log.warning("delivery_dead", endpoint=rt.cfg.name, delivery_id=d.id, device=d.event.device_id, error=error)
+        if await self._persist(Receipt(d.id, "dead", d.attempts, None, None, error), rt):
+            self._stale.discard(d.id)
+            if generation == rt.generation and self.endpoints.get(rt.cfg.name) is rt:
+                self._advance(rt, d, self._clock())
+        else:
+            self._retry_head(rt, generation, d, RESAVE_DELAY)
 
     def _settle_receipt(
         self, rt: EndpointRuntime, generation: int, d: Delivery, result: AttemptResult, now: float, stale: bool

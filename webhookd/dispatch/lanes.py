@@ -20,7 +20,7 @@ import fnmatch
 import heapq
 import re
 from collections import deque
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from webhookd.config import EndpointConfig
@@ -42,6 +42,7 @@ class Delivery:
     attempts: int
     due: float  # monotonic
     body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)  # the body's own headers (ntfy's Title, ...)
     body_for: EndpointConfig | None = None  # the endpoint config the cached body was rendered for
     inflight: bool = False
     settling: bool = False  # delivered; its receipt is waiting for its commit (the lane has not moved on)

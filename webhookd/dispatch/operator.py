@@ -15,7 +15,8 @@ from webhookd.dispatch import retry
 from webhookd.dispatch.lanes import EndpointRuntime
 from webhookd.dispatch.sender import AttemptResult, Sender
 from webhookd.logs import get_logger
-from webhookd.payloads import make_test_event, render
+from webhookd.messages import RenderError
+from webhookd.payloads import make_test_event, render_request
 from webhookd.states import DeliveryStatus
 from webhookd.store import DeliveryStore, EndpointRow, Requeued, StoreError
 
@@ -156,7 +157,12 @@ class OperatorActions:
         if rt is None:
             return None
         event = make_test_event(self._wall())
-        result = await self.sender.attempt(rt.target, event.id, render(event, rt.cfg), 1)
+        try:
+            body, headers = render_request(event, rt.cfg)
+        except RenderError as e:
+            result = AttemptResult(False, None, f"template: {e}"[:200], 0.0)
+        else:
+            result = await self.sender.attempt(rt.target, event.id, body, 1, headers)
         log.info(
             "endpoint_tested",
             endpoint=name,

@@ -17,7 +17,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -30,6 +30,7 @@ from yarl import URL
 from webhookd import __version__
 from webhookd.config import EndpointConfig
 from webhookd.config.units import is_link_local
+from webhookd.payloads import content_type
 from webhookd.signing import signature_headers
 
 USER_AGENT = f"webhookd/{__version__}"
@@ -63,7 +64,7 @@ class Target:
         self.timeout = aiohttp.ClientTimeout(total=cfg.timeout)
         # Case-insensitive: standard-webhooks' own `webhook-id` must replace ours, not be sent twice.
         self.headers: CIMultiDict[str] = CIMultiDict(cfg.headers)
-        self.headers["Content-Type"] = "application/json"
+        self.headers["Content-Type"] = content_type(cfg)
         self.url = URL(cfg.url)
         host = (urlsplit(cfg.url).hostname or "").strip("[]")
         self.blocked_literal = not cfg.allow_link_local and is_link_local(host)
@@ -128,8 +129,11 @@ class Sender:
             await self._session.close()
             self._session = None
 
-    async def attempt(self, target: Target, event_id: str, body: bytes, n: int) -> AttemptResult:
-        """POST `body` as attempt number `n` of event `event_id`, signed as the endpoint says."""
+    async def attempt(
+        self, target: Target, event_id: str, body: bytes, n: int, body_headers: Mapping[str, str] | None = None
+    ) -> AttemptResult:
+        """POST `body` as attempt number `n` of event `event_id`, signed as the endpoint says. `body_headers`
+        (a format's own, such as ntfy's Title) go along unless the endpoint's `headers` set them."""
         if target.blocked_literal:
             host = target.url.host or ""
             detail = f"{host} is a link-local address (cloud metadata lives there): not attempted; "
@@ -142,6 +146,8 @@ class Sender:
             headers = target.headers.copy()
             headers["Webhook-Id"] = event_id
             headers["Webhook-Attempt"] = str(n)
+            for name, value in (body_headers or {}).items():
+                headers.setdefault(name, value)
             headers.update(signature_headers(target.cfg, event_id, body, int(self._wall())))
             async with self._session.post(
                 target.url,
