@@ -16,7 +16,7 @@ define pip_install
 	  || { cat $(PIP_LOG); echo "pip install $(1) failed (log: $(PIP_LOG))"; exit 1; }
 endef
 
-.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools mosquitto-tools bench
+.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools mosquitto-tools adaptivecards-tools bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "webhookd needs Python >= 3.11"'
@@ -45,10 +45,10 @@ typecheck: $(TEST_STAMP)
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
 
-unit: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools
+unit: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
-test: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools
+test: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
@@ -102,6 +102,27 @@ mosquitto-tools:
 	  fi; \
 	fi
 
+# tests/test_messages.py checks the `teams` format's Adaptive Card with Microsoft's own parser (the npm package
+# adaptivecards, pinned with its lock file in tests/adaptivecards/): installed there with npm (node >= 18), and
+# Debian's nodejs and npm packages first when npm is missing (root on Debian/Ubuntu). Without them that test skips
+# (and fails under CI=true).
+AC_STAMP := tests/adaptivecards/node_modules/.installed
+$(AC_STAMP): tests/adaptivecards/package.json tests/adaptivecards/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's nodejs and npm packages (the Adaptive Card check of tests/test_messages.py)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      nodejs npm; } >/dev/null 2>&1 || echo "warning: could not install npm; the Adaptive Card check will skip"; \
+	fi
+	@if command -v npm >/dev/null 2>&1; then \
+	  echo "npm ci (tests/adaptivecards: Microsoft's Adaptive Cards parser)"; \
+	  cd tests/adaptivecards && npm ci --no-audit --no-fund --silent && touch node_modules/.installed; \
+	else \
+	  echo "note: npm is missing; the Adaptive Card check of tests/test_messages.py will skip"; \
+	fi
+
+adaptivecards-tools:
+	@$(MAKE) -s --no-print-directory $(AC_STAMP) || echo "warning: npm ci failed; the Adaptive Card check will skip"
+
 # Benchmarks (issue 5), never part of `make test`: the real daemon vs bare baselines in the same run, with and
 # without uvloop; ~35 min (rows 7-9 add ~12; rows 10-12, MQTT against a throwaway mosquitto, ~5). BENCH_ARGS="--rows 1,2 --repeats 5", "--profile" (py-spy), BENCH_QUICK=1 (smoke run).
 # wrk (Debian package) drives the load; without it bench/loadgen.py (aiohttp) does, and the output says so.
@@ -123,4 +144,4 @@ bench: $(BENCH_STAMP) mosquitto-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache tests/adaptivecards/node_modules
