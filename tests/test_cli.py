@@ -444,6 +444,8 @@ DEVICES: list[dict[str, Any]] = [
         "address": "10.0.0.17",
         "owner": "ops@example.com",
         "last_seen": iso(NOW - timedelta(seconds=42)),
+        "muted": True,
+        "muted_until": iso(NOW + timedelta(hours=1)),
         "source": "http",
     },
     {
@@ -453,6 +455,8 @@ DEVICES: list[dict[str, Any]] = [
         "address": None,
         "owner": None,
         "last_seen": iso(NOW - timedelta(days=30)),
+        "muted": False,
+        "muted_until": None,
         "source": "mqtt",
     },
 ]
@@ -660,7 +664,10 @@ def test_devices_table(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.Captur
     rc, out, _ = run(["devices", "-c", str(cfg)], capsys)
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "STATE", "LAST", "SEEN", "ADDRESS", "SOURCE"]
+    assert lines[0].split() == ["ID", "NAME", "STATE", "MUTED", "LAST", "SEEN", "ADDRESS", "SOURCE"]
+    until = (NOW + timedelta(hours=1)).astimezone(UTC).strftime("%H:%M")
+    assert lines[1].split()[4:6] == ["until", f"{until}Z"]
+    assert lines[2].split()[2:4] == ["offline", "-"]
     assert all(len(line) <= 100 for line in lines)
     # NOW is fixed at import: a slow suite makes "42s ago" older, never newer.
     assert "printer-17" in lines[1] and re.search(r"\d+[sm] ago", lines[1]) and "10.0.0.17" in lines[1]
@@ -840,6 +847,27 @@ def test_client_errors(fake_admin: tuple[FakeAdmin, Path]) -> None:
     assert e500.value.status == 500 and "Internal Server Error" in e500.value.message
     assert client.get("/v1/status", object) == STATUS
     assert client.get("/v1/status", api_types.Status).devices.total == 12
+
+
+def test_a_device_answer_without_muted_decodes_as_not_muted() -> None:
+    """A daemon older than mutes sends no muted / muted_until."""
+    older = {k: v for k, v in DEVICES[0].items() if k not in ("muted", "muted_until")}
+    info = msgspec.json.decode(msgspec.json.encode(older), type=api_types.DeviceInfo)
+    assert info.muted is False and info.muted_until is None
+
+
+def test_devices_mute_unmute_forget_parse_with_help() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["devices", "mute", "printer-*", "--for", "2h", "--reason", "monthly service"])
+    assert (args.action, args.match, args.for_, args.reason) == ("mute", "printer-*", "2h", "monthly service")
+    assert parser.parse_args(["devices", "unmute", "printer-*", "--json"]).json is True
+    assert parser.parse_args(["devices", "forget", "old-1"]).id == "old-1"
+    assert parser.parse_args(["devices", "--state", "offline"]).state == "offline"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["devices"]
+    actions = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("mute", "unmute", "forget"):
+        for action in actions.choices[name]._actions:
+            assert action.help, f"devices {name}: {action.option_strings or action.dest} has no help"
 
 
 @pytest.mark.parametrize(

@@ -151,8 +151,43 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate the config file", plain)
     add("status", cmd_status, "daemon summary", data)
 
-    p = add("devices", cmd_devices, "list devices", data)
+    p = add("devices", cmd_devices, "list devices, or mute / unmute / forget some", data)
     p.add_argument("--state", choices=DEVICE_STATES, default=argparse.SUPPRESS, help="only devices in this state")
+    dv_sub = p.add_subparsers(dest="action", metavar="ACTION", help="without one: list the devices")
+    mp = dv_sub.add_parser(
+        "mute",
+        help="maintenance: record these devices' events but deliver none",
+        description="Mute devices for maintenance: their state is still tracked and their events recorded, but "
+        "no webhooks are sent for them while muted (deliveries made before continue; nothing is sent afterwards "
+        "for what happened meanwhile). A glob also mutes devices that first appear while it lasts. Muting the "
+        "same ID|GLOB again replaces its mute.",
+        parents=[data],
+    )
+    mp.add_argument("match", metavar="ID|GLOB", help="a device id, or a glob on device ids (quote it: 'printer-*')")
+    mp.add_argument(
+        "--for",
+        dest="for_",
+        metavar="DURATION",
+        default=argparse.SUPPRESS,
+        help="end the mute by itself after this long (30m, 2h, 1d; default: until unmute)",
+    )
+    mp.add_argument("--reason", metavar="TEXT", default=argparse.SUPPRESS, help="why (shown in the log and the answer)")
+    up = dv_sub.add_parser(
+        "unmute",
+        help="end a mute (deliveries resume for new events)",
+        description="End the mute made with exactly this ID|GLOB. A device muted by a glob is unmuted by "
+        "unmuting that glob (the error names it).",
+        parents=[data],
+    )
+    up.add_argument("match", metavar="ID|GLOB", help="the ID or GLOB the mute was made with")
+    fp = dv_sub.add_parser(
+        "forget",
+        help="drop a decommissioned device: its state, timer and mute",
+        description="Drop a decommissioned device: its state, silence timer and mute go, and no event is made; "
+        "the deliveries of its past events continue. A later heartbeat brings it back as a new device.",
+        parents=[data],
+    )
+    fp.add_argument("id", metavar="ID", help="device id (see `webhookd devices`)")
 
     p = add("endpoints", cmd_endpoints, "list endpoints, or enable / disable / test one", data)
     ep_sub = p.add_subparsers(dest="action", metavar="ACTION", help="without one: list the endpoints")

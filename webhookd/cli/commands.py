@@ -106,9 +106,84 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ devices
 
 
+def _muted_cell(muted: bool, until: datetime | None, now: datetime) -> str:
+    """The MUTED column: ``-``, ``yes`` (until unmute), ``until 16:00Z`` (today's or tomorrow's),
+    ``until 12-24 16:00Z`` (later)."""
+    if not muted:
+        return "-"
+    if until is None:
+        return "yes"
+    t = aware(until).astimezone(UTC)
+    if (t - now).total_seconds() < 86400:
+        return f"until {t:%H:%M}Z"
+    return f"until {t:%m-%d %H:%M}Z"
+
+
+def _until_words(until: datetime | None, now: datetime) -> str:
+    if until is None:
+        return "until unmuted"
+    t = aware(until).astimezone(UTC)
+    return f"until {t:%Y-%m-%d %H:%M:%S}Z ({format_time(t, now)})"
+
+
+def _named(ids: list[str], show: int = 10) -> str:
+    """``printer-1, printer-2`` (past ``show`` of them: ``..., and 5 more``)."""
+    more = f" and {len(ids) - show} more" if len(ids) > show else ""
+    return ", ".join(ids[:show]) + more
+
+
+def _mute(args: argparse.Namespace, action: str) -> int:
+    from webhookd.api_types import MuteInfo, MuteRequest, UnmuteRequest
+    from webhookd.mutes import is_glob
+
+    match: str = args.match
+    client = admin_client(args)
+    body: MuteRequest | UnmuteRequest
+    if action == "mute":
+        body = MuteRequest(match, getattr(args, "for_", None), getattr(args, "reason", None))
+    else:
+        body = UnmuteRequest(match)
+    raw = client.request("POST", f"/v1/devices/{action}", body)
+    if _json(args):
+        print_json(client.decode(raw, object))
+        return EXIT_OK
+    rule = client.decode(raw, MuteInfo)
+    now = datetime.now(UTC)
+    n = len(rule.devices)
+    covered = f"{n} device{'' if n == 1 else 's'}" + (f" ({_named(rule.devices)})" if n else "")
+    if action == "unmute":
+        print(f"unmuted {match!r}: deliveries resume for the next events of {covered} (nothing is sent for the past)")
+        return EXIT_OK
+    why = f" ({rule.reason})" if rule.reason else ""
+    print(f"muted {match!r} {_until_words(rule.until, now)}{why}: {covered} now")
+    if is_glob(rule.match):
+        print("devices that first appear while it lasts are muted too; their events are recorded, not delivered")
+    return EXIT_OK
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from webhookd.api_types import DeviceInfo
+
+    dev_id: str = args.id
+    client = admin_client(args)
+    raw = client.request("DELETE", "/v1/devices/" + quote(dev_id, safe=""))
+    if _json(args):
+        print_json(client.decode(raw, object))
+        return EXIT_OK
+    dev = client.decode(raw, DeviceInfo)
+    mute = " and its mute" if dev.muted else ""
+    print(f"forgot device {dev.id!r} (was {dev.state}){mute}; its pending deliveries continue")
+    return EXIT_OK
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from webhookd.api_types import DeviceInfo
 
+    action = getattr(args, "action", None)
+    if action in ("mute", "unmute"):
+        return _mute(args, action)
+    if action == "forget":
+        return _forget(args)
     state = getattr(args, "state", None)
     client = admin_client(args)
     if _json(args):
@@ -120,9 +195,19 @@ def cmd_devices(args: argparse.Namespace) -> int:
         return EXIT_OK
     now = datetime.now(UTC)
     rows = [
-        [dash(d.id), dash(d.name), d.state, format_time(d.last_seen, now), dash(d.address), d.source] for d in devices
+        [
+            dash(d.id),
+            dash(d.name),
+            d.state,
+            _muted_cell(d.muted, d.muted_until, now),
+            format_time(d.last_seen, now),
+            dash(d.address),
+            d.source,
+        ]
+        for d in devices
     ]
-    print(render_table(["ID", "NAME", "STATE", "LAST SEEN", "ADDRESS", "SOURCE"], rows, flexible=(1, 0)))
+    headers = ["ID", "NAME", "STATE", "MUTED", "LAST SEEN", "ADDRESS", "SOURCE"]
+    print(render_table(headers, rows, flexible=(1, 0)))
     return EXIT_OK
 
 
