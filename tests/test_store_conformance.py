@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.test_retention import event
+from webhookd.mutes import MuteRule
 from webhookd.payloads import EventData
 from webhookd.presence import Device
 from webhookd.states import DeliveryStatus
@@ -373,6 +374,37 @@ async def test_devices_round_trip(backend: Backend) -> None:
         "d1": ("online", "10.0.0.2"),
         "d2": ("utilizing", None),
     }
+
+
+async def test_mutes_round_trip_replace_by_match_and_delete(backend: Backend) -> None:
+    store = backend.store
+    assert await store.load_mutes() == []
+    await store.save_mute(MuteRule("printer-*", None, "toner", 10.0, "alice"))
+    await store.save_mute(MuteRule("ap-1", 99.5, None, 11.0, None))
+    await store.save_mute(MuteRule("printer-*", 50.0, "service", 12.0, "bob"))  # replaces
+    assert await store.load_mutes() == [
+        MuteRule("ap-1", 99.5, None, 11.0, None),
+        MuteRule("printer-*", 50.0, "service", 12.0, "bob"),
+    ]
+    await store.close()
+    again = await backend.reopen()
+    assert [r.match for r in await again.load_mutes()] == ["ap-1", "printer-*"]
+    assert await again.delete_mutes(["ap-1", "nothing"]) == 1
+    assert await again.delete_mutes([]) == 0
+    assert await again.load_mutes() == [MuteRule("printer-*", 50.0, "service", 12.0, "bob")]
+
+
+async def test_forget_device_deletes_its_row_and_its_mute_but_not_its_deliveries(store: DeliveryStore) -> None:
+    [row] = await add(store, "old-1", ("a", "pending"))
+    await add(store, "keep", ("a", "pending"))
+    await store.save_mute(MuteRule("old-1", None, None, 1.0, None))
+    await store.save_mute(MuteRule("old-*", None, None, 1.0, None))
+    assert await store.forget_device("old-1") is True
+    assert {d.id for d in await store.load_devices()} == {"keep"}
+    assert [r.match for r in await store.load_mutes()] == ["old-*"]  # a glob is not its mute
+    assert row.id in await pending_ids(store, "a")  # still delivered
+    assert await store.forget_device("old-1") is False
+    assert await store.forget_device("never") is False
 
 
 async def test_delivery_counts_and_listing_filters(store: DeliveryStore) -> None:
