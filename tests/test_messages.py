@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.header
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import stripe
+import yaml
 
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import SECRET, endpoint
@@ -493,3 +495,28 @@ def test_reference_documents_every_format() -> None:
 def test_sample_events_cover_every_type() -> None:
     assert [e.type for e in messages.sample_events(EVENT_TYPES)] == list(EVENT_TYPES)
     assert replace(messages.sample_events(["device.still_offline"])[0]).reminder == 2
+
+
+def test_readme_endpoint_snippets_pass_check_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("## Notifications people read")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    endpoints = [b for b in blocks if not b.startswith("- alias")]
+    assert len(endpoints) == 6 and len(blocks) == 7
+    env = {
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T1/B1/x",
+        "DISCORD_WEBHOOK_URL": "https://discord.com/api/webhooks/1/x",
+        "TEAMS_WORKFLOW_URL": "https://example.com/workflows/1/triggers/manual/paths/invoke?sig=x",
+        "NTFY_TOKEN": "tk_x",
+        "GOTIFY_TOKEN": "g",
+    }
+    names = []
+    for i, block in enumerate(endpoints):
+        cfg = tmp_path / f"c{i}.yaml"
+        cfg.write_text("admin:\n  socket: ./admin.sock\nendpoints:\n" + block)
+        (e,) = load_config(cfg, env=env).endpoints
+        names.append(e.format)
+    assert names == ["slack", "discord", "teams", "ntfy", "webhookd", "template"]
+    automation = yaml.safe_load(next(b for b in blocks if b.startswith("- alias")))
+    assert automation[0]["triggers"][0]["webhook_id"] in endpoints[4]
