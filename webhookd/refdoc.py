@@ -161,7 +161,8 @@ def _command(lines: list[str], words: list[str], parser: argparse.ArgumentParser
             continue
         text = action.help if isinstance(action.help, str) else ""
         text = text.replace("|", "\\|")
-        rows.append(f"| `{_option(action)}` | {text} |")
+        option = _option(action).replace("|", "\\|")  # a table cell, also inside backticks (ID|GLOB)
+        rows.append(f"| `{option}` | {text} |")
     if subs:
         metavar = next(a.metavar for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         shown = ", ".join(f"`{n}`" for n, _ in subs)
