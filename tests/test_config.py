@@ -591,7 +591,8 @@ def test_every_problem_is_reported_at_once() -> None:
         "endpoints[0].events[1]: unknown event 'bogus' (expected online, offline, utilizing, unplugged, "
         "address_changed, still_offline or all)",
         "endpoints[0].concurrency: must be >= 1",
-        "endpoints[1].format: must be one of webhookd, remoteit, kobiton, slack, discord, teams, ntfy, template (got 'xml')",
+        "endpoints[1].format: must be one of webhookd, remoteit, kobiton, slack, discord, teams, ntfy, template"
+        " (got 'xml')",
         "logging.level: must be one of debug, info, warning, error (got 'loud')",
     ]
 
