@@ -409,7 +409,8 @@ async def test_cli_against_running_daemon_and_without_one(daemon: DaemonFactory,
     out = await d.cli("devices", "--json")
     devices = json.loads(out.stdout)
     assert devices[0]["id"] == "lab-1" and devices[0]["last_seen"].endswith("Z")
-    assert set(devices[0]) == {"id", "name", "state", "address", "owner", "last_seen", "source"}
+    assert set(devices[0]) == {"id", "name", "state", "address", "owner", "last_seen", "muted", "muted_until", "source"}
+    assert devices[0]["muted"] is False and devices[0]["muted_until"] is None
     out = await d.cli("endpoints", "--json")
     eps = json.loads(out.stdout)
     assert set(eps[0]) == {
