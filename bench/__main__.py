@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench`: the rows of issues 5 and 9 against the real daemon, each beside a bare
+"""`make bench` / `python -m bench`: the rows of issues 5, 9 and 11 against the real daemon, each beside a bare
 baseline measured in the same run, with and without uvloop.
 
     python -m bench                       # every row, uvloop and plain asyncio, 3 repeats (medians)
@@ -12,6 +12,8 @@ Rows 1-6 are issue 5's. Rows 7-9 are issue 9's: 7 a backlog of 1,000,000 pending
 endpoint (7a RSS over the idle daemon, 7b time to READY), 8 memory through row 5's power cut (8a peak, 8b
 after the backlog is delivered), both sampled from /proc/PID/status; 9 the stdlib sqlite3 writer beside
 aiosqlite (bench.aiosqlite_compare, 9a-c: 1, 8, 64 writers). Rows 4, 6, 7 and 8 print two lines, row 9 three.
+Rows 10-12 are issue 11's (bench.mqtt, a throwaway mosquitto): 10 MQTT availability ingest vs a bare aiomqtt
+subscriber, 11 10,000 retained availabilities reconciled at startup, 12 will-to-webhook latency (~5 min both loops).
 
 The daemon runs on core 0 and the load (wrk, receivers, load generators, this driver) on core 1 when the
 machine has two cores (BENCH_NO_PIN=1 turns pinning off). Results: a table on stdout, plus results.json and
