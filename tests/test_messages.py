@@ -459,6 +459,14 @@ async def test_heartbeat_reaches_receivers_as_messages_for_people(
     assert n2.body.decode() == "printer-1 (Drucker 1) is offline: it reported a shutdown"
     assert (n2.headers["Priority"], n2.headers["Tags"]) == ("high", "red_circle,offline")
 
+    # `endpoints test` goes the same way: the format's Content-Type and headers reach the request.
+    out = await d.cli("endpoints", "test", "ntfy")
+    assert out.returncode == 0, out.stderr
+    n3 = (await rs["ntfy"].wait_for(3))[2]
+    assert n3.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert (n3.headers["Title"], n3.headers["Tags"]) == ("webhookd test", "test_tube,test")
+    assert n3.body.decode().startswith("webhookd-test (webhookd test): a test message")
+
 
 async def test_a_template_failing_at_delivery_makes_that_delivery_dead(
     daemon: DaemonFactory, receiver: ReceiverFactory
