@@ -78,3 +78,13 @@ def test_zero_settle_still_collects_the_replay_of_one_moment() -> None:
     assert s.offer(R("a", ON), 5.0) == []
     assert s.due(5.0) == [R("a", ON)]
     assert s.offer(R("b", ON), 5.1) == [R("b", ON)]
+
+
+def test_a_will_followed_by_online_leaves_no_stale_wakeup_and_a_new_will_its_own_due() -> None:
+    s = settled()
+    s.offer(R("a", OFF), 11.0)
+    assert s.offer(R("a", ON), 11.1) == [R("a", OFF), R("a", ON)]
+    assert s.next_wakeup() is None  # the stale due is dropped
+    s.offer(R("a", OFF), 12.0)
+    assert s.next_wakeup() == 12.0 + WILL_GRACE
+    assert s.due(11.0 + WILL_GRACE) == [] and s.due(12.0 + WILL_GRACE) == [R("a", OFF)]

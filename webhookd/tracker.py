@@ -76,8 +76,9 @@ class Tracker:
         self.on_suppressed: Callable[[str], None] | None = None
         self.mutes = Mutes()  # maintenance: events of covered devices are recorded without deliveries
 
-    async def heartbeats(self, hbs: Sequence[Heartbeat]) -> list[HeartbeatAnswer]:
-        """Apply heartbeats in order; returns (device, state, changed) each once every event is durable.
+    async def heartbeats(self, hbs: Sequence[Heartbeat], *, summarize: bool = False) -> list[HeartbeatAnswer]:
+        """Apply heartbeats in order; returns (device, state, changed) each once every event is durable. With
+        `summarize`, a batch that makes more than LOG_EACH_MAX events logs one line (an MQTT burst).
 
         Raises StoreError when the events could not be recorded (nothing of this call is then applied)."""
         # Wait until none of these devices has a commit in flight, then apply them all and register our own
@@ -98,7 +99,7 @@ class Tracker:
             if a.transition is not None:
                 applied.append(a)
         if applied:
-            await self._record(self._prepare(applied))
+            await self._record(self._prepare(applied), summarize)
         return results
 
     def heartbeat_nowait(self, hb: Heartbeat) -> HeartbeatAnswer | asyncio.Task[HeartbeatAnswer]:
@@ -128,8 +129,8 @@ class Tracker:
         await self._record(c)
         return answer
 
-    async def _record(self, c: _Commit) -> None:
-        await self._finish(c)
+    async def _record(self, c: _Commit, summarize: bool = False) -> None:
+        await self._finish(c, summarize=summarize)
         self._wake.set()  # a new live device may now hold the earliest deadline
 
     def _prepare(self, applied: list[Applied]) -> _Commit:
@@ -195,15 +196,20 @@ class Tracker:
             for _ in muted:
                 self.on_suppressed("muted")
         if summarize and len(events) > LOG_EACH_MAX:
-            # A power cut: one line per chunk, not 100,000 (journald would drop most of them anyway; every event
-            # is in the store and its webhooks).
-            log.info(
-                "devices_offline",
-                count=len(events),
-                reason=events[0][1].reason,
-                devices=[e.device_id for _, e, _ in events[:LOG_SAMPLE]],
-                deliveries=sum(len(targets) for _, _, targets in events),
-            )
+            # A power cut or an MQTT burst: one line per chunk, not 100,000 (journald would drop most of them
+            # anyway; every event is in the store and its webhooks).
+            by_type: dict[str, int] = {}
+            for _, e, _ in events:
+                by_type[e.type] = by_type.get(e.type, 0) + 1
+            common = {
+                "count": len(events),
+                "devices": [e.device_id for _, e, _ in events[:LOG_SAMPLE]],
+                "deliveries": sum(len(targets) for _, _, targets in events),
+            }
+            if list(by_type) == ["device.offline"]:
+                log.info("devices_offline", reason=events[0][1].reason, **common)
+            else:
+                log.info("devices_changed", types=by_type, **common)
             return
         for i, (a, ch) in enumerate(zip(c.applied, c.changes, strict=True)):
             t, made = a.transition, ch.event

@@ -274,6 +274,7 @@ class MqttPresence:
     async def _route(self, messages: Sequence[aiomqtt.Message]) -> None:
         now = self._clock()
         ready: list[Reading] = []
+        waiting = self.settle.waiting()
         for m in messages:
             payload = m.payload if isinstance(m.payload, bytes) else str(m.payload or "").encode()
             routed = self.sources.route(m.topic.value, payload)
@@ -288,7 +289,8 @@ class MqttPresence:
             for reading in meaning:
                 self._device_source[reading.device] = name
                 ready.extend(self.settle.offer(reading, now))
-        self._wake.set()  # the settle may hold something new
+        if self.settle.waiting() != waiting:
+            self._wake.set()  # the settle holds something new: the ticker looks at its next due time
         if ready:
             await self._apply(ready)
 
@@ -339,7 +341,7 @@ class MqttPresence:
                 ]
                 while True:
                     try:
-                        answers = await self.tracker.heartbeats(hbs)
+                        answers = await self.tracker.heartbeats(hbs, summarize=True)
                         break
                     except StoreError as e:
                         log.warning("mqtt_not_recorded", devices=len(hbs), error=str(e), retry_in_s=STORE_RETRY)

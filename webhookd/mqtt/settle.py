@@ -17,6 +17,7 @@ order received and applies what it hands back, in that order.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -44,6 +45,9 @@ class Settle(Generic[R]):
     until: float | None = None  # end of the settle window in progress
     _window: dict[str, R] = field(default_factory=dict)  # device -> last reading within the window
     _held: dict[str, tuple[float, R]] = field(default_factory=dict)  # device -> (due, offline reading)
+    # (due, device) of the held readings, so that a batch costs O(log n), not a scan of every held will; an
+    # entry whose device is no longer held with that due is stale and dropped when it reaches the top.
+    _dues: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def settling(self) -> bool:
@@ -56,6 +60,7 @@ class Settle(Generic[R]):
         for device, (_, reading) in self._held.items():
             self._window[device] = reading
         self._held.clear()
+        self._dues.clear()
 
     def disconnect(self) -> None:
         """The connection dropped: held wills stay held (they go to the next window)."""
@@ -70,7 +75,10 @@ class Settle(Generic[R]):
         held = self._held.pop(reading.device, None)
         if reading.state == "offline":
             # a repeated will keeps the first one's due time
-            self._held[reading.device] = (now + self.grace if held is None else held[0], reading)
+            due = now + self.grace if held is None else held[0]
+            self._held[reading.device] = (due, reading)
+            if held is None:
+                heapq.heappush(self._dues, (due, reading.device))
             return []
         return [held[1], reading] if held is not None else [reading]
 
@@ -82,16 +90,30 @@ class Settle(Generic[R]):
             out.extend(self._window.values())
             self._window.clear()
             self.until = None
-        if self.connected and self._held:
-            ripe = [device for device, (due, _) in self._held.items() if due <= now]
-            out.extend(self._held.pop(device)[1] for device in ripe)
+        if self.connected:
+            dues = self._dues
+            while dues and dues[0][0] <= now:
+                due, device = heapq.heappop(dues)
+                held = self._held.get(device)
+                if held is not None and held[0] == due:
+                    out.append(self._held.pop(device)[1])
         return out
+
+    def _next_held(self) -> float | None:
+        dues = self._dues
+        while dues:
+            due, device = dues[0]
+            held = self._held.get(device)
+            if held is not None and held[0] == due:
+                return due
+            heapq.heappop(dues)  # stale: that will was followed by an online, or went to a window
+        return None
 
     def next_wakeup(self) -> float | None:
         """When `due` next has something to hand back (None: nothing is waiting)."""
         times = [self.until] if self.until is not None else []
-        if self.connected:
-            times.extend(due for due, _ in self._held.values())
+        if self.connected and (held := self._next_held()) is not None:
+            times.append(held)
         return min(times, default=None)
 
     def waiting(self) -> int:
