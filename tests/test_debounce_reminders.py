@@ -6,7 +6,7 @@ import asyncio
 import time
 from datetime import datetime
 
-from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.conftest import BrokerFactory, DaemonFactory, ReceiverFactory
 from tests.harness import Receiver, endpoint
 
 
@@ -105,3 +105,27 @@ async def test_reminders_while_offline_subscribable_and_no_burst_after_a_restart
     k = len(reminders.got)
     await asyncio.sleep(1.5)
     assert len(reminders.got) == k
+
+
+async def test_an_mqtt_device_back_within_the_debounce_makes_no_event(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    b = await broker()
+    r = await receiver()
+    d = await daemon(
+        [endpoint("sink", r)],
+        presence={"debounce": "2s"},
+        mqtt={"url": b.url, "settle": "200ms", "sources": [{"preset": "tasmota"}]},
+    )
+    await b.pub("tele/plug/LWT", "Online", retain=True)
+    await r.wait_for(1, timeout=10)
+    await b.pub("tele/plug/LWT", "Offline", retain=True)  # a Wi-Fi blip: its will
+    await asyncio.sleep(0.5)
+    await b.pub("tele/plug/LWT", "Online", retain=True)
+    await asyncio.sleep(2.5)
+    assert seen(r) == [("device.online", "plug", "connected")]
+    await b.pub("tele/plug/LWT", "Offline", retain=True)  # gone for good: one offline, after the debounce
+    await r.wait_for(2, timeout=6)
+    assert seen(r)[1] == ("device.offline", "plug", "disconnected")
+    _, dev = await d.admin("GET", "/v1/devices/plug")
+    assert dev["source"] == "mqtt"
