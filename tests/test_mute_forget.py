@@ -45,7 +45,7 @@ async def test_a_timed_glob_mute_records_events_delivers_none_and_ends_by_itself
     await d.heartbeat("scanner-1")
     await r.wait_for(2)
 
-    p = await d.cli("devices", "mute", "printer-*", "--for", "2s", "--reason", "toner swap")
+    p = await d.cli("devices", "mute", "printer-*", "--for", "1h", "--reason", "toner swap")
     assert p.returncode == 0, p.stderr
     assert "muted 'printer-*' until" in p.stdout and "(toner swap)" in p.stdout and "1 device (printer-1)" in p.stdout
     muted_at = time.time()
@@ -71,7 +71,7 @@ async def test_a_timed_glob_mute_records_events_delivers_none_and_ends_by_itself
 
     devs = await devices(d)
     assert devs["printer-1"]["muted"] is True and devs["printer-2"]["muted"] is True
-    assert abs(ts(devs["printer-1"]["muted_until"]) - (muted_at + 2)) < 1.0
+    assert abs(ts(devs["printer-1"]["muted_until"]) - (muted_at + 3600)) < 2.0
     assert devs["scanner-1"]["muted"] is False and devs["scanner-1"]["muted_until"] is None
     table = await d.cli("devices")
     assert table.returncode == 0 and "MUTED" in table.stdout
@@ -80,11 +80,22 @@ async def test_a_timed_glob_mute_records_events_delivers_none_and_ends_by_itself
     assert max(len(line) for line in table.stdout.splitlines()) <= 100
 
     [line] = logged(d, "device_muted")
-    assert line["match"] == "printer-*" and line["devices"] == 1 and line["reason"] == "toner swap"
+    assert (
+        line["match"] == "printer-*"
+        and line["devices"] == 1
+        and line["replaced"] is False
+        and line["reason"] == "toner swap"
+    )
     assert line["by"] == ME and line["until"] == devs["printer-1"]["muted_until"]
 
-    # Expiry needs no action: deliveries resume for new events, nothing is sent for what happened meanwhile.
-    await eventually(lambda: time.time() > muted_at + 2.2, timeout=5)
+    # Muting the glob again replaces its mute, now for 1s. Expiry needs no action: deliveries resume for new
+    # events, nothing is sent for what happened meanwhile.
+    p = await d.cli("devices", "mute", "printer-*", "--for", "1s", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["devices"] == ["printer-1", "printer-2"]
+    assert logged(d, "device_muted")[-1]["replaced"] is True
+    until = ts(json.loads(p.stdout)["until"])
+    await eventually(lambda: time.time() > until + 0.1, timeout=5)
     devs = await devices(d)
     assert not devs["printer-1"]["muted"] and devs["printer-1"]["muted_until"] is None
     await d.heartbeat("printer-1")
@@ -186,18 +197,22 @@ async def test_no_reminders_for_a_muted_device_and_the_count_goes_on(
     r = await receiver()
     d = await daemon([endpoint("sink", r)], presence={"remind_every": "1s"})
     await d.heartbeat("ap-1")
-    await d.heartbeat("ap-1", "shutdown")
-    await r.wait_for(2)
+    await r.wait_for(1)
     assert (await d.cli("devices", "mute", "ap-1")).returncode == 0
+    await d.heartbeat("ap-1", "shutdown")  # recorded, not delivered
     await asyncio.sleep(2.6)
-    assert seen(r) == [("device.online", "ap-1"), ("device.offline", "ap-1")]
-    assert not logged(d, "device_still_offline")
+    assert seen(r) == [("device.online", "ap-1")]
+    assert not logged(d, "device_still_offline")  # not made at all
+    [offline] = logged(d, "device_offline")
+    assert offline["deliveries"] == 0 and offline["muted_by"] == "ap-1"
     _, rows = await d.admin("GET", "/v1/deliveries?limit=100")
-    assert len(rows) == 2
+    assert len(rows) == 1
     assert (await d.cli("devices", "unmute", "ap-1")).returncode == 0
-    await r.wait_for(3, timeout=3)
-    reminder = r.events()[2]
+    await r.wait_for(2, timeout=3)
+    reminder = r.events()[1]
     assert reminder["type"] == "device.still_offline" and reminder["reminder"] >= 3  # counted while muted
+    await asyncio.sleep(0.3)
+    assert [t for t, _ in seen(r)].count("device.offline") == 0  # nothing retroactive
 
 
 async def test_forget_drops_the_device_and_its_mute_and_its_pending_deliveries_continue(
@@ -207,7 +222,7 @@ async def test_forget_drops_the_device_and_its_mute_and_its_pending_deliveries_c
     r = await receiver(status=lambda _r: 503 if failing[0] else 200)
     d = await daemon(
         [endpoint("sink", r)],
-        delivery={"retry_schedule": ["300ms", "300ms", "300ms", "300ms", "300ms", "300ms", "300ms", "300ms"]},
+        delivery={"retry_schedule": ["250ms"] * 40},  # ~10 s before a delivery is dead
     )
     await d.heartbeat("old-1")
     await d.heartbeat("cam@site:2")
