@@ -162,3 +162,24 @@ async def test_sighup_adds_a_source_and_reconnects_without_losing_anything(
     assert status["sources"] == {"tasmota": 2, "esphome": 2}
     await asyncio.sleep(0.5)
     assert len(r.got) == 4  # the tasmota devices' retained Online, replayed on the new subscription: no event
+
+
+async def test_our_own_status_topic_online_while_up_offline_after_a_stop_and_our_will_after_a_kill(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    b = await broker()
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "esphome"}, keepalive="2s"))
+    await connected(d)
+    async with Watcher(b, ["webhookd/status"]) as w:
+        await w.wait_for(lambda m: m.retain and m.text == "online", 5)
+        assert await d.stop() == 0
+        await w.wait_for(lambda m: m.text == "offline", 5)  # published by us before the clean disconnect
+        await d.start()
+        await w.wait_for(lambda m: m.text == "online" and not m.retain, 10)
+        before = len(w.messages)
+        await d.kill()  # no goodbye: the broker publishes our will
+        await w.wait_for(lambda m: m.text == "offline" and w.messages.index(m) >= before, 15)
+    async with Watcher(b, ["webhookd/status"]) as w2:  # and it stays retained
+        assert (await w2.wait_for(lambda m: m.retain, 5)).text == "offline"
+    assert r.got == []
