@@ -1,9 +1,10 @@
 """Shared fixtures: `store` for the in-process store tests; `daemon` and `receiver` for the whole-daemon tests;
-`broker` and `devices` for the MQTT tests (a throwaway mosquitto, real MQTT device processes)."""
+`broker` and `devices` for the MQTT tests (a throwaway mosquitto, real MQTT device processes); `postgres`,
+`pg_cluster` and `pg_url` for the PostgreSQL store (throwaway clusters)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, overload
 
@@ -12,6 +13,8 @@ import pytest
 from tests.harness import Daemon, Receiver
 from tests.mqtt_broker import Broker, missing_tools
 from tests.mqtt_devices import Devices
+from tests.postgres_cluster import Cluster
+from tests.postgres_cluster import missing_tools as missing_postgres
 from webhookd.store import Store
 
 
@@ -263,6 +266,65 @@ async def devices(broker: BrokerFactory) -> AsyncIterator[DevicesFactory]:
     factory = DevicesFactory()
     yield factory
     await factory.teardown()
+
+
+# --- PostgreSQL: throwaway clusters (initdb + pg_ctl in a temp dir, a free 127.0.0.1 port), removed at teardown -------
+
+
+def _skip_without_postgres() -> None:
+    missing = missing_postgres()
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (make postgresql-tools installs Debian's postgresql)")
+
+
+class PostgresFactory:
+    """`await postgres()` is a started tests.postgres_cluster.Cluster of the test's own (start=False: initdb only);
+    `cluster.create_db()` makes a fresh database and returns its URL. Skips the test when initdb/pg_ctl are not
+    installed (`make postgresql-tools`). At teardown every cluster is stopped (`pg_ctl stop -m fast`) and its
+    directory removed."""
+
+    def __init__(self) -> None:
+        self.clusters: list[Cluster] = []
+
+    async def __call__(self, *, start: bool = True) -> Cluster:
+        _skip_without_postgres()
+        c = Cluster()
+        self.clusters.append(c)
+        if start:
+            c.start()
+        return c
+
+    def teardown(self) -> None:
+        for c in reversed(self.clusters):
+            c.remove()
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[PostgresFactory]:
+    """Throwaway PostgreSQL clusters of one test (see PostgresFactory): for tests that stop or break theirs."""
+    factory = PostgresFactory()
+    yield factory
+    factory.teardown()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throwaway cluster per test process (each pytest-xdist worker has its own), shared by `pg_url`."""
+    _skip_without_postgres()
+    c = Cluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster) -> Iterator[str]:
+    """A fresh, empty database in the session's cluster (its URL), dropped at teardown."""
+    url = pg_cluster.create_db()
+    yield url
+    pg_cluster.drop_db(url)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

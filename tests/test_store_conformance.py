@@ -1,6 +1,7 @@
 """The `DeliveryStore` contract (webhookd/store/api.py), run against every backend.
 
-Only SQLite exists today; a backend is added by adding its name to the fixture's `params` and a branch in
+Every test runs against SQLite and against PostgreSQL (a fresh database in the test process's throwaway cluster:
+tests/conftest.py `pg_url`). A backend is added by adding its name to the fixture's `params` and a branch in
 `_open_backend` (how to open it on fresh data, and how to make its writer hit an unexpected bug). Everything else
 here goes through the Protocol only.
 """
@@ -44,7 +45,9 @@ class Backend:
     reopen: Callable[[], Awaitable[DeliveryStore]]
 
 
-async def _open_backend(name: str, tmp_path: Path, opened: list[DeliveryStore]) -> Backend:
+async def _open_backend(
+    name: str, tmp_path: Path, opened: list[DeliveryStore], request: pytest.FixtureRequest
+) -> Backend:
     if name == "sqlite":
 
         async def reopen() -> DeliveryStore:
@@ -63,13 +66,34 @@ async def _open_backend(name: str, tmp_path: Path, opened: list[DeliveryStore]) 
             return asyncio.ensure_future(store.write(op))
 
         return Backend(store, bug, reopen)
+    if name == "postgresql":
+        from webhookd.store.postgres import PostgresStore
+
+        url = request.getfixturevalue("pg_url")
+
+        async def reopen_pg() -> DeliveryStore:
+            s = PostgresStore(url)
+            await s.open()
+            opened.append(s)
+            return s
+
+        pg = await reopen_pg()
+        assert isinstance(pg, PostgresStore)
+
+        def pg_bug(exc: BaseException) -> Awaitable[Any]:
+            async def op(_c: Any) -> None:
+                raise exc
+
+            return asyncio.ensure_future(pg.write(op))
+
+        return Backend(pg, pg_bug, reopen_pg)
     raise AssertionError(f"unknown backend {name}")
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     opened: list[DeliveryStore] = []
-    b = await _open_backend(request.param, tmp_path, opened)
+    b = await _open_backend(request.param, tmp_path, opened, request)
     yield b
     for s in reversed(opened):
         await s.close()

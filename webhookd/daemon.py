@@ -32,7 +32,7 @@ from webhookd.logs import batch_logs, configure_logging, get_logger, lean_record
 from webhookd.metrics import Metrics
 from webhookd.mutes import Mutes
 from webhookd.presence import DeviceDefaults, PresenceEngine
-from webhookd.store import Store, StoreError, retention_loop
+from webhookd.store import StoreError, retention_loop, store_for
 from webhookd.tracker import Tracker
 from webhookd.udp import UDPListener
 
@@ -82,7 +82,7 @@ class Daemon:
         self.cfg = cfg
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
-        self.store = Store(cfg.db_path)
+        self.store = store_for(cfg.store, cfg.db_path)  # SQLite unless `store:` names a PostgreSQL
         self.engine = PresenceEngine(
             defaults_for(cfg), cfg.presence.notify_online_after_utilizing, cfg.presence.remind_every
         )
@@ -131,7 +131,7 @@ class Daemon:
             await self.dispatcher.start()
             self._pending = await self.store.pending_count()
         except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
-            raise StartupError(f"cannot load the state from {self.store.path}: {e}") from e
+            raise StartupError(f"cannot load the state from {self.store.location}: {e}") from e
         listen = self.cfg.listen
         if listen.http is not None:
             server = self.api.server(access_log=None, keepalive_timeout=HTTP_KEEPALIVE)

@@ -14,7 +14,7 @@ import msgspec
 from webhookd.config import Config, DeviceRule
 
 # Bound at startup: a reload names them (config_restart_required) and keeps their running values.
-RESTART_KEYS = ("listen.http", "listen.udp", "listen.max_body", "admin.socket", "state_dir")
+RESTART_KEYS = ("listen.http", "listen.udp", "listen.max_body", "admin.socket", "state_dir", "store")
 
 
 def _value(cfg: Config, key: str) -> object:
@@ -37,6 +37,7 @@ def keep_bound(old: Config, new: Config) -> Config:
         listen=msgspec.structs.replace(old.listen, tokens=new.listen.tokens),
         admin=old.admin,
         state_dir=old.state_dir,
+        store=old.store,
     )
 
 
@@ -105,6 +106,8 @@ def changes(old: Config, new: Config) -> dict[str, object]:
         changed += [f"{section}.{f}" for f in before.__struct_fields__ if getattr(before, f) != getattr(after, f)]
     if old.state_dir != new.state_dir:
         changed.append("state_dir")
+    if old.store != new.store:
+        changed.append("store")  # named, never shown: the URL may hold a password
     if (old.mqtt is None) != (new.mqtt is None):
         changed.append("mqtt")
     elif old.mqtt is not None and new.mqtt is not None:

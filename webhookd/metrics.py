@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from webhookd.listener import HeartbeatAPI
     from webhookd.mqtt.client import MqttPresence
     from webhookd.presence import PresenceEngine
-    from webhookd.store import Store
+    from webhookd.store import DeliveryStore
     from webhookd.tracker import Tracker
     from webhookd.udp import UDPListener
 
@@ -61,7 +61,7 @@ class Metrics:
     def __init__(
         self,
         engine: PresenceEngine,
-        store: Store,
+        store: DeliveryStore,
         dispatcher: Dispatcher,
         started_mono: float,
         *,

@@ -27,6 +27,8 @@ REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 # Every key of the schema must be here (and nothing else): `config_section` raises otherwise.
 KEY_DOCS: dict[str, str] = {
     "state_dir": "directory of the SQLite database (`webhookd.db`); relative to the config file's directory",
+    "store": "`null`: the SQLite database in `state_dir`; or a PostgreSQL database, "
+    "`postgresql://user:password@host:5432/dbname` (its password best from `${VAR}`); restart to change it",
     "listen": "where heartbeats arrive",
     "listen.http": "heartbeat HTTP API address (`null`: no HTTP listener)",
     "listen.udp": "UDP heartbeat address (`null`: no UDP listener)",

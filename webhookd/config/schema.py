@@ -233,6 +233,23 @@ Name = Annotated[
     Check(_no_edge_space),
 ]
 Url = Annotated[str, Check(_check_url)]
+
+
+def _check_store_url(url: str, at: At) -> str:
+    # Never echo the URL: it carries the database password (often from the environment).
+    if any(ch.isspace() for ch in url) or _has_control(url):
+        raise ValueError("must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise ValueError("invalid URL (bad port)" if "port" in str(e).lower() else "invalid URL") from None
+    if parts.scheme.lower() not in ("postgresql", "postgres") or "://" not in url:
+        raise ValueError("must be null (SQLite in state_dir) or a postgresql:// URL")
+    return url
+
+
+StoreUrl = Annotated[str, Check(_check_store_url)]
 Secret = Annotated[str, Check(check_secret)]
 Token = Annotated[str, Check(_token)]
 HeaderName = Annotated[str, Meta(pattern=HEADER_NAME, extra={"message": "invalid header name"}), Check(_not_reserved)]
@@ -331,6 +348,7 @@ class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True):
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     path: Annotated[Path | None, NOT_IN_FILE] = None
     state_dir: Annotated[FilePath, FileDefault("./var")]
+    store: StoreUrl | None = None  # None: SQLite in state_dir; else a PostgreSQL URL (CONTRACT §14)
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     admin: AdminConfig
     presence: PresenceConfig = msgspec.field(default_factory=PresenceConfig)

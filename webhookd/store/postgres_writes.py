@@ -1,0 +1,186 @@
+"""How the PostgreSQL writer runs a group commit of the write operations (the same `RecordOp`, `DevicesOp`,
+`ReceiptsOp` data as the SQLite writer; `CallOp` here is an async function of the connection).
+
+Each run of adjacent hot operations becomes ONE statement per table, whatever the number of rows: the rows go as
+arrays (`unnest`), in pipeline mode, so a group commit of 2,000 transitions is about one round trip and one WAL
+flush. Everything else runs in queue order between those runs, so no write overtakes one queued before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from webhookd.payloads import EventData
+from webhookd.store.api import DeliveryRow, EndpointRow
+from webhookd.store.postgres_schema import Conn
+from webhookd.store.sqlite_writes import (
+    DeviceRow,
+    DevicesOp,
+    EndpointTuple,
+    ReceiptsOp,
+    RecordOp,
+    device_row,
+    endpoint_row,
+)
+
+UPSERT_DEVICES = (
+    "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at, source, timed, reminders,"
+    " offline_reason, held_reason, held_previous)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],"
+    " %s::float8[], %s::text[], %s::bool[], %s::int[], %s::text[], %s::text[], %s::text[])"
+    " ON CONFLICT (id) DO UPDATE SET state=excluded.state,"
+    " name=excluded.name, owner=excluded.owner, address=excluded.address,"
+    " last_seen=excluded.last_seen, changed_at=excluded.changed_at, source=excluded.source, timed=excluded.timed,"
+    " reminders=excluded.reminders, offline_reason=excluded.offline_reason, held_reason=excluded.held_reason,"
+    " held_previous=excluded.held_previous"
+)
+INSERT_EVENTS = (
+    "INSERT INTO events (id, type, device_id, created_at, data)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bytea[])"
+)
+# Ids come from the sequence in the order of `ord` (the rows are inserted in that order); RETURNING gives them
+# back with their keys, and the writer checks that they map one to one.
+INSERT_DELIVERIES = (
+    "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts, next_attempt_at,"
+    " created_at, updated_at)"
+    " SELECT e, ep, dev, ty, st, 0, t, t, t FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::float8[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, ord) ORDER BY ord"
+    " RETURNING id, event_id, endpoint"
+)
+# A receipt (delivered) or a hold may land on a row that is held by now; a retry or a death may not take a row
+# out of held (see sqlite_writes.UPDATE_RECEIPT). One statement for a batch of distinct ids ...
+UPDATE_RECEIPTS = (
+    "UPDATE deliveries d SET status=r.status, attempts=r.attempts, next_attempt_at=r.nxt, last_status=r.ls,"
+    " last_error=r.le, updated_at=r.now FROM unnest(%s::text[], %s::int[], %s::float8[], %s::int[], %s::text[],"
+    " %s::float8[], %s::bigint[], %s::text[]) AS r(status, attempts, nxt, ls, le, now, id, also)"
+    " WHERE d.id = r.id AND d.status IN ('pending', r.also)"
+)
+# ... and one at a time, in order, when an id repeats (then the order of the receipts decides).
+UPDATE_RECEIPT = (
+    "UPDATE deliveries SET status=%s, attempts=%s, next_attempt_at=%s, last_status=%s, last_error=%s,"
+    " updated_at=%s WHERE id=%s AND status IN ('pending', %s)"
+)
+UPSERT_ENDPOINTS = (
+    "INSERT INTO endpoints (name, disabled, disabled_reason, consecutive_failures, last_error)"
+    " SELECT * FROM unnest(%s::text[], %s::bool[], %s::text[], %s::int[], %s::text[])"
+    " ON CONFLICT (name) DO UPDATE SET disabled=excluded.disabled, disabled_reason=excluded.disabled_reason,"
+    " consecutive_failures=excluded.consecutive_failures, last_error=excluded.last_error"
+)
+
+
+@dataclass(slots=True)
+class CallOp:
+    fn: Callable[[Conn], Awaitable[Any]]
+    rows: int = 1
+
+
+WriteOp = RecordOp | DevicesOp | ReceiptsOp | CallOp
+
+
+class MappingError(RuntimeError):
+    """The ids RETURNING gave back do not match the rows asked for (never expected: a bug, so it stops the
+    writer loudly rather than passing for a database error)."""
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [[r[i] for r in rows] for i in range(width)]
+
+
+async def apply(c: Conn, ops: Sequence[WriteOp]) -> list[Any]:
+    """Run `ops` on `c` inside the caller's transaction; returns each op's result, in order."""
+    results: list[Any] = [None] * len(ops)
+    run: list[int] = []
+    for i, op in enumerate(ops):
+        if isinstance(op, CallOp):
+            if run:
+                await _merged(c, ops, run, results)
+                run = []
+            results[i] = await op.fn(c)
+        else:
+            run.append(i)
+    if run:
+        await _merged(c, ops, run, results)
+    return results
+
+
+async def upsert_endpoints(c: Conn, rows: Sequence[EndpointRow]) -> None:
+    await _upsert_endpoints(c, [endpoint_row(r) for r in rows])
+
+
+async def _upsert_endpoints(c: Conn, rows: Sequence[EndpointTuple]) -> None:
+    unique = list({e[0]: e for e in rows}.values())  # one row per endpoint: the last copy wins
+    cols = _columns(unique, 5)
+    cols[1] = [bool(v) for v in cols[1]]
+    await c.execute(UPSERT_ENDPOINTS, cols)
+
+
+async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list[Any]) -> None:
+    """One statement per table for the hot operations `ops[i] for i in run` (adjacent in the queue); see
+    sqlite_writes._merged for why the order within the run is kept."""
+    devices: dict[str, DeviceRow] = {}  # the last copy of a device wins
+    events: list[tuple[str, str, str, float, bytes]] = []
+    wanted: list[tuple[EventData, str, str]] = []  # (event, endpoint, status), one per delivery row
+    slices: list[tuple[int, int, int]] = []  # (op index, start, end) in `wanted`
+    receipts: list[tuple[Any, ...]] = []
+    endpoints: list[EndpointTuple] = []
+    for i in run:
+        op = ops[i]
+        if isinstance(op, RecordOp):
+            start = len(wanted)
+            for ch in op.changes:
+                device, event = ch.device, ch.event
+                devices.pop(device.id, None)
+                devices[device.id] = device_row(device)
+                if event is not None:
+                    events.append((event.id, event.type, event.device_id, event.time, event.to_json()))
+                    wanted.extend((event, endpoint, status) for endpoint, status in ch.targets)
+            slices.append((i, start, len(wanted)))
+        elif isinstance(op, DevicesOp):
+            for row in op.devices:
+                devices.pop(row[0], None)
+                devices[row[0]] = row
+        elif isinstance(op, ReceiptsOp):
+            receipts.extend(op.receipts)
+            endpoints.extend(op.endpoints)
+    async with c.pipeline():
+        if devices:
+            cols = _columns(list(devices.values()), 13)
+            cols[8] = [bool(v) for v in cols[8]]
+            await c.execute(UPSERT_DEVICES, cols)
+        if events:
+            await c.execute(INSERT_EVENTS, _columns(events, 5))
+        cur = None
+        if wanted:
+            cur = c.cursor()
+            await cur.execute(
+                INSERT_DELIVERIES,
+                [
+                    [e.id for e, _, _ in wanted],
+                    [ep for _, ep, _ in wanted],
+                    [e.device_id for e, _, _ in wanted],
+                    [e.type for e, _, _ in wanted],
+                    [st for _, _, st in wanted],
+                    [e.time for e, _, _ in wanted],
+                ],
+            )
+        if receipts:
+            if len({r[6] for r in receipts}) == len(receipts):
+                await c.execute(UPDATE_RECEIPTS, _columns(receipts, 8))
+            else:
+                await c.cursor().executemany(UPDATE_RECEIPT, receipts)
+        if endpoints:
+            await _upsert_endpoints(c, endpoints)
+        ids: list[int] = []
+        if cur is not None:
+            returned = sorted(await cur.fetchall())
+            if [(e, ep) for _, e, ep in returned] != [(e.id, ep) for e, ep, _ in wanted]:
+                raise MappingError(f"the {len(wanted)} new deliveries came back out of order")
+            ids = [r[0] for r in returned]
+    for i, start, end in slices:
+        results[i] = [
+            DeliveryRow(ids[k], wanted[k][0], wanted[k][1], 0, wanted[k][0].time)
+            for k in range(start, end)
+            if wanted[k][2] == "pending"
+        ]
