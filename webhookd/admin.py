@@ -54,6 +54,9 @@ def peer_user(request: web.Request) -> str | None:
         return f"uid {uid}"
 
 
+_REPLAY_FIELDS = frozenset({"ids", "endpoint", "status"})
+
+
 async def _object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any] | web.Response:
     """The request's JSON object, or the 400 answer saying what is wrong with it."""
     try:
@@ -406,12 +409,9 @@ class AdminAPI:
     async def replay(self, request: web.Request) -> web.Response:
         """``{"replayed": n, "held": h, "held_endpoints": {name: "disabled" | "not configured"}, "missing": [id]}``:
         ``replayed`` counts every row queued again, ``held`` those of them that wait for their endpoint."""
-        try:
-            body = msgspec.json.decode(await request.read())
-        except msgspec.DecodeError:
-            return error_response(400, "malformed JSON")
-        if not isinstance(body, dict):
-            return error_response(400, "expected a JSON object")
+        body = await _object(request, _REPLAY_FIELDS)
+        if isinstance(body, web.Response):
+            return body
         ids = body.get("ids")
         if ids is not None:
             if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
