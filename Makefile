@@ -16,7 +16,7 @@ define pip_install
 	  || { cat $(PIP_LOG); echo "pip install $(1) failed (log: $(PIP_LOG))"; exit 1; }
 endef
 
-.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools mosquitto-tools adaptivecards-tools bench
+.PHONY: run test test-long lint typecheck unit clean systemd-tools faketime-tools mosquitto-tools adaptivecards-tools postgresql-tools bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "webhookd needs Python >= 3.11"'
@@ -45,17 +45,17 @@ typecheck: $(TEST_STAMP)
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist worksteal
 
-unit: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools
+unit: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools postgresql-tools
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
-test: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools
+test: $(TEST_STAMP) systemd-tools faketime-tools mosquitto-tools adaptivecards-tools postgresql-tools
 	$(BIN)/ruff check webhookd tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 # The long fault-injection runs (tests marked `long`: e.g. >= 20 SIGKILLs under load); figures on stdout. Serial
 # on purpose: -s shows the figures (xdist workers would swallow them), and other tests' load would skew them.
-test-long: $(TEST_STAMP) faketime-tools mosquitto-tools
+test-long: $(TEST_STAMP) faketime-tools mosquitto-tools postgresql-tools
 	$(BIN)/pytest -q -s -p no:xdist -m long tests/faults
 
 # tests/test_systemd.py checks systemd/webhookd.service with systemd-analyze, and the unit's ExecReload needs
@@ -99,6 +99,24 @@ mosquitto-tools:
 	      || echo "warning: could not install mosquitto; the MQTT tests that need a broker will skip"; \
 	  else \
 	    echo "note: mosquitto or mosquitto_pub is missing (needs root and apt-get to install); the MQTT broker tests will skip"; \
+	  fi; \
+	fi
+
+# The PostgreSQL store's tests (tests/test_store_conformance.py, tests/test_store_postgres.py) run throwaway
+# clusters (initdb + pg_ctl in a temp dir on a free 127.0.0.1 port, as the postgres system user when root): install
+# Debian's postgresql package when initdb/pg_ctl are missing (root on Debian/Ubuntu; Debian puts them in
+# /usr/lib/postgresql/<version>/bin, where the tests look). Its own cluster and service are not used by the tests.
+# Elsewhere the PostgreSQL tests skip.
+postgresql-tools:
+	@if ! { command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; } \
+	    && ! ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's postgresql package (initdb, pg_ctl: the PostgreSQL store tests' throwaway clusters)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        postgresql; } >/dev/null 2>&1 \
+	      || echo "warning: could not install postgresql; the PostgreSQL store tests will skip"; \
+	  else \
+	    echo "note: initdb/pg_ctl are missing (needs root and apt-get to install); the PostgreSQL store tests will skip"; \
 	  fi; \
 	fi
 
