@@ -20,6 +20,7 @@ def fail(
     now: float = 100.0,
     disable_after: int = 0,
     jitter: float = 0.5,
+    forever: bool = False,
 ) -> Decision:
     return decide(
         ok=False,
@@ -32,6 +33,7 @@ def fail(
         schedule=SCHEDULE,
         disable_after=disable_after,
         jitter=jitter,
+        forever=forever,
     )
 
 
@@ -149,3 +151,54 @@ def test_a_failure_never_shortens_an_existing_pause() -> None:
     h = Health(3, 3, 500.0, 100.0)
     d = fail(h, started=100.0, now=101.0)
     assert d.health.paused_until == 500.0
+
+
+# --- the relay to a hub (CONTRACT §14): forever at the last step, never disabled, never dead -----------------
+
+
+@pytest.mark.parametrize("attempts", [3, 4, 10, 1000])
+@pytest.mark.parametrize("status", [500, 503, 404, 401, 302, 410, None])
+def test_relay_retries_forever_at_the_last_step(attempts: int, status: int | None) -> None:
+    d = fail(attempts=attempts, status=status, forever=True, jitter=0.5)
+    assert d.status == "pending" and d.disable is None
+    assert d.retry_in == pytest.approx(SCHEDULE[-1])
+
+
+@pytest.mark.parametrize(("attempts", "step"), [(1, 1.0), (2, 5.0), (3, 30.0)])
+def test_relay_follows_the_schedule_first(attempts: int, step: float) -> None:
+    d = fail(attempts=attempts, forever=True, jitter=0.0)
+    assert d.status == "pending"
+    assert d.retry_in == pytest.approx(step * 0.8)
+
+
+def test_relay_is_never_disabled_past_disable_after() -> None:
+    health = FRESH
+    now = 100.0
+    for n in range(1, 60):
+        d = fail(health, attempts=n, forever=True, disable_after=5, started=now, now=now)
+        assert d.status == "pending" and d.disable is None, n
+        assert d.health.consecutive_failures == n
+        health = d.health
+        now = health.paused_until
+    # the pause steps at most to the schedule's last step: one probe every 30 s, forever
+    assert health.pause_step >= len(SCHEDULE)
+    assert capacity(health, 8, health.paused_until - 0.001) == 0
+    assert capacity(health, 8, health.paused_until) == 1
+
+
+def test_relay_gone_is_retried_not_disabled() -> None:
+    d = fail(status=410, forever=True, disable_after=1)
+    assert d.status == "pending" and d.disable is None
+
+
+def test_relay_retry_after_is_honoured_within_the_last_step() -> None:
+    d = fail(attempts=50, status=503, retry_after=45.0, forever=True)
+    assert d.status == "pending" and d.retry_in == 45.0
+    d = fail(attempts=50, status=503, retry_after=3600.0, forever=True)
+    assert d.retry_in == 2 * SCHEDULE[-1]
+
+
+def test_an_ordinary_endpoint_still_dies_and_is_disabled() -> None:
+    assert fail(attempts=4).status == "dead"
+    assert fail(status=410).disable == "gone (HTTP 410)"
+    assert fail(Health(4, 1, 0.0, 0.0), disable_after=5).disable == "5 consecutive failures"

@@ -110,6 +110,19 @@ KEY_DOCS: dict[str, str] = {
     "mqtt.sources[].utilizing": "payloads meaning `utilizing`",
     "mqtt.sources[].unplugged": "payloads meaning `unplugged`",
     "mqtt.sources[].heartbeat": "any other message on the topic is a heartbeat of the device",
+    "upstream": "relay to a hub (a gateway): every event to the endpoint `upstream`, plus a heartbeat "
+    "(off without this section)",
+    "upstream.url": "the hub's heartbeat API base URL, `http://` or `https://` (no query); "
+    "webhookd adds `/v1/relay` and `/v1/gateways/<gateway>/heartbeat`",
+    "upstream.gateway": "this gateway's name at the hub: 1-50 characters of `A-Za-z0-9._:@-`, "
+    "starting with a letter or digit",
+    "upstream.secret": "the secret shared with the hub (`hmac-sha256`; `${VAR}` keeps it out of the file)",
+    "upstream.secret_file": "file holding the shared secret on its one non-empty line (instead of `secret`)",
+    "upstream.heartbeat": "how often the gateway's signed heartbeat goes to the hub",
+    "upstream.timeout": "timeout of each relay and heartbeat request",
+    "upstream.concurrency": "relay requests in flight at once (order per device is kept)",
+    "upstream.tls_verify": "verify the hub's TLS certificate",
+    "upstream.ca_file": "CA bundle to verify the hub's certificate with",
 }
 
 # Defaults the loader (config/load.py) sets from other keys, where the schema's own default never applies

@@ -338,6 +338,40 @@ class EndpointConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls_verify: bool = True
     ca_file: Annotated[FilePath, Check(_existing_file)] | None = None
     allow_link_local: bool = False
+    # The relay to `upstream:` (CONTRACT §14), made by load.py: retried forever, never disabled nor dead.
+    relay: Annotated[bool, NOT_IN_FILE] = False
+
+
+UPSTREAM_ENDPOINT = "upstream"  # the reserved name of the relay endpoint
+GATEWAY_NAME = r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,49}\Z"  # the heartbeat API's device-id alphabet, 1-50 chars
+GatewayName = Annotated[
+    str,
+    Meta(
+        pattern=GATEWAY_NAME,
+        extra={"message": "must be 1-50 characters of A-Z a-z 0-9 . _ : @ - (starting with a letter or digit)"},
+    ),
+]
+
+
+def _base_url(url: str, at: At) -> str:
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError("must be a base URL (no query or fragment): webhookd adds /v1/relay and /v1/gateways/...")
+    return url.rstrip("/")
+
+
+class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A gateway's hub (CONTRACT §14): its events relayed to `url`/v1/relay, its heartbeat every `heartbeat`."""
+
+    url: Annotated[str, Check(_check_url), Check(_base_url)]
+    gateway: GatewayName
+    secret: Secret | None = None  # from `secret` or `secret_file` (its one non-empty line), set by load.py
+    secret_file: FilePath | None = None
+    heartbeat: Duration = 30.0
+    timeout: Duration = 10.0
+    concurrency: Annotated[int, Meta(ge=1)] = 8
+    tls_verify: bool = True
+    ca_file: Annotated[FilePath, Check(_existing_file)] | None = None
 
 
 class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -357,6 +391,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: Annotated[tuple[EndpointConfig, ...], OR_NULL] = ()  # checked by load.py
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     mqtt: MqttConfig | None = None  # checked by load.py (mqtt.resolve)
+    upstream: UpstreamConfig | None = None  # a gateway's hub; load.py adds its `upstream` endpoint
 
     def endpoint(self, name: str) -> EndpointConfig | None:
         for ep in self.endpoints:

@@ -260,6 +260,7 @@ class Dispatcher(Paging, OperatorActions):
             schedule=self.cfg.delivery.retry_schedule,
             disable_after=self.cfg.delivery.disable_after,
             jitter=self._rng(),
+            forever=rt.cfg.relay,
         )
         rt.health = decision.health
         rt.row.consecutive_failures = decision.health.consecutive_failures

@@ -54,9 +54,13 @@ def decide(
     schedule: Sequence[float],
     disable_after: int,
     jitter: float,
+    forever: bool = False,
 ) -> Decision:
     """The outcome of one attempt. `attempts` counts the attempts made, this one included; `started` is the
-    monotonic time the attempt began; `jitter` is a uniform draw in [0, 1)."""
+    monotonic time the attempt began; `jitter` is a uniform draw in [0, 1).
+
+    `forever` (the relay to a hub, CONTRACT §14): never disabled (not by `disable_after`, not by a 410) and
+    never dead; past the schedule it retries at its last step, whatever the answer."""
     if ok:
         return Decision("delivered", Health())
     failures = health.consecutive_failures + 1
@@ -67,13 +71,16 @@ def decide(
         pause_step += 1
         paused_until = max(paused_until, now + schedule[min(pause_step, len(schedule)) - 1])
     after = Health(failures, pause_step, paused_until, now)
-    if http_status == 410:
+    if forever:
+        step = schedule[min(attempts, len(schedule)) - 1]
+    elif http_status == 410:
         return Decision("held", after, disable="gone (HTTP 410)")
-    if disable_after and failures >= disable_after:
+    elif disable_after and failures >= disable_after:
         return Decision("held", after, disable=f"{failures} consecutive failures")
-    if attempts > len(schedule):
+    elif attempts > len(schedule):
         return Decision("dead", after)
-    step = schedule[attempts - 1]
+    else:
+        step = schedule[attempts - 1]
     delay = step * (1 - JITTER + 2 * JITTER * jitter)
     if retry_after is not None and http_status in (429, 503):
         # The receiver said when: honoured within [step, 2 x step], and the whole endpoint waits that long.
