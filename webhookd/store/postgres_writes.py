@@ -28,8 +28,8 @@ from webhookd.store.sqlite_writes import (
 UPSERT_DEVICES = (
     "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at, source, timed, reminders,"
     " offline_reason, held_reason, held_previous)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],"
-    " %s::float8[], %s::text[], %s::bool[], %s::int[], %s::text[], %s::text[], %s::text[])"
+    " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::float8[],"
+    " %b::float8[], %b::text[], %b::bool[], %b::int[], %b::text[], %b::text[], %b::text[])"
     " ON CONFLICT (id) DO UPDATE SET state=excluded.state,"
     " name=excluded.name, owner=excluded.owner, address=excluded.address,"
     " last_seen=excluded.last_seen, changed_at=excluded.changed_at, source=excluded.source, timed=excluded.timed,"
@@ -38,23 +38,23 @@ UPSERT_DEVICES = (
 )
 INSERT_EVENTS = (
     "INSERT INTO events (id, type, device_id, created_at, data)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bytea[])"
+    " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::bytea[])"
 )
 # Ids come from the sequence in the order of `ord` (the rows are inserted in that order); RETURNING gives them
 # back with their keys, and the writer checks that they map one to one.
 INSERT_DELIVERIES = (
     "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts, next_attempt_at,"
     " created_at, updated_at)"
-    " SELECT e, ep, dev, ty, st, 0, t, t, t FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-    " %s::text[], %s::float8[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, ord) ORDER BY ord"
+    " SELECT e, ep, dev, ty, st, 0, t, t, t FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::float8[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, ord) ORDER BY ord"
     " RETURNING id, event_id, endpoint"
 )
 # A receipt (delivered) or a hold may land on a row that is held by now; a retry or a death may not take a row
 # out of held (see sqlite_writes.UPDATE_RECEIPT). One statement for a batch of distinct ids ...
 UPDATE_RECEIPTS = (
     "UPDATE deliveries d SET status=r.status, attempts=r.attempts, next_attempt_at=r.nxt, last_status=r.ls,"
-    " last_error=r.le, updated_at=r.now FROM unnest(%s::text[], %s::int[], %s::float8[], %s::int[], %s::text[],"
-    " %s::float8[], %s::bigint[], %s::text[]) AS r(status, attempts, nxt, ls, le, now, id, also)"
+    " last_error=r.le, updated_at=r.now FROM unnest(%b::text[], %b::int[], %b::float8[], %b::int[], %b::text[],"
+    " %b::float8[], %b::bigint[], %b::text[]) AS r(status, attempts, nxt, ls, le, now, id, also)"
     " WHERE d.id = r.id AND d.status IN ('pending', r.also)"
 )
 # ... and one at a time, in order, when an id repeats (then the order of the receipts decides).
@@ -64,7 +64,7 @@ UPDATE_RECEIPT = (
 )
 UPSERT_ENDPOINTS = (
     "INSERT INTO endpoints (name, disabled, disabled_reason, consecutive_failures, last_error)"
-    " SELECT * FROM unnest(%s::text[], %s::bool[], %s::text[], %s::int[], %s::text[])"
+    " SELECT * FROM unnest(%b::text[], %b::bool[], %b::text[], %b::int[], %b::text[])"
     " ON CONFLICT (name) DO UPDATE SET disabled=excluded.disabled, disabled_reason=excluded.disabled_reason,"
     " consecutive_failures=excluded.consecutive_failures, last_error=excluded.last_error"
 )
