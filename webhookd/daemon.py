@@ -35,6 +35,7 @@ from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import StoreError, retention_loop, store_for
 from webhookd.tracker import Tracker
 from webhookd.udp import UDPListener
+from webhookd.upstream import Heartbeat
 
 if TYPE_CHECKING:
     from webhookd.mqtt.client import MqttPresence
@@ -88,6 +89,8 @@ class Daemon:
         )
         self.dispatcher = Dispatcher(cfg, self.store)
         self.tracker = Tracker(self.engine, self.store, self.dispatcher)
+        # upstream: the gateway's heartbeat to its hub (its relay is the endpoint `upstream`)
+        self.heartbeat = Heartbeat(cfg.upstream, self.dispatcher.sender, lambda: len(self.engine.devices))
         self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, self._healthy)
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
@@ -224,6 +227,7 @@ class Daemon:
                     tg.create_task(self.tracker.sweep_loop(), name="presence-sweep"),
                     tg.create_task(self.tracker.flush_loop(FLUSH_INTERVAL), name="liveness-flush"),
                     tg.create_task(self._status_loop(), name="sd-status"),
+                    tg.create_task(self.heartbeat.run(), name="upstream-heartbeat"),
                     tg.create_task(
                         retention_loop(self.store, lambda: self.cfg.delivery.retention, _prune_interval()),
                         name="retention",
@@ -404,6 +408,7 @@ class Daemon:
             )
             self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
             await self._reload_mqtt(new)
+            self.heartbeat.reconfigure(new.upstream)
             old, self.cfg = self.cfg, new
             log.info(
                 "config_reloaded",

@@ -284,6 +284,8 @@ def _upstream(c: Converter, value: object, path: str) -> UpstreamConfig | None:
         secret = _one_secret(c, f"{path}.secret_file", values["secret_file"])
         if secret is not None:
             values["secret"] = secret
+    if "url" in values and url_is_link_local(values["url"]):
+        c.add(f"{path}.url", "link-local address (cloud metadata lives there): refused for a hub")
     if len(c.problems) != n_before:
         return None
     try:

@@ -130,10 +130,18 @@ class Sender:
             self._session = None
 
     async def attempt(
-        self, target: Target, event_id: str, body: bytes, n: int, body_headers: Mapping[str, str] | None = None
+        self,
+        target: Target,
+        event_id: str,
+        body: bytes,
+        n: int,
+        body_headers: Mapping[str, str] | None = None,
+        *,
+        ids: bool = True,
     ) -> AttemptResult:
         """POST `body` as attempt number `n` of event `event_id`, signed as the endpoint says. `body_headers`
-        (a format's own, such as ntfy's Title) go along unless the endpoint's `headers` set them."""
+        (a format's own, such as ntfy's Title) go along unless the endpoint's `headers` set them. `ids=False`:
+        no Webhook-Id/Webhook-Attempt (a request that is no event's delivery, such as a gateway's heartbeat)."""
         if target.blocked_literal:
             host = target.url.host or ""
             detail = f"{host} is a link-local address (cloud metadata lives there): not attempted; "
@@ -144,8 +152,9 @@ class Sender:
         try:
             assert self._session is not None, "Sender.open() was not called"
             headers = target.headers.copy()
-            headers["Webhook-Id"] = event_id
-            headers["Webhook-Attempt"] = str(n)
+            if ids:
+                headers["Webhook-Id"] = event_id
+                headers["Webhook-Attempt"] = str(n)
             for name, value in (body_headers or {}).items():
                 headers.setdefault(name, value)
             headers.update(signature_headers(target.cfg, event_id, body, int(self._wall())))
