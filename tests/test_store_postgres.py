@@ -192,3 +192,33 @@ async def test_the_daemon_on_postgresql_delivers_and_keeps_its_state_across_a_re
     assert len(r.got) == 1
     with psycopg.connect(pg_url) as c:
         assert c.execute("SELECT endpoint, status FROM deliveries").fetchall() == [("r", "delivered")]
+
+
+@pytest.mark.slow
+async def test_the_daemon_answers_503_while_postgresql_is_down_and_recovers_by_itself(
+    postgres: PostgresFactory, daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    cluster = await postgres()
+    r = await receiver()
+    d = await daemon([endpoint("r", r)], store=cluster.create_db(), allow_errors=True)
+    await d.heartbeat("dev-a")
+    await r.wait_for(1)
+    cluster.stop()
+    status, body = await d.request("POST", "/v1/heartbeat", json={"device": "dev-b"})
+    assert status == 503, body
+    started = time.monotonic()
+    while await d.probe_healthz() != 503:
+        assert time.monotonic() - started < 10
+        await asyncio.sleep(0.1)
+    cluster.start()
+    started = time.monotonic()
+    while await d.probe_healthz() != 200:  # by itself: nothing is sent meanwhile
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.1)
+    await d.heartbeat("dev-b")
+    got = await r.wait_for(2)
+    assert [g.json["device"]["id"] for g in got] == ["dev-a", "dev-b"]
+    assert [e["event"] for e in d.logs() if e.get("event", "").startswith("store_")] == [
+        "store_unavailable",
+        "store_recovered",
+    ]
