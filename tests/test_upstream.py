@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -375,3 +378,21 @@ def test_the_secret_is_never_echoed() -> None:
     assert found and all("Very-Secret" not in p for p in found)
     found = problems({"url": "http://h/?k=Very-Secret", "gateway": "g", "secret": "Very-Secret"})
     assert found and all("Very-Secret" not in p for p in found)
+
+
+def test_the_readme_upstream_block_passes_check_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("## Relaying to a hub")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "webhookd.yaml"
+    config.write_text(f"state_dir: {tmp_path}/var\nadmin:\n  socket: {tmp_path}/admin.sock\n" + block)
+    out = subprocess.run(
+        [sys.executable, "-m", "webhookd", "check-config", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SITE_A_SECRET": "k"},
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "upstream" in out.stdout
