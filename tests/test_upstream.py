@@ -114,6 +114,9 @@ async def test_events_are_relayed_in_order_signed_with_the_gateway_header(
     assert ep["enabled"] is True and ep["delivered"] == 15 and ep["dead"] == 0
     out = await d.cli("endpoints")
     assert out.returncode == 0 and "upstream" in out.stdout
+    out = await d.cli("endpoints", "disable", "upstream")
+    assert out.returncode != 0 and "never disabled" in out.stdout + out.stderr
+    assert (await upstream_row(d))["enabled"] is True
 
 
 async def test_hub_answering_503_then_200_loses_nothing_never_disables_never_dead(
@@ -273,6 +276,8 @@ async def test_sighup_adds_changes_and_removes_upstream(
 
         d.cfg["upstream"] = upstream(hub2, heartbeat="200ms")
         await reload()
+        reloaded = [e for e in d.logs() if e.get("event") == "config_reloaded"][-1]
+        assert "upstream.url" in reloaded["changed"] and reloaded["endpoints_changed"] == ["upstream"]
         await eventually(lambda: len(heartbeats(hub2)) >= 2, timeout=10)
         await d.heartbeat("h2")
         await wait_relays(hub2, 1)

@@ -353,6 +353,9 @@ class AdminAPI:
 
     async def disable(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        live = self.dispatcher.endpoints.get(name)
+        if live is not None and live.cfg.relay:  # the relay to a hub holds nothing back (remove upstream: instead)
+            return error_response(409, f"{name!r} is the relay to the hub: it is never disabled")
         rt = await self.dispatcher.disable(name, "operator")
         if rt is None:
             return error_response(404, f"unknown endpoint {name!r}")

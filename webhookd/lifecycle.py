@@ -113,6 +113,11 @@ def changes(old: Config, new: Config) -> dict[str, object]:
     elif old.mqtt is not None and new.mqtt is not None:
         # `password` is named like any other key, never shown
         changed += [f"mqtt.{f}" for f in old.mqtt.__struct_fields__ if getattr(old.mqtt, f) != getattr(new.mqtt, f)]
+    if (old.upstream is None) != (new.upstream is None):
+        changed.append("upstream")
+    elif old.upstream is not None and new.upstream is not None:  # `secret` is named like any other key
+        up, nu = old.upstream, new.upstream
+        changed += [f"upstream.{f}" for f in up.__struct_fields__ if getattr(up, f) != getattr(nu, f)]
     out: dict[str, object] = {}
     rules = _rules_changed(old.devices, new.devices)
     if rules:
