@@ -24,6 +24,7 @@ from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import Daemon, NotifySocket, Received, Receiver, eventually
 from webhookd.config import ConfigError, parse_config
 from webhookd.dispatch.sender import Sender
+from webhookd.store import EndpointRow, Store
 from webhookd.upstream import Heartbeat
 
 HUB_SECRET = "site-a-Shared-Secret-0123456789"  # test-only
@@ -193,6 +194,22 @@ async def test_a_redirect_or_4xx_from_the_hub_is_retried(daemon: DaemonFactory, 
     assert relays(hub)[0].headers["Webhook-Attempt"] == "5"
     ep = await upstream_row(d)
     assert ep["enabled"] is True and ep["delivered"] == 1 and ep["dead"] == 0
+
+
+async def test_an_upstream_disabled_in_the_store_from_before_is_enabled_at_startup(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    store = Store(tmp_path / "state" / "webhookd.db")
+    (tmp_path / "state").mkdir()
+    await store.open()
+    await store.hold(EndpointRow("upstream", disabled=True, disabled_reason="operator"))
+    await store.close()
+    hub = await receiver()
+    d = await daemon([], upstream=upstream(hub))
+    ep = await upstream_row(d)
+    assert ep["enabled"] is True and ep["disabled_reason"] is None
+    await d.heartbeat("late")
+    await wait_relays(hub, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ class OperatorActions:
                     existing.configure(ecfg)
                 continue
             row = rows.get(name) or EndpointRow(name)
+            if ecfg.relay and row.disabled:  # the relay is never disabled: a disable from before is undone
+                row = replace(row, disabled=False, disabled_reason=None)
+                log.info("endpoint_enabled", endpoint=name, reason="the relay to a hub is never disabled")
             rt = EndpointRuntime(cfg=ecfg, row=row)
             self.endpoints[name] = rt
             if row.disabled:
