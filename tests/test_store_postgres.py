@@ -222,3 +222,19 @@ async def test_the_daemon_answers_503_while_postgresql_is_down_and_recovers_by_i
         "store_unavailable",
         "store_recovered",
     ]
+
+
+async def test_a_server_restart_between_writes_fails_none_of_them(postgres: PostgresFactory) -> None:
+    cluster = await postgres()
+    s = PostgresStore(cluster.create_db())
+    await s.open()
+    try:
+        await add(s, "d0", ("a", "pending"))
+        assert await s.pending_count() == 1
+        cluster.stop()
+        cluster.start()
+        await add(s, "d1", ("a", "pending"))  # the writer's connection was dropped: replaced before BEGIN
+        assert s.healthy
+        assert await s.pending_count() == 2  # so were the pool's
+    finally:
+        await s.close()

@@ -313,7 +313,7 @@ class PostgresStore:
                 return out, None, e
         return out, error, None
 
-    async def _transaction(self, ops: Sequence[WriteOp]) -> list[Any]:
+    async def _writer_conn(self) -> Conn:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             self._conn = None
@@ -321,13 +321,29 @@ class PostgresStore:
                 with contextlib.suppress(Exception):
                     await conn.close()
             conn = self._conn = await self._connect()
-        try:
-            async with conn.transaction():
-                return await self._apply(conn, ops)
-        except psycopg.OperationalError:
-            if conn.closed or conn.broken:
+        return conn
+
+    async def _transaction(self, ops: Sequence[WriteOp]) -> list[Any]:
+        for attempt in (1, 2):
+            conn = await self._writer_conn()
+            stack = contextlib.AsyncExitStack()
+            try:
+                await stack.enter_async_context(conn.transaction())
+            except psycopg.OperationalError:
+                # BEGIN failed: nothing of the batch was sent. A connection the server dropped while we were idle
+                # (it restarted) is replaced once, so that a restart between writes fails none of them.
                 self._conn = None
-            raise
+                if attempt == 2 or not (conn.closed or conn.broken):
+                    raise
+                continue
+            try:
+                async with stack:
+                    return await self._apply(conn, ops)
+            except psycopg.OperationalError:
+                if conn.closed or conn.broken:
+                    self._conn = None
+                raise
+        raise AssertionError("unreachable")
 
     async def _apply(self, conn: Conn, ops: Sequence[WriteOp]) -> list[Any]:
         """The statements of one transaction (the seam a fault test may inject at)."""
