@@ -22,7 +22,7 @@ import stripe
 
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.harness import Daemon, NotifySocket, Received, Receiver, eventually
-from webhookd.config import ConfigError, parse_config
+from webhookd.config import ConfigError, load_config, parse_config
 from webhookd.dispatch.sender import Sender
 from webhookd.store import EndpointRow, Store
 from webhookd.upstream import Heartbeat
@@ -418,3 +418,14 @@ def test_the_readme_upstream_block_passes_check_config(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "upstream" in out.stdout
+
+
+def test_the_example_config_upstream_block_loads_when_uncommented(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "config.example.yaml").read_text()
+    block = text[text.index("#upstream:") :]
+    uncommented = "\n".join(line.removeprefix("#") for line in block.splitlines())
+    config = tmp_path / "c.yaml"
+    config.write_text(text[: text.index("#upstream:")] + uncommented + "\n")
+    cfg = load_config(config, env={"SITE_A_SECRET": "k"})
+    assert cfg.upstream is not None and cfg.upstream.gateway == "site-a"
+    assert [e.name for e in cfg.endpoints] == ["sink", "upstream"]
