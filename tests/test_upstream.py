@@ -417,7 +417,7 @@ def test_the_readme_upstream_block_passes_check_config(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "upstream" in out.stdout
+    assert "1 endpoint (upstream)" in out.stdout and "relay to https://hub.example.com:8470 as site-a" in out.stdout
 
 
 def test_the_example_config_upstream_block_loads_when_uncommented(tmp_path: Path) -> None:

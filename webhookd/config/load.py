@@ -36,7 +36,7 @@ from .schema import (
     UpstreamConfig,
     check_secret,
 )
-from .units import url_is_link_local
+from .units import redact_url, url_is_link_local
 
 
 class ConfigError(Exception):
@@ -584,4 +584,6 @@ def summary(cfg: Config) -> str:
     if cfg.listen.tokens:
         parts.append(_plural(len(cfg.listen.tokens), "token"))
     parts.append(f"state_dir {cfg.state_dir}")
+    if cfg.upstream is not None:
+        parts.append(f"relay to {redact_url(cfg.upstream.url)} as {cfg.upstream.gateway}")
     return "config OK: " + ", ".join(parts)
