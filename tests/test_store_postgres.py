@@ -156,6 +156,33 @@ async def test_an_idle_store_notices_a_server_gone_away(postgres: PostgresFactor
         await s.close()
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("mysql://root:hunter2@db/x", "store: must be null (SQLite in state_dir) or a postgresql:// URL"),
+        ("db.example.com/webhookd", "store: must be null (SQLite in state_dir) or a postgresql:// URL"),
+        ("postgresql://u:hunter2@db:99999/x", "store: invalid URL (bad port)"),
+        ("postgresql://u:hunter2@db/x y", "store: must not contain whitespace or control characters"),
+        (5432, "store: expected a string"),
+    ],
+)
+def test_a_store_that_is_not_a_postgresql_url_is_refused_without_echoing_it(value: object, problem: str) -> None:
+    from tests.test_config import problems_of
+
+    (got,) = problems_of({"admin": {"socket": "./a.sock"}, "store": value})
+    assert got.startswith(problem), got
+    assert "hunter2" not in got
+
+
+def test_check_config_names_the_store_without_its_password() -> None:
+    from tests.test_config import parse
+    from webhookd.config.load import summary
+
+    cfg = parse({"admin": {"socket": "./a.sock"}, "store": "postgres://webhookd:${PW}@db:5432/wh"}, env={"PW": "x"})
+    assert cfg.store == "postgres://webhookd:x@db:5432/wh"
+    assert summary(cfg).endswith("store postgres://db:5432/wh")
+
+
 def test_the_store_key_picks_the_backend(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("admin: {socket: ./a.sock}\nstore: postgresql://webhookd:pw@db.example.com/webhookd\n")

@@ -584,6 +584,8 @@ def summary(cfg: Config) -> str:
     if cfg.listen.tokens:
         parts.append(_plural(len(cfg.listen.tokens), "token"))
     parts.append(f"state_dir {cfg.state_dir}")
+    if cfg.store is not None:
+        parts.append(f"store {redact_url(cfg.store)}")
     if cfg.upstream is not None:
         parts.append(f"relay to {redact_url(cfg.upstream.url)} as {cfg.upstream.gateway}")
     return "config OK: " + ", ".join(parts)
