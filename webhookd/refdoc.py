@@ -28,7 +28,9 @@ REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 KEY_DOCS: dict[str, str] = {
     "state_dir": "directory of the SQLite database (`webhookd.db`); relative to the config file's directory",
     "store": "`null`: the SQLite database in `state_dir`; or a PostgreSQL database, "
-    "`postgresql://user:password@host:5432/dbname` (its password best from `${VAR}`); restart to change it",
+    "`postgresql://user:password@host:5432/dbname` (its password best from `${VAR}`; libpq options such as "
+    "`?sslmode=verify-full` in the query); a database of its own, created and migrated at startup; "
+    "restart to change it",
     "listen": "where heartbeats arrive",
     "listen.http": "heartbeat HTTP API address (`null`: no HTTP listener)",
     "listen.udp": "UDP heartbeat address (`null`: no UDP listener)",
