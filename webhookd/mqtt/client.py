@@ -21,6 +21,7 @@ import asyncio
 import logging
 import random
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,32 @@ def _inbox_type(counters: MqttCounters, created: list[asyncio.Queue[aiomqtt.Mess
             super().put_nowait(item)
 
     return Inbox
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, registering paho's wish to write at once when paho asks from the loop's own thread.
+
+    aiomqtt always defers `add_writer` with call_soon_threadsafe (paho may ask from the connect thread). Deferred,
+    it can run after paho has already written and unregistered, or after the socket closed: under uvloop that
+    left a closed poll handle (an error logged by asyncio) and, measured in tests/faults/test_mqtt.py under
+    load, a broker's close unnoticed until the keep-alive ran out (8.8 s) while its wills were taken as power
+    losses. Registered at once on the loop's thread, the order of register/unregister is paho's own."""
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() != self._loop_thread:
+            super()._on_socket_register_write(client, userdata, sock)
+            return
+
+        def callback() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        self._loop.add_writer(sock.fileno(), callback)
+
+    _loop_thread: int = 0
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
@@ -191,7 +218,7 @@ class MqttPresence:
         will = None
         if cfg.status_topic:
             will = aiomqtt.Will(cfg.status_topic, b"offline", qos=1, retain=True)
-        client = aiomqtt.Client(
+        client = _Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -206,6 +233,7 @@ class MqttPresence:
             timeout=10.0,
             logger=_paho_log,
         )
+        client._loop_thread = threading.get_ident()
         try:
             async with client:
                 filters = self.sources.filters()
