@@ -27,7 +27,7 @@ async def test_a_broker_restart_makes_offline_events_only_for_devices_still_down
     b = await broker(persistence=True)
     r = await receiver()
     fleet = await devices(b, 50, preset="tasmota", keepalive=5, stay_down=3, retry=0.5)
-    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "tasmota"}, settle="6s"))
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "tasmota"}, settle="3s"))
     await r.wait_for(50, timeout=20)
     assert len(events_of(r, "online")) == 50
     await settled(d)
@@ -50,13 +50,15 @@ async def test_a_broker_down_longer_than_the_silence_timeout_makes_no_event(
     # generic source with heartbeat: true keeps the silence timer; the broker's absence must not fire it
     fleet = await devices(b, 3, preset="tasmota", keepalive=5, retry=0.5)
     source = {"topic": "tele/+/LWT", "device": 1, "online": ["Online"], "offline": ["Offline"], "heartbeat": True}
-    d = await daemon([endpoint("sink", r)], presence={"silence_timeout": "2s"}, mqtt=mqtt_cfg(b, source, settle="2s"))
+    d = await daemon(
+        [endpoint("sink", r)], presence={"silence_timeout": "1s"}, mqtt=mqtt_cfg(b, source, settle="1500ms")
+    )
     await r.wait_for(3, timeout=15)
     await settled(d)
     await b.pub("tele/dev-1/LWT", "ping")  # a heartbeat: dev-1 now has a silence timer too
     await asyncio.sleep(0.3)
     await b.stop()
-    await asyncio.sleep(4.0)  # twice the silence timeout with the broker away
+    await asyncio.sleep(3.2)  # twice the silence timeout with the broker away
     t = time.monotonic()
     await b.start()
     await fleet.wait_connected(["dev-1", "dev-2", "dev-3"], 15, since=t)
