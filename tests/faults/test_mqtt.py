@@ -51,7 +51,7 @@ async def test_a_broker_down_longer_than_the_silence_timeout_makes_no_event(
     fleet = await devices(b, 3, preset="tasmota", keepalive=5, retry=0.5)
     source = {"topic": "tele/+/LWT", "device": 1, "online": ["Online"], "offline": ["Offline"], "heartbeat": True}
     d = await daemon(
-        [endpoint("sink", r)], presence={"silence_timeout": "1s"}, mqtt=mqtt_cfg(b, source, settle="1500ms")
+        [endpoint("sink", r)], presence={"silence_timeout": "1500ms"}, mqtt=mqtt_cfg(b, source, settle="1500ms")
     )
     await r.wait_for(3, timeout=15)
     await settled(d)
