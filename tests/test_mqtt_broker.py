@@ -170,7 +170,9 @@ async def test_broker_sigterm_publishes_the_wills(
         await asyncio.sleep(0.3)
         wills = sorted(m.topic for m in live.messages[seen:] if m.text == "Offline")
         print(f"\npersistence={persistence}: broker SIGTERM -> {len(wills)} wills to a live subscriber")
-        assert wills == [f"tele/dev-{i}/LWT" for i in (1, 2, 3)]
+        # Mosquitto closes clients one by one while it publishes their wills: a live subscriber closed before a
+        # device's turn misses that will (seen once in CI: 2 of 3). Hence webhookd wants a persisting broker.
+        assert wills and set(wills) <= {f"tele/dev-{i}/LWT" for i in (1, 2, 3)}
     await b.start()
     async with Watcher(b, [], client_id="away", clean_session=False) as back:
         await asyncio.sleep(0.5)
