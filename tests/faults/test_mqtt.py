@@ -140,3 +140,22 @@ async def test_tls_with_a_throwaway_ca(
     await r.wait_for(2, timeout=15)
     assert {e["device"]["id"] for e in r.events()} == {"dev-1", "dev-2"}
     assert (await connected(d))["broker"] == b.url
+
+
+async def test_a_broker_restarted_without_persistence_still_reports_the_device_that_stayed_down(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    """Without persistence the restart forgets every retained message and the wills we may have missed while it
+    stopped: the broker says so (CONNACK without a session), and a device silent for the whole window is offline."""
+    b = await broker()  # persistence false
+    r = await receiver()
+    fleet = await devices(b, 4, preset="esphome", keepalive=5, retry=0.5, stay_down=1)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "esphome"}, settle="3s"))
+    await r.wait_for(4, timeout=15)
+    await settled(d)
+    t = time.monotonic()
+    await b.restart()
+    await fleet.wait_connected(["dev-1", "dev-2", "dev-3"], 15, since=t)
+    await settled(d, 2)
+    await asyncio.sleep(0.5)
+    assert events_of(r, "offline") == ["dev-4"] and len(r.got) == 5, kinds(r)

@@ -106,6 +106,11 @@ class _Client(aiomqtt.Client):
         self._loop.add_writer(sock.fileno(), callback)
 
     _loop_thread: int = 0
+    session_present: bool = False  # the CONNACK's flag: False when the broker kept no session of ours
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
@@ -148,6 +153,7 @@ class MqttPresence:
         self._wake = asyncio.Event()
         self._reconnect = asyncio.Event()
         self._paused: set[str] = set()
+        self._session_lost = False  # the broker kept no session of ours at the last connect
 
     # --- what status and metrics show ---------------------------------------------------------------------
 
@@ -243,6 +249,7 @@ class MqttPresence:
                         log.error("mqtt_subscription_refused", broker=cfg.broker, topic=topic)
                 if cfg.status_topic:
                     await client.publish(cfg.status_topic, b"online", qos=1, retain=True)
+                self._session_lost = not client.session_present
                 self._connected(filters)
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -328,6 +335,8 @@ class MqttPresence:
             self._wake.clear()
             was_settling = self.settle.settling
             due = self.settle.due(self._clock())
+            if was_settling and not self.settle.settling and self._session_lost:
+                due = [*due, *self._unheard(due)]
             if due or (was_settling and not self.settle.settling):
                 changed = await self._apply(due)
                 if was_settling and not self.settle.settling:
@@ -339,6 +348,19 @@ class MqttPresence:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    def _unheard(self, heard: Sequence[Reading]) -> list[Reading]:
+        """After a connect where the broker kept no session of ours (a broker restarted without persistence:
+        its retained messages and the wills it published while stopping are gone), a device online by its
+        availability alone that said nothing during the whole window is taken as gone: offline, reason
+        disconnected. A device heard from later simply comes back online."""
+        said = {r.device for r in heard}
+        devices = self.tracker.engine.devices
+        return [
+            Reading(dev_id, "offline", "disconnected")
+            for dev_id, dev in devices.items()
+            if dev.source == "mqtt" and not dev.timed and dev.state != "offline" and dev_id not in said
+        ]
 
     def _settled(self, reconciled: int, events: int) -> None:
         if self._paused:
