@@ -155,6 +155,25 @@ async def test_record_writes_state_event_and_deliveries_and_returns_the_pending_
     ]
 
 
+async def test_record_relayed_takes_each_event_id_once(store: DeliveryStore) -> None:
+    first = change("site-a:d1", [("a", "pending"), ("b", "held")])
+    rows = await store.record_relayed(first)
+    assert rows is not None and [(r.endpoint, r.event) for r in rows] == [("a", first.event)]
+    # A repeat of the same event id changes nothing: no delivery, no device row update, None.
+    again = Change(Device(id="site-a:d1", state="offline", last_seen=1.0), first.event, [("a", "pending")])
+    assert await store.record_relayed(again) is None
+    concurrent = await asyncio.gather(*(store.record_relayed(again) for _ in range(5)))
+    assert concurrent == [None] * 5
+    assert {d.id: d.state for d in await store.load_devices()} == {"site-a:d1": "online"}
+    listed = await store.list_deliveries(None, None, 100)
+    assert sorted((r["endpoint"], r["status"]) for r in listed) == [("a", "pending"), ("b", "held")]
+    # Concurrent first takes of one new id: exactly one records it.
+    other = change("site-a:d2", [("a", "pending")])
+    results = await asyncio.gather(*(store.record_relayed(other) for _ in range(4)))
+    assert sum(r is not None for r in results) == 1
+    assert len(await pending_ids(store, "a")) == 2
+
+
 async def test_record_is_all_or_nothing(store: DeliveryStore) -> None:
     good = change("d1", [("a", "pending")])
     await store.record([good])

@@ -26,6 +26,7 @@ from webhookd import __version__, sdnotify
 from webhookd.admin import AdminAPI
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatch import Dispatcher
+from webhookd.hub import Hub
 from webhookd.lifecycle import changes, keep_bound, restart_required, socket_answers, socket_path_is_ours, tune_gc
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import batch_logs, configure_logging, get_logger, lean_records
@@ -92,8 +93,13 @@ class Daemon:
         # upstream: the gateway's heartbeat to its hub (its relay is the endpoint `upstream`)
         self.heartbeat = Heartbeat(cfg.upstream, self.dispatcher.sender, lambda: len(self.engine.devices))
         self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, self._healthy)
+        # hub: the relay routes of the gateways (the device routes answer 404); a restart adds or removes it
+        self.hub = None if cfg.hub is None else Hub(cfg.hub, self.engine, self.store, self.dispatcher)
+        self.api.hub = self.hub
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
+        if self.hub is not None:
+            self.hub.on_event = self.metrics.on_event  # relayed events count like the hub's own
         self.metrics.udp = lambda: self.udp
         self.metrics.mqtt = lambda: self.mqtt
         self.admin = AdminAPI(
@@ -409,6 +415,8 @@ class Daemon:
             self.api.configure(new.listen.tokens)  # max_body is bound at startup, like the rest of listen
             await self._reload_mqtt(new)
             self.heartbeat.reconfigure(new.upstream)
+            if self.hub is not None and new.hub is not None:
+                self.hub.configure(new.hub)  # the gateways and their secrets
             old, self.cfg = self.cfg, new
             log.info(
                 "config_reloaded",

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
@@ -23,6 +23,9 @@ from webhookd.logs import get_logger
 from webhookd.presence import REPORTED_STATES, Heartbeat
 from webhookd.store import StoreError
 from webhookd.tracker import Tracker
+
+if TYPE_CHECKING:
+    from webhookd.hub import Hub
 
 log = get_logger("webhookd.listener")
 
@@ -214,6 +217,7 @@ class HeartbeatAPI:
         # metrics hooks: heartbeats applied (count), and each 4xx answer (status)
         self.on_heartbeats: Callable[[int], None] | None = None
         self.on_rejected: Callable[[int], None] | None = None
+        self.hub: Hub | None = None  # a hub (hub:): it serves the relay routes and refuses the device routes
 
     def configure(self, tokens: Sequence[str]) -> None:
         """What a reload may change here: the tokens."""
@@ -228,8 +232,10 @@ class HeartbeatAPI:
     async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
         response: web.StreamResponse
         try:
-            if request.path == "/v1/heartbeat" and request.method == "POST":  # the hot path, one call shorter
+            if request.path == "/v1/heartbeat" and request.method == "POST" and self.hub is None:  # the hot path
                 response = await self.single(request)
+            elif self.hub is not None and (served := await self.hub.serve(request, self)) is not None:
+                response = served
             else:
                 response = await self._route(request)
         except BadInput as e:
@@ -293,25 +299,26 @@ class HeartbeatAPI:
             raise BadInput(413, self.too_large)
         return body
 
-    async def _json_body(self, request: web.BaseRequest, required: bool) -> object:
+    async def read_raw(self, request: web.BaseRequest) -> bytes:
+        """The request body, bounded in size (chunked bodies included) and in time: a client dribbling its body
+        would otherwise hold the connection and this handler forever."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise BadInput(413, self.too_large)
         try:
-            # Bounded in size (chunked bodies included) and in time: a client dribbling its body would otherwise
-            # hold the connection and this handler forever.
             if request.content.is_eof():
-                raw = await self._read_body(request)  # all of it has arrived (the usual small heartbeat)
-            else:
-                async with asyncio.timeout(self.body_timeout):
-                    raw = await self._read_body(request)
+                return await self._read_body(request)  # all of it has arrived (the usual small heartbeat)
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_body(request)
         except TimeoutError:
             raise BadInput(408, f"request body not received within {self.body_timeout:g}s") from None
         except HttpProcessingError:  # bad chunking or Content-Encoding, a body shorter than its Content-Length
             raise BadInput(400, "malformed request body") from None
         except ConnectionError:  # the client went away mid-body: its problem, nobody reads this answer
             raise BadInput(400, "connection lost before the body was complete") from None
-        if not raw and not required:
-            return None
+
+    @staticmethod
+    def decode_json(request: web.BaseRequest, raw: bytes) -> object:
+        """A body read by `read_raw` as JSON (415 for another Content-Type, 400 when empty or malformed)."""
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise BadInput(415, "Content-Type must be application/json")
@@ -321,6 +328,12 @@ class HeartbeatAPI:
             return _decoder.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             raise BadInput(400, "malformed JSON") from None
+
+    async def _json_body(self, request: web.BaseRequest, required: bool) -> object:
+        raw = await self.read_raw(request)
+        if not raw and not required:
+            return None
+        return self.decode_json(request, raw)
 
     @staticmethod
     def _answer(results: Sequence[tuple[str, str, bool]]) -> list[dict[str, Any]]:

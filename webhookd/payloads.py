@@ -87,6 +87,7 @@ class EventData:
     last_seen: float | None  # unix seconds
     offline_for: float | None  # seconds offline, on online after offline (and on still_offline)
     reminder: int | None = None  # device.still_offline: 1, 2, ...
+    gateway: str | None = None  # at a hub: the gateway that relayed it (its device id is `<gateway>:<id>`)
 
     def to_json(self) -> bytes:
         return _STORE_ENCODER.encode(self)
@@ -176,6 +177,7 @@ def webhookd_object(event: EventData, endpoint_name: str) -> dict[str, Any]:
         "offline_for": None if event.offline_for is None else round(event.offline_for, 3),
         "endpoint": endpoint_name,
         **({"reminder": event.reminder} if event.reminder is not None else {}),
+        **({"gateway": event.gateway} if event.gateway is not None else {}),
     }
 
 

@@ -304,6 +304,13 @@ class PresenceEngine:
         t = Transition(dev.snapshot(), "offline", "still_offline", reason, offline_for, dev.reminders)
         return Applied("offline", t, undo)
 
+    def adopt(self, dev: Device) -> None:
+        """A device whose state another webhookd decides (a gateway's, relayed to a hub): kept as given, with no
+        silence timer, debounce or reminder here."""
+        dev.timed, dev.in_heap = False, False
+        self._dirty.discard(dev.id)
+        self.devices[dev.id] = dev
+
     def forget(self, device_id: str) -> Device | None:
         """Drop a device: its state, silence timer, held offline and reminders (their heap entries are dropped
         lazily when popped). A later heartbeat makes it a new device. Returns the device (None: unknown)."""

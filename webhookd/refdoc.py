@@ -125,6 +125,14 @@ KEY_DOCS: dict[str, str] = {
     "upstream.concurrency": "relay requests in flight at once (order per device is kept)",
     "upstream.tls_verify": "verify the hub's TLS certificate",
     "upstream.ca_file": "CA bundle to verify the hub's certificate with",
+    "hub": "this process is a hub: it takes the events its gateways relay (`POST /v1/relay`) and serves no "
+    "device heartbeats (off without this section)",
+    "hub.gateways": "the gateways allowed to relay to this hub (at least one)",
+    "hub.gateways[].name": "the gateway's name, as its `upstream.gateway` says it: 1-50 characters of "
+    "`A-Za-z0-9._:@-`; its devices are `<name>:<device id>` at the hub",
+    "hub.gateways[].secret": "the secret shared with that gateway (`${VAR}` keeps it out of the file)",
+    "hub.gateways[].secret_file": "file holding the shared secret on its one non-empty line (instead of `secret`)",
+    "hub.gateways[].silence_timeout": "the gateway counts as silent after this long without a relay or heartbeat",
 }
 
 # Defaults the loader (config/load.py) sets from other keys, where the schema's own default never applies

@@ -33,6 +33,8 @@ from .schema import (
     Config,
     DeliveryConfig,
     EndpointConfig,
+    HubConfig,
+    HubGateway,
     UpstreamConfig,
     check_secret,
 )
@@ -294,6 +296,63 @@ def _upstream(c: Converter, value: object, path: str) -> UpstreamConfig | None:
         return None
 
 
+def _hub(c: Converter, value: object, path: str) -> HubConfig | None:
+    """The `hub:` section (None for ``hub: null``): at least one gateway, names unique, each with `secret` or
+    `secret_file`."""
+    if value is None:
+        return None
+
+    def gateways(v: object, gpath: str, _before: dict[str, Any]) -> tuple[HubGateway, ...]:
+        if not isinstance(v, list):
+            c.add(gpath, f"expected a list of gateways, got {kind(v)}")
+            return ()
+        if not v:
+            c.add(gpath, "must name at least one gateway")
+        out: list[HubGateway] = []
+        seen: set[str] = set()
+        for i, item in enumerate(v):
+            gw = _hub_gateway(c, item, f"{gpath}[{i}]")
+            if gw is None:
+                continue
+            if gw.name in seen:
+                c.add(f"{gpath}[{i}].name", f"duplicate gateway name {gw.name!r}")
+            seen.add(gw.name)
+            out.append(gw)
+        return tuple(out)
+
+    n_before = len(c.problems)
+    values = c.fields(value, HubConfig, path, custom={"gateways": gateways})
+    if values is None:
+        return None
+    if "gateways" not in values:
+        c.add(f"{path}.gateways", "missing required key (the gateways that relay to this hub)")
+    if len(c.problems) != n_before:
+        return None
+    return HubConfig(**values)
+
+
+def _hub_gateway(c: Converter, value: object, path: str) -> HubGateway | None:
+    n_before = len(c.problems)
+    values = c.fields(value, HubGateway, path)
+    if values is None or not isinstance(value, dict):
+        return None
+    has_secret, has_file = value.get("secret") is not None, value.get("secret_file") is not None
+    if has_secret and has_file:
+        c.add(f"{path}.secret_file", "use either secret or secret_file, not both")
+    elif not has_secret and not has_file:
+        c.add(f"{path}.secret", "missing required key (the secret shared with the gateway; or secret_file: PATH)")
+    elif has_file and values.get("secret_file") is not None:
+        secret = _one_secret(c, f"{path}.secret_file", values["secret_file"])
+        if secret is not None:
+            values["secret"] = secret
+    if len(c.problems) != n_before:
+        return None
+    try:
+        return HubGateway(**values)
+    except TypeError:  # a required key missing (reported)
+        return None
+
+
 def _one_secret(c: Converter, fpath: str, p: Path) -> str | None:
     try:
         content = p.read_text(encoding="utf-8")
@@ -417,8 +476,19 @@ def parse_config(
     def upstream(value: object, path: str, _before: dict[str, Any]) -> UpstreamConfig | None:
         return _upstream(c, value, path)
 
-    custom = {"endpoints": endpoints, "mqtt": mqtt_section, "upstream": upstream}
+    def hub(value: object, path: str, _before: dict[str, Any]) -> HubConfig | None:
+        return _hub(c, value, path)
+
+    custom = {"endpoints": endpoints, "mqtt": mqtt_section, "upstream": upstream, "hub": hub}
     values = c.fields(data, Config, "", custom=custom)
+    if values is not None and values.get("hub") is not None:  # a hub serves its gateways only
+        if values.get("mqtt") is not None:
+            c.add("mqtt", "a hub (hub:) serves no MQTT: its devices report to a gateway")
+        listen = values.get("listen")
+        if listen is not None and listen.udp is not None:
+            c.add("listen.udp", "a hub (hub:) serves no device heartbeats: its devices report to a gateway")
+        if listen is not None and listen.http is None:
+            c.add("listen.http", "a hub (hub:) takes its gateways' relays on listen.http: it must not be null")
     if c.problems or values is None:
         raise ConfigError(c.problems if lines is None else _in_file_order(c.problems, c.paths, lines))
     if values.get("upstream") is not None:  # its relay goes through the outbox like any endpoint

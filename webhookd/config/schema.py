@@ -374,6 +374,27 @@ class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
     ca_file: Annotated[FilePath, Check(_existing_file)] | None = None
 
 
+class HubGateway(msgspec.Struct, frozen=True, kw_only=True):
+    """One gateway a hub takes relays and heartbeats from (CONTRACT §14)."""
+
+    name: GatewayName
+    secret: Secret | None = None  # from `secret` or `secret_file` (its one non-empty line), set by load.py
+    secret_file: FilePath | None = None
+    silence_timeout: Duration = 120.0
+
+
+class HubConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A hub (CONTRACT §14): it takes events relayed by `gateways` and serves no device heartbeats."""
+
+    gateways: tuple[HubGateway, ...] = ()  # checked by load.py
+
+    def gateway(self, name: str) -> HubGateway | None:
+        for gw in self.gateways:
+            if gw.name == name:
+                return gw
+        return None
+
+
 class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True):
     format: Annotated[LogFormat, _lower()] = "auto"
     level: Annotated[LogLevel, _lower({"warn": "warning"})] = "info"
@@ -392,6 +413,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     mqtt: MqttConfig | None = None  # checked by load.py (mqtt.resolve)
     upstream: UpstreamConfig | None = None  # a gateway's hub; load.py adds its `upstream` endpoint
+    hub: HubConfig | None = None  # a hub: relays from these gateways (checked by load.py)
 
     def endpoint(self, name: str) -> EndpointConfig | None:
         for ep in self.endpoints:

@@ -161,6 +161,11 @@ class DeliveryStore(Protocol):
         exactly when its device's new state does. Delivery ids increase in the order of `changes` and
         `targets`; returns the deliveries created `pending` (not `held`), in id order."""
 
+    async def record_relayed(self, change: Change) -> list[DeliveryRow] | None:
+        """`record([change])` for an event relayed to a hub, unless an event with its id exists already: then
+        None and nothing is written (a gateway's retry of an event the hub has taken; across every process
+        sharing the store)."""
+
     async def load_pending_page(self, endpoint: str, after_id: int, limit: int) -> list[DeliveryRow]:
         """Pending deliveries of `endpoint` with id > `after_id`, in id order, at most `limit` (an index range:
         as fast with a million pending rows as with ten)."""

@@ -48,7 +48,7 @@ from webhookd.store.api import (
     StoreUnavailable,
 )
 from webhookd.store.postgres_schema import Conn, connect, migrate
-from webhookd.store.postgres_writes import CallOp, WriteOp, apply
+from webhookd.store.postgres_writes import CallOp, WriteOp, apply, record_relayed
 from webhookd.store.sqlite_writes import DevicesOp, device_row, receipts_op, record_op
 
 log = get_logger("webhookd.store")
@@ -397,6 +397,12 @@ class PostgresStore:
 
     async def record(self, changes: Sequence[Change]) -> list[DeliveryRow]:
         rows: list[DeliveryRow] = await self._queue_op(record_op(changes))
+        return rows
+
+    async def record_relayed(self, change: Change) -> list[DeliveryRow] | None:
+        rows: list[DeliveryRow] | None = await self.write(
+            functools.partial(record_relayed, change=change), 2 + len(change.targets)
+        )
         return rows
 
     async def load_pending_page(self, endpoint: str, after_id: int, limit: int) -> list[DeliveryRow]:

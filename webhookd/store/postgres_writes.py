@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webhookd.payloads import EventData
-from webhookd.store.api import DeliveryRow, EndpointRow
+from webhookd.store.api import Change, DeliveryRow, EndpointRow
 from webhookd.store.postgres_schema import Conn
 from webhookd.store.sqlite_writes import (
     DeviceRow,
@@ -23,6 +23,7 @@ from webhookd.store.sqlite_writes import (
     RecordOp,
     device_row,
     endpoint_row,
+    record_op,
 )
 
 UPSERT_DEVICES = (
@@ -184,3 +185,16 @@ async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list
             for k in range(start, end)
             if wanted[k][2] == "pending"
         ]
+
+
+async def record_relayed(c: Conn, change: Change) -> list[DeliveryRow] | None:
+    """A relayed event's `record`, skipped (None) when an event with its id exists. A transaction-scoped
+    advisory lock on the id makes a second process taking the same event wait for the first one's commit, and
+    then see its row."""
+    assert change.event is not None
+    await c.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (change.event.id,))
+    cur = await c.execute("SELECT 1 FROM events WHERE id = %s", (change.event.id,))
+    if await cur.fetchone() is not None:
+        return None
+    rows: list[DeliveryRow] = (await apply(c, [record_op([change])]))[0]
+    return rows

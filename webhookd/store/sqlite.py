@@ -49,6 +49,7 @@ from webhookd.store.sqlite_writes import (
     device_row,
     receipts_op,
     record_op,
+    record_relayed,
 )
 
 log = get_logger("webhookd.store")
@@ -347,6 +348,12 @@ class SQLiteStore:
 
     async def record(self, changes: Sequence[Change]) -> list[DeliveryRow]:
         rows: list[DeliveryRow] = await self._queue_op(record_op(changes))
+        return rows
+
+    async def record_relayed(self, change: Change) -> list[DeliveryRow] | None:
+        rows: list[DeliveryRow] | None = await self.write(
+            functools.partial(record_relayed, change=change), 2 + len(change.targets)
+        )
         return rows
 
     async def load_pending_page(self, endpoint: str, after_id: int, limit: int) -> list[DeliveryRow]:

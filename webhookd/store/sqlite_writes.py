@@ -223,3 +223,13 @@ def _merged(c: sqlite3.Connection, ops: Sequence[WriteOp], run: list[int], resul
 
 def upsert_endpoints(c: sqlite3.Connection, rows: Sequence[EndpointRow]) -> None:
     c.executemany(UPSERT_ENDPOINT, [endpoint_row(r) for r in rows])
+
+
+def record_relayed(c: sqlite3.Connection, change: Change) -> list[DeliveryRow] | None:
+    """A relayed event's `record`, skipped (None) when an event with its id exists (this transaction is the only
+    writer, so the check holds until the commit)."""
+    assert change.event is not None
+    if c.execute("SELECT 1 FROM events WHERE id = ?", (change.event.id,)).fetchone() is not None:
+        return None
+    rows: list[DeliveryRow] = apply(c, [record_op([change])])[0]
+    return rows

@@ -1,0 +1,262 @@
+"""A hub's side of the relay (CONTRACT §14): the events its gateways relay, and their heartbeats.
+
+On a process with `hub:` the heartbeat API serves ``POST /v1/relay`` and ``POST /v1/gateways/<name>/heartbeat``
+(and answers its device routes 404: devices report to a gateway). Each request must name a configured gateway
+(`Webhookd-Gateway`) and carry a fresh signature of its body with that gateway's secret (`Webhookd-Signature`,
+hmac-sha256, 5 minutes either way), else 401. A relayed event is recorded with its id, its device id becomes
+``<gateway>:<device id>`` and its deliveries to the hub's endpoints go through the outbox; the answer is 2xx only
+once that is durable, and an event id the hub has taken already is a 2xx that changes nothing. The relayed
+device's state is kept as the gateway says it (`source: relay`, no silence timer of the hub's).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from webhookd.config.load import GATEWAY_HEADER
+from webhookd.config.schema import HubConfig, HubGateway
+from webhookd.dispatch import Dispatcher
+from webhookd.listener import DEVICE_ID, MAX_TEXT, BadInput, error_response, json_response, not_allowed
+from webhookd.logs import get_logger
+from webhookd.payloads import EVENT_TYPES, EventData
+from webhookd.presence import Device, PresenceEngine
+from webhookd.signing import verify_hmac_sha256
+from webhookd.states import DEVICE_STATES, UNKNOWN
+from webhookd.store import Change, DeliveryStore
+
+if TYPE_CHECKING:
+    from webhookd.listener import HeartbeatAPI
+
+log = get_logger("webhookd.hub")
+
+RELAY_PATH = "/v1/relay"
+GATEWAYS_PREFIX = "/v1/gateways/"
+HEARTBEAT_SUFFIX = "/heartbeat"
+SIGNATURE_HEADER = "Webhookd-Signature"
+TOLERANCE = 300.0  # seconds a signature's timestamp may be off, either way
+RELAY_SOURCE = "relay"
+NOT_HERE = "this is a hub: devices report to a gateway"
+RELAYED_TYPES = frozenset(t for t in EVENT_TYPES if t != "webhook.test")
+EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_PREVIOUS_STATES = frozenset((*DEVICE_STATES, UNKNOWN))
+
+
+@dataclass(slots=True)
+class GatewaySeen:
+    """What the hub knows of a gateway in this process (liveness events are not made here)."""
+
+    last_seen: float | None = None  # unix seconds of its last accepted relay or heartbeat
+    address: str | None = None
+    devices: int | None = None  # as its last heartbeat said
+    relayed: int = 0  # events taken from it by this process
+
+
+def _is_device_route(path: str) -> bool:
+    return path == "/v1/heartbeat" or path == "/v1/heartbeats" or path.startswith("/v1/heartbeat/")
+
+
+def _rfc3339(value: object, field: str, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > 40:
+        raise BadInput(400, f"{field} must be an RFC 3339 time", field)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadInput(400, f"{field} must be an RFC 3339 time", field) from None
+    if parsed.tzinfo is None:
+        raise BadInput(400, f"{field} must be an RFC 3339 time with its offset (Z)", field)
+    return parsed.timestamp()
+
+
+def _opt_text(obj: dict[str, Any], key: str, field: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise BadInput(400, f"{key} must be a string of at most {MAX_TEXT} printable characters", field)
+    return value
+
+
+def _number(value: object, field: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise BadInput(400, f"{field} must be a number of seconds (or null)", field)
+    return float(value)
+
+
+def parse_relayed(obj: object, gateway: str) -> EventData:
+    """The `webhookd`-format body a gateway relayed, as the hub's event: the same id, type, times and fields;
+    its device id prefixed with `<gateway>:`, and `gateway` set. Raises BadInput (400) naming the bad field."""
+    if not isinstance(obj, dict):
+        raise BadInput(400, "a relayed event must be a JSON object (the webhookd format)")
+    event_id = obj.get("id")
+    if not isinstance(event_id, str) or EVENT_ID.fullmatch(event_id) is None:
+        raise BadInput(400, "id must be an event id (evt_...)", "id")
+    etype = obj.get("type")
+    if not isinstance(etype, str) or etype not in RELAYED_TYPES:
+        raise BadInput(400, "type must be one of " + ", ".join(sorted(RELAYED_TYPES)), "type")
+    when = _rfc3339(obj.get("time"), "time")
+    assert when is not None
+    reason = _opt_text(obj, "reason", "reason")
+    device = obj.get("device")
+    if not isinstance(device, dict):
+        raise BadInput(400, "device must be a JSON object", "device")
+    device_id = device.get("id")
+    if not isinstance(device_id, str) or DEVICE_ID.fullmatch(device_id) is None:
+        raise BadInput(400, "device.id must match ^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$", "device.id")
+    state = device.get("state")
+    if not isinstance(state, str) or state not in DEVICE_STATES:
+        raise BadInput(400, "device.state must be one of " + ", ".join(DEVICE_STATES), "device.state")
+    previous = device.get("previous_state")
+    if not isinstance(previous, str) or previous not in _PREVIOUS_STATES:
+        raise BadInput(
+            400, "device.previous_state must be one of " + ", ".join(sorted(_PREVIOUS_STATES)), "device.previous_state"
+        )
+    reminder = obj.get("reminder")
+    if reminder is not None and (isinstance(reminder, bool) or not isinstance(reminder, int) or reminder < 1):
+        raise BadInput(400, "reminder must be a positive integer", "reminder")
+    return EventData(
+        id=event_id,
+        type=etype,
+        time=when,
+        reason=reason,
+        device_id=f"{gateway}:{device_id}",
+        name=_opt_text(device, "name", "device.name"),
+        state=state,
+        previous_state=previous,
+        address=_opt_text(device, "address", "device.address"),
+        owner=_opt_text(device, "owner", "device.owner"),
+        last_seen=_rfc3339(device.get("last_seen"), "device.last_seen", optional=True),
+        offline_for=_number(obj.get("offline_for"), "offline_for"),
+        reminder=reminder,
+        gateway=gateway,
+    )
+
+
+def relayed_device(event: EventData) -> Device:
+    """The device row of a relayed event: the gateway's view, with no silence timer at the hub."""
+    return Device(
+        id=event.device_id,
+        state=event.state,
+        name=event.name,
+        owner=event.owner,
+        address=event.address,
+        last_seen=event.last_seen,
+        changed_at=event.time,
+        source=RELAY_SOURCE,
+        timed=False,
+    )
+
+
+class Hub:
+    def __init__(
+        self,
+        cfg: HubConfig,
+        engine: PresenceEngine,
+        store: DeliveryStore,
+        dispatcher: Dispatcher,
+        *,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.dispatcher = dispatcher
+        self._wall = wall
+        self.seen: dict[str, GatewaySeen] = {}
+        self.cfg = cfg
+        self.configure(cfg)
+        # metrics hook: one call per relayed event recorded (its type)
+        self.on_event: Callable[[str], None] | None = None
+
+    def configure(self, cfg: HubConfig) -> None:
+        """Startup and reload: the gateways and their secrets."""
+        self.cfg = cfg
+        self._gateways = {gw.name: gw for gw in cfg.gateways}
+
+    async def serve(self, request: web.BaseRequest, api: HeartbeatAPI) -> web.StreamResponse | None:
+        """The hub's answer to `request`, or None for a route the heartbeat API serves as usual (/healthz)."""
+        path, method = request.path, request.method
+        if path == RELAY_PATH:
+            if method != "POST":
+                return not_allowed("POST")
+            return await self.relay(request, api)
+        if path.startswith(GATEWAYS_PREFIX) and path.endswith(HEARTBEAT_SUFFIX):
+            if method != "POST":
+                return not_allowed("POST")
+            return await self.heartbeat(request, api, path[len(GATEWAYS_PREFIX) : -len(HEARTBEAT_SUFFIX)])
+        if _is_device_route(path):
+            return error_response(404, NOT_HERE)
+        return None
+
+    def _verify(self, request: web.BaseRequest, body: bytes) -> HubGateway:
+        name = request.headers.get(GATEWAY_HEADER, "")
+        gw = self._gateways.get(name)
+        if gw is None or gw.secret is None:
+            raise BadInput(401, f"unknown gateway (missing or unknown {GATEWAY_HEADER})")
+        header = request.headers.get(SIGNATURE_HEADER, "")
+        if not header:
+            raise BadInput(401, f"missing {SIGNATURE_HEADER}")
+        if not verify_hmac_sha256(header, body, [gw.secret], TOLERANCE, self._wall()):
+            raise BadInput(401, f"invalid {SIGNATURE_HEADER} (bad signature, or a timestamp more than 5m off)")
+        return gw
+
+    def _saw(self, request: web.BaseRequest, gw: HubGateway) -> GatewaySeen:
+        seen = self.seen.setdefault(gw.name, GatewaySeen())
+        seen.last_seen = self._wall()
+        seen.address = request.remote or seen.address
+        return seen
+
+    async def relay(self, request: web.BaseRequest, api: HeartbeatAPI) -> web.Response:
+        raw = await api.read_raw(request)
+        gw = self._verify(request, raw)
+        event = parse_relayed(api.decode_json(request, raw), gw.name)
+        device = relayed_device(event)
+        rows = await self.store.record_relayed(Change(device, event, self.dispatcher.targets(event)))
+        seen = self._saw(request, gw)
+        if rows is None:
+            log.debug("relay_duplicate", gateway=gw.name, event_id=event.id)
+            return json_response(200, {"status": "duplicate", "id": event.id})
+        current = self.engine.devices.get(device.id)
+        if current is None or current.changed_at is None or current.changed_at <= event.time:
+            self.engine.adopt(device)
+        self.dispatcher.enqueue(rows)
+        seen.relayed += 1
+        if self.on_event is not None:
+            self.on_event(event.type)
+        log.info(
+            "relay_recorded",
+            gateway=gw.name,
+            device=event.device_id,
+            type=event.type,
+            state=event.state,
+            event_id=event.id,
+            deliveries=len(rows),
+        )
+        return json_response(200, {"status": "recorded", "id": event.id})
+
+    async def heartbeat(self, request: web.BaseRequest, api: HeartbeatAPI, name: str) -> web.Response:
+        raw = await api.read_raw(request)
+        gw = self._verify(request, raw)
+        if name != gw.name:
+            raise BadInput(401, f"the gateway in the path is not the one {GATEWAY_HEADER} names")
+        body = api.decode_json(request, raw)
+        if not isinstance(body, dict):
+            raise BadInput(400, "a gateway heartbeat must be a JSON object")
+        if body.get("gateway") not in (None, gw.name):
+            raise BadInput(400, "gateway in the body differs from the path", "gateway")
+        devices = body.get("devices")
+        if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 0):
+            raise BadInput(400, "devices must be a count", "devices")
+        seen = self._saw(request, gw)
+        if devices is not None:
+            seen.devices = devices
+        return json_response(200, {"status": "ok"})
