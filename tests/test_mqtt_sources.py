@@ -240,6 +240,18 @@ def test_sparkplug_births_and_deaths() -> None:
     assert s.route("spBv1.0/STATE/scada-host", b'{"online":true,"timestamp":1}') is None
 
 
+def test_sparkplug_a_new_session_without_the_old_death_takes_the_old_devices_offline() -> None:
+    s = sources({"preset": "sparkplug"})
+    readings(s, "spBv1.0/g/NBIRTH/e", birth(4))
+    readings(s, "spBv1.0/g/DBIRTH/e/pump", birth(None))
+    readings(s, "spBv1.0/g/DBIRTH/e/fan", birth(None))
+    # bdSeq 5: the session of bdSeq 4 died without its NDEATH reaching us
+    assert readings(s, "spBv1.0/g/NBIRTH/e", birth(5)) == [off("g/e/fan"), off("g/e/pump"), on("g/e")]
+    assert readings(s, "spBv1.0/g/DBIRTH/e/pump", birth(None)) == [on("g/e/pump")]  # alive: back at once
+    # a rebirth asked by the host keeps its bdSeq: nothing is taken offline
+    assert readings(s, "spBv1.0/g/NBIRTH/e", birth(5)) == [on("g/e")]
+
+
 def test_sparkplug_ndeath_of_an_unknown_node_counts() -> None:
     s = sources({"preset": "sparkplug"})
     assert readings(s, "spBv1.0/g/NDEATH/e", wire_birth(9)) == [off("g/e")]

@@ -251,8 +251,16 @@ class _Sparkplug(_Source):
         except sparkplug.Undecodable as e:
             return Ignored(str(e))
         if kind == "NBIRTH":
+            last = self.bd_seq.get(node)
             self.bd_seq[node] = seq
-            return self.one(node, "online")
+            birth = self.one(node, "online")
+            if last is not None and seq is not None and seq != last:
+                # A new MQTT session (bdSeq moved on) without the old one's NDEATH reaching us: the old session
+                # died, and its devices with it; each alive one sends its DBIRTH right after this NBIRTH.
+                gone = [self.one(f"{node}/{d}", "offline") for d in sorted(self.devices.pop(node, set()))]
+                readings = [r for result in (*gone, birth) if not isinstance(result, Ignored) for r in result]
+                return readings or birth
+            return birth
         if kind == "NDEATH":
             last = self.bd_seq.get(node)
             # Unknown node or bdSeq on either side: accept (missing an offline is worse than a repeated one).
