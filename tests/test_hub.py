@@ -10,14 +10,21 @@ import hmac
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
 import pytest
 import stripe
+from aiohttp import web
 
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.harness import SECRET, Daemon, Receiver, endpoint
+from tests.harness import SECRET, Daemon, Receiver, endpoint, free_port
 from webhookd.config import ConfigError, parse_config
+from webhookd.config.load import summary
+from webhookd.hub import Hub
+from webhookd.listener import HeartbeatAPI
+from webhookd.presence import DeviceDefaults, PresenceEngine
+from webhookd.store import StoreUnavailable
 
 GATEWAY = "site-a"
 GW_SECRET = "site-a-Shared-Secret-0123456789"  # test-only
@@ -266,3 +273,55 @@ def test_hub_config(tmp_path: Path) -> None:
     assert _problems({"hub": {}}, tmp_path)[0].startswith("hub.gateways: missing required key")
     udp = _problems({"hub": {"gateways": [{"name": "a", "secret": "s-1"}]}, "listen": {"udp": "127.0.0.1:9"}}, tmp_path)
     assert [p.split(":", 1)[0] for p in udp] == ["listen.udp"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in process: the store cannot write
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _FailingStore:
+    healthy = False
+
+    async def record_relayed(self, change: Any) -> None:
+        raise StoreUnavailable("disk full")
+
+
+class _Dispatcher:
+    def targets(self, event: Any) -> list[tuple[str, str]]:
+        return [("hub-hook", "pending")]
+
+    def enqueue(self, rows: Any) -> None:
+        raise AssertionError("nothing was recorded")
+
+
+async def test_a_store_that_cannot_write_is_503_and_nothing_is_taken(tmp_path: Path) -> None:
+    base = {"state_dir": str(tmp_path / "s"), "admin": {"socket": str(tmp_path / "a.sock")}}
+    cfg = parse_config({**base, "hub": hub_config()}, tmp_path)
+    assert cfg.hub is not None
+    engine = PresenceEngine(lambda _id: DeviceDefaults(60.0))
+    store, dispatcher = cast(Any, _FailingStore()), cast(Any, _Dispatcher())
+    api = HeartbeatAPI(cast(Any, None), (), 262144, lambda: False)
+    api.hub = Hub(cfg.hub, engine, store, dispatcher)
+    runner = web.ServerRunner(api.server(), handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        raw = json.dumps(relayed_body()).encode()
+        headers = {"Content-Type": "application/json", "Webhookd-Gateway": GATEWAY, "Webhookd-Signature": sign(raw)}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/relay", data=raw, headers=headers) as r:
+                assert r.status == 503 and await r.json() == {"error": "store unavailable"}
+            async with s.get(url + "/healthz") as r:
+                assert r.status == 503
+    finally:
+        await runner.cleanup()
+    assert engine.devices == {}
+
+
+def test_check_config_names_the_hub(tmp_path: Path) -> None:
+    base = {"state_dir": str(tmp_path / "s"), "admin": {"socket": str(tmp_path / "a.sock")}}
+    line = summary(parse_config({**base, "hub": hub_config()}, tmp_path))
+    assert "hub for 2 gateways (site-a, site-b)" in line and GW_SECRET not in line

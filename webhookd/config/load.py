@@ -658,4 +658,8 @@ def summary(cfg: Config) -> str:
         parts.append(f"store {redact_url(cfg.store)}")
     if cfg.upstream is not None:
         parts.append(f"relay to {redact_url(cfg.upstream.url)} as {cfg.upstream.gateway}")
+    if cfg.hub is not None:
+        gateways = [gw.name for gw in cfg.hub.gateways]
+        shown = ", ".join(gateways[:10]) + (f", +{len(gateways) - 10} more" if len(gateways) > 10 else "")
+        parts.append(f"hub for {_plural(len(gateways), 'gateway')} ({shown})")
     return "config OK: " + ", ".join(parts)
