@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from webhookd.config.load import GATEWAY_HEADER
+from webhookd.config.fleet import GATEWAY_HEADER, RELAY_PATH
 from webhookd.config.schema import HubConfig, HubGateway
 from webhookd.dispatch import Dispatcher
 from webhookd.listener import DEVICE_ID, MAX_TEXT, BadInput, error_response, json_response, not_allowed
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = get_logger("webhookd.hub")
 
-RELAY_PATH = "/v1/relay"
+
 GATEWAYS_PREFIX = "/v1/gateways/"
 HEARTBEAT_SUFFIX = "/heartbeat"
 SIGNATURE_HEADER = "Webhookd-Signature"

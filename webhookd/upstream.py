@@ -19,7 +19,7 @@ from collections.abc import Callable
 import msgspec
 
 from webhookd.config import EndpointConfig
-from webhookd.config.load import relay_endpoint
+from webhookd.config.fleet import relay_endpoint
 from webhookd.config.schema import UpstreamConfig
 from webhookd.config.units import redact_url
 from webhookd.dispatch.sender import Sender, Target

@@ -22,7 +22,7 @@ import yaml
 
 from webhookd import messages
 
-from . import mqtt
+from . import fleet, mqtt
 from .convert import Converter, key_path, kind
 from .schema import (
     DEFAULT_SIGNATURE_HEADER,
@@ -34,7 +34,6 @@ from .schema import (
     DeliveryConfig,
     EndpointConfig,
     HubConfig,
-    HubGateway,
     UpstreamConfig,
     check_secret,
 )
@@ -262,141 +261,6 @@ def _headers(c: Converter, raw: object, path: str, before: dict[str, Any]) -> di
 
 
 # ----------------------------------------------------------------------------------------------------
-# upstream: a gateway's hub (CONTRACT §14)
-# ----------------------------------------------------------------------------------------------------
-
-RELAY_PATH = "/v1/relay"
-GATEWAY_HEADER = "Webhookd-Gateway"
-
-
-def _upstream(c: Converter, value: object, path: str) -> UpstreamConfig | None:
-    """The `upstream:` section (None for ``upstream: null``): `secret` or `secret_file` (its one secret)."""
-    if value is None:
-        return None
-    n_before = len(c.problems)
-    values = c.fields(value, UpstreamConfig, path)
-    if values is None or not isinstance(value, dict):
-        return None
-    has_secret, has_file = value.get("secret") is not None, value.get("secret_file") is not None
-    if has_secret and has_file:
-        c.add(f"{path}.secret_file", "use either secret or secret_file, not both")
-    elif not has_secret and not has_file:
-        c.add(f"{path}.secret", "missing required key (the secret shared with the hub; or secret_file: PATH)")
-    elif has_file and values.get("secret_file") is not None:
-        secret = _one_secret(c, f"{path}.secret_file", values["secret_file"])
-        if secret is not None:
-            values["secret"] = secret
-    if "url" in values and url_is_link_local(values["url"]):
-        c.add(f"{path}.url", "link-local address (cloud metadata lives there): refused for a hub")
-    if len(c.problems) != n_before:
-        return None
-    try:
-        return UpstreamConfig(**values)
-    except TypeError:  # a required key missing (reported)
-        return None
-
-
-def _hub(c: Converter, value: object, path: str) -> HubConfig | None:
-    """The `hub:` section (None for ``hub: null``): at least one gateway, names unique, each with `secret` or
-    `secret_file`."""
-    if value is None:
-        return None
-
-    def gateways(v: object, gpath: str, _before: dict[str, Any]) -> tuple[HubGateway, ...]:
-        if not isinstance(v, list):
-            c.add(gpath, f"expected a list of gateways, got {kind(v)}")
-            return ()
-        if not v:
-            c.add(gpath, "must name at least one gateway")
-        out: list[HubGateway] = []
-        seen: set[str] = set()
-        for i, item in enumerate(v):
-            gw = _hub_gateway(c, item, f"{gpath}[{i}]")
-            if gw is None:
-                continue
-            if gw.name in seen:
-                c.add(f"{gpath}[{i}].name", f"duplicate gateway name {gw.name!r}")
-            seen.add(gw.name)
-            out.append(gw)
-        return tuple(out)
-
-    n_before = len(c.problems)
-    values = c.fields(value, HubConfig, path, custom={"gateways": gateways})
-    if values is None:
-        return None
-    if "gateways" not in values:
-        c.add(f"{path}.gateways", "missing required key (the gateways that relay to this hub)")
-    if len(c.problems) != n_before:
-        return None
-    return HubConfig(**values)
-
-
-def _hub_gateway(c: Converter, value: object, path: str) -> HubGateway | None:
-    n_before = len(c.problems)
-    values = c.fields(value, HubGateway, path)
-    if values is None or not isinstance(value, dict):
-        return None
-    has_secret, has_file = value.get("secret") is not None, value.get("secret_file") is not None
-    if has_secret and has_file:
-        c.add(f"{path}.secret_file", "use either secret or secret_file, not both")
-    elif not has_secret and not has_file:
-        c.add(f"{path}.secret", "missing required key (the secret shared with the gateway; or secret_file: PATH)")
-    elif has_file and values.get("secret_file") is not None:
-        secret = _one_secret(c, f"{path}.secret_file", values["secret_file"])
-        if secret is not None:
-            values["secret"] = secret
-    if len(c.problems) != n_before:
-        return None
-    try:
-        return HubGateway(**values)
-    except TypeError:  # a required key missing (reported)
-        return None
-
-
-def _one_secret(c: Converter, fpath: str, p: Path) -> str | None:
-    try:
-        content = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        c.add(fpath, f"file not found: {p}")
-        return None
-    except UnicodeDecodeError:
-        c.add(fpath, f"not a UTF-8 text file: {p}")
-        return None
-    except OSError as e:
-        c.add(fpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
-        return None
-    lines = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
-    if len(lines) != 1:
-        c.add(fpath, f"{'no secret' if not lines else 'more than one line'} in {p} (expected the one shared secret)")
-        return None
-    spath = f"{fpath} (line {lines[0][0]} of the file)"
-    try:
-        return check_secret(lines[0][1], c.at(spath))
-    except ValueError as e:
-        c.add(spath, str(e))
-        return None
-
-
-def relay_endpoint(up: UpstreamConfig) -> EndpointConfig:
-    """The endpoint `upstream` of a gateway: every event, every device, one per request in the webhookd format,
-    signed hmac-sha256 with the shared secret, retried forever (`relay`)."""
-    assert up.secret is not None  # load.py made sure
-    return EndpointConfig(
-        name=UPSTREAM_ENDPOINT,
-        url=up.url + RELAY_PATH,
-        description=f"relay to the hub as gateway {up.gateway}",
-        secrets=(up.secret,),
-        signature="hmac-sha256",
-        headers={GATEWAY_HEADER: up.gateway},
-        timeout=up.timeout,
-        concurrency=up.concurrency,
-        tls_verify=up.tls_verify,
-        ca_file=up.ca_file,
-        relay=True,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
 # Data -> Config
 # ----------------------------------------------------------------------------------------------------
 
@@ -474,10 +338,10 @@ def parse_config(
         return mqtt.resolve(c, value, path)  # its rules across keys are with its schema, in mqtt.py
 
     def upstream(value: object, path: str, _before: dict[str, Any]) -> UpstreamConfig | None:
-        return _upstream(c, value, path)
+        return fleet.upstream(c, value, path)
 
     def hub(value: object, path: str, _before: dict[str, Any]) -> HubConfig | None:
-        return _hub(c, value, path)
+        return fleet.hub(c, value, path)
 
     custom = {"endpoints": endpoints, "mqtt": mqtt_section, "upstream": upstream, "hub": hub}
     values = c.fields(data, Config, "", custom=custom)
@@ -492,7 +356,7 @@ def parse_config(
     if c.problems or values is None:
         raise ConfigError(c.problems if lines is None else _in_file_order(c.problems, c.paths, lines))
     if values.get("upstream") is not None:  # its relay goes through the outbox like any endpoint
-        values["endpoints"] = (*values.get("endpoints", ()), relay_endpoint(values["upstream"]))
+        values["endpoints"] = (*values.get("endpoints", ()), fleet.relay_endpoint(values["upstream"]))
     return Config(path=path, **values)
 
 
