@@ -173,6 +173,18 @@ class Converter:
     def at(self, path: str) -> At:
         return At(self.base_dir, path in self.from_env)
 
+    def read_text(self, path: str, p: Path) -> str | None:
+        """The UTF-8 text of the file `p` named at `path`, or None with the problem reported there."""
+        try:
+            return p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.add(path, f"file not found: {p}")
+        except UnicodeDecodeError:
+            self.add(path, f"not a UTF-8 text file: {p}")
+        except OSError as e:
+            self.add(path, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+        return None
+
     # -- ${VAR} ---------------------------------------------------------------------------------------------
 
     def substitute(self, node: object, path: str) -> object:

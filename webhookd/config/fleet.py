@@ -94,16 +94,8 @@ def _hub_gateway(c: Converter, value: object, path: str) -> HubGateway | None:
 
 
 def _one_secret(c: Converter, fpath: str, p: Path) -> str | None:
-    try:
-        content = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        c.add(fpath, f"file not found: {p}")
-        return None
-    except UnicodeDecodeError:
-        c.add(fpath, f"not a UTF-8 text file: {p}")
-        return None
-    except OSError as e:
-        c.add(fpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+    content = c.read_text(fpath, p)
+    if content is None:
         return None
     lines = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
     if len(lines) != 1:

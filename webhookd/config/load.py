@@ -165,16 +165,8 @@ def _format_keys(c: Converter, item: dict[Any, Any], values: dict[str, Any], pat
 
 
 def _read_template(c: Converter, tpath: str, p: Path) -> str | None:
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        c.add(tpath, f"file not found: {p}")
-        return None
-    except UnicodeDecodeError:
-        c.add(tpath, f"not a UTF-8 text file: {p}")
-        return None
-    except OSError as e:
-        c.add(tpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+    text = c.read_text(tpath, p)
+    if text is None:
         return None
     if not text.strip():
         c.add(tpath, f"empty template file: {p}")
@@ -196,16 +188,8 @@ def _secrets(c: Converter, item: dict[Any, Any], values: dict[str, Any], path: s
     if values.get("secret_file") is None:
         return []
     fpath, p = f"{path}.secret_file", values["secret_file"]
-    try:
-        content = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        c.add(fpath, f"file not found: {p}")
-        return []
-    except UnicodeDecodeError:
-        c.add(fpath, f"not a UTF-8 text file: {p}")
-        return []
-    except OSError as e:
-        c.add(fpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
+    content = c.read_text(fpath, p)
+    if content is None:
         return []
     lines = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
     if not lines:

@@ -259,17 +259,10 @@ def _credentials(c: Converter, raw: dict[Any, Any], values: dict[str, Any], path
         return
     if values.get("password_file") is not None:
         fpath, p = f"{path}.password_file", values["password_file"]
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            c.add(fpath, f"file not found: {p}")
+        text = c.read_text(fpath, p)
+        if text is None:
             return
-        except UnicodeDecodeError:
-            c.add(fpath, f"not a UTF-8 text file: {p}")
-            return
-        except OSError as e:
-            c.add(fpath, f"cannot read {p}: {e.strerror or e.__class__.__name__}")
-            return
+        lines = text.splitlines()
         password = lines[0].strip() if lines else ""
         if not password:
             c.add(fpath, f"no password on the first line of {p}")
