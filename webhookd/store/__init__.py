@@ -20,7 +20,8 @@ from webhookd.store.api import (
     StoreError,
     StoreUnavailable,
 )
-from webhookd.store.retention import PRUNE_BATCH, VACUUM_PAGES, retention_loop
+from webhookd.store.chunked import PRUNE_BATCH
+from webhookd.store.retention import VACUUM_PAGES, retention_loop
 from webhookd.store.sqlite import MAX_BATCH, MAX_BATCH_ROWS, PROBE_INTERVAL, SQLiteStore
 from webhookd.store.sqlite_schema import SCHEMA_VERSION
 

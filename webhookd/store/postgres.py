@@ -35,6 +35,7 @@ from webhookd.config.units import redact_url
 from webhookd.logs import get_logger
 from webhookd.mutes import MuteRule
 from webhookd.presence import Device
+from webhookd.store import chunked
 from webhookd.store import postgres_queries as q
 from webhookd.store.api import (
     Change,
@@ -422,7 +423,7 @@ class PostgresStore:
     async def requeue(
         self, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
     ) -> Requeued:
-        return await q.requeue(self, ids, endpoint, status, held_endpoints)
+        return await chunked.requeue(self.write, q.requeue_ids, q.requeue_where, ids, endpoint, status, held_endpoints)
 
     # --- endpoints ---------------------------------------------------------------------------------------
 
@@ -446,7 +447,7 @@ class PostgresStore:
     async def list_deliveries(self, status: str | None, endpoint: str | None, limit: int) -> list[dict[str, Any]]:
         return await self.read(functools.partial(q.list_deliveries, status=status, endpoint=endpoint, limit=limit))
 
-    async def prune(self, older_than: float, batch: int = q.PRUNE_BATCH) -> Pruned:
+    async def prune(self, older_than: float, batch: int = chunked.PRUNE_BATCH) -> Pruned:
         return await q.prune(self, older_than, batch)
 
 

@@ -8,9 +8,6 @@ each its own transaction, so that a million rows neither come into memory nor ho
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +16,13 @@ from webhookd.payloads import EventData
 from webhookd.presence import Device
 from webhookd.states import DELIVERY_STATUSES
 from webhookd.store.api import DeliveryRow, EndpointRow, Pruned, Requeued
+from webhookd.store.chunked import LIST_KEYS, PRUNE_BATCH, REQUEUE_CHUNK, prune_rows
 from webhookd.store.postgres_schema import Conn
 from webhookd.store.postgres_writes import upsert_endpoints
 
 if TYPE_CHECKING:
     from webhookd.store.postgres import PostgresStore
 
-REQUEUE_CHUNK = 2000  # rows per write transaction of a requeue
-IDS_CHUNK = 500  # ids per `= ANY(...)` array
-PRUNE_BATCH = 500  # rows deleted per write transaction by the retention pruner
 
 _PENDING = (
     "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d"
@@ -196,63 +191,12 @@ async def requeue_where(
     return sorted(r[0] for r in await cur.fetchall())
 
 
-async def requeue(
-    store: PostgresStore, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
-) -> Requeued:
-    """PostgresStore.requeue (see sqlite_queries.requeue: the same chunks, each its own write transaction)."""
-    now = time.time()
-    out = Requeued(total=0, held=0, first_pending={}, missing=[])
-    if ids is not None:
-        unique = list(dict.fromkeys(ids))
-        for i in range(0, len(unique), IDS_CHUNK):
-            chunk = unique[i : i + IDS_CHUNK]
-            part = await store.write(
-                functools.partial(requeue_ids, ids=chunk, held_endpoints=held_endpoints, now=now), len(chunk)
-            )
-            out.total += part.total
-            out.held += part.held
-            out.missing += part.missing
-            for ep, first in part.first_pending.items():
-                out.first_pending[ep] = min(first, out.first_pending.get(ep, first))
-        return out
-    if endpoint is None:
-        raise ValueError("requeue needs ids or an endpoint")
-    target = "held" if endpoint in held_endpoints else "pending"
-    after = 0
-    while done := await store.write(
-        functools.partial(requeue_where, endpoint=endpoint, status=status, target=target, after_id=after, now=now),
-        REQUEUE_CHUNK,
-    ):
-        if target == "pending":
-            out.first_pending.setdefault(endpoint, done[0])
-        out.total += len(done)
-        after = done[-1]
-    if target == "held":
-        out.held = out.total
-    return out
-
-
 async def delivery_counts(c: Conn) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     cur = await c.execute("SELECT endpoint, status, count(*) FROM deliveries GROUP BY endpoint, status")
     for ep, status, n in await cur.fetchall():
         out.setdefault(ep, {})[status] = n
     return out
-
-
-_LIST_KEYS = (
-    "id",
-    "event_id",
-    "endpoint",
-    "device",
-    "type",
-    "status",
-    "attempts",
-    "next_attempt_at",
-    "last_status",
-    "last_error",
-    "created_at",
-)
 
 
 async def list_deliveries(c: Conn, status: str | None, endpoint: str | None, limit: int) -> list[dict[str, Any]]:
@@ -263,7 +207,7 @@ async def list_deliveries(c: Conn, status: str | None, endpoint: str | None, lim
         " ORDER BY id DESC LIMIT %s",
         (status or None, status or None, endpoint or None, endpoint or None, limit),
     )
-    return [dict(zip(_LIST_KEYS, row, strict=True)) for row in await cur.fetchall()]
+    return [dict(zip(LIST_KEYS, row, strict=True)) for row in await cur.fetchall()]
 
 
 # --- retention ------------------------------------------------------------------------------------------------
@@ -303,16 +247,5 @@ async def _prune_events(
 async def prune(store: PostgresStore, older_than: float, batch: int = PRUNE_BATCH) -> Pruned:
     """Delete delivered and dead deliveries last updated before `older_than`, then events older than that no
     delivery refers to, each batch its own small write transaction (autovacuum hands the space back)."""
-    deliveries = events = 0
-    while True:
-        n = await store.write(functools.partial(_prune_deliveries, cutoff=older_than, limit=batch))
-        deliveries += n
-        if n < batch:
-            break
-        await asyncio.sleep(0)
-    key: tuple[float, str] | None = (float("-inf"), "")
-    while key is not None:
-        n, key = await store.write(functools.partial(_prune_events, cutoff=older_than, after=key, limit=batch))
-        events += n
-        await asyncio.sleep(0)
+    deliveries, events = await prune_rows(store.write, _prune_deliveries, _prune_events, older_than, batch)
     return Pruned(deliveries, events, 0)

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from webhookd.logs import get_logger
 from webhookd.store.api import DeliveryStore, Pruned, StoreError
+from webhookd.store.chunked import PRUNE_BATCH, prune_rows
 
 if TYPE_CHECKING:
     from webhookd.store.sqlite import SQLiteStore
 
 log = get_logger("webhookd.store")
 
-PRUNE_BATCH = 500  # rows deleted per write transaction by the retention pruner
 VACUUM_PAGES = 512  # pages released per write transaction by the incremental vacuum
 
 
@@ -72,18 +72,8 @@ async def prune(
     than that which no delivery refers to, then give the freed pages back to the file system (databases with
     auto_vacuum=INCREMENTAL). Each step is its own small write transaction queued like any other write, so
     heartbeats' group commits wait for one batch at most, never for the whole prune."""
-    deliveries = events = pages = 0
-    while True:
-        n = await store.write(functools.partial(_prune_deliveries, cutoff=older_than, limit=batch))
-        deliveries += n
-        if n < batch:
-            break
-        await asyncio.sleep(0)
-    key: tuple[float, str] | None = (float("-inf"), "")
-    while key is not None:
-        n, key = await store.write(functools.partial(_prune_events, cutoff=older_than, after=key, limit=batch))
-        events += n
-        await asyncio.sleep(0)
+    deliveries, events = await prune_rows(store.write, _prune_deliveries, _prune_events, older_than, batch)
+    pages = 0
     if (deliveries or events) and store.auto_vacuum == 2:
         free = await store.read(_freelist)
         for _ in range(free // max(vacuum_pages, 1) + 1):  # bounded, even if others free pages meanwhile

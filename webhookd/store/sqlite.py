@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from webhookd.logs import get_logger
 from webhookd.mutes import MuteRule
 from webhookd.presence import Device
-from webhookd.store import retention, sqlite_queries
+from webhookd.store import chunked, retention, sqlite_queries
 from webhookd.store.api import (
     Change,
     DeliveryRow,
@@ -377,7 +377,9 @@ class SQLiteStore:
     async def requeue(
         self, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
     ) -> Requeued:
-        return await sqlite_queries.requeue(self, ids, endpoint, status, held_endpoints)
+        return await chunked.requeue(
+            self.write, sqlite_queries.requeue_ids, sqlite_queries.requeue_where, ids, endpoint, status, held_endpoints
+        )
 
     # --- endpoints ---------------------------------------------------------------------------------------
 
@@ -404,7 +406,7 @@ class SQLiteStore:
         )
 
     async def prune(
-        self, older_than: float, batch: int = retention.PRUNE_BATCH, vacuum_pages: int = retention.VACUUM_PAGES
+        self, older_than: float, batch: int = chunked.PRUNE_BATCH, vacuum_pages: int = retention.VACUUM_PAGES
     ) -> Pruned:
         return await retention.prune(self, older_than, batch, vacuum_pages)
 

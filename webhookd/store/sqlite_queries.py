@@ -7,9 +7,7 @@ transactions. Pending rows are always read as an index range (`deliveries_by_sta
 
 from __future__ import annotations
 
-import functools
 import sqlite3
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +16,12 @@ from webhookd.payloads import EventData
 from webhookd.presence import Device
 from webhookd.states import DELIVERY_STATUSES
 from webhookd.store.api import DeliveryRow, EndpointRow, Requeued
+from webhookd.store.chunked import LIST_KEYS, REQUEUE_CHUNK
 from webhookd.store.sqlite_writes import upsert_endpoints
 
 if TYPE_CHECKING:
-    from webhookd.store.sqlite import SQLiteStore
+    pass
 
-REQUEUE_CHUNK = 2000  # rows per write transaction of a requeue (heartbeats' commits wait for one chunk at most)
-IDS_CHUNK = 500  # ids per `IN (...)` list
 
 _PENDING = (
     "SELECT d.id, d.endpoint, d.attempts, d.next_attempt_at, e.data FROM deliveries d {index}"
@@ -195,64 +192,11 @@ def requeue_where(
     return ids
 
 
-async def requeue(
-    store: SQLiteStore, ids: Sequence[int] | None, endpoint: str | None, status: str | None, held_endpoints: set[str]
-) -> Requeued:
-    """SQLiteStore.requeue: in chunks (IDS_CHUNK ids, or REQUEUE_CHUNK rows of an endpoint), each its own write
-    transaction, so that a million rows neither come into memory nor hold the writer for seconds. Rows that
-    match the filter above the last chunk while it runs are requeued too."""
-    now = time.time()
-    out = Requeued(total=0, held=0, first_pending={}, missing=[])
-    if ids is not None:
-        unique = list(dict.fromkeys(ids))
-        for i in range(0, len(unique), IDS_CHUNK):
-            chunk = unique[i : i + IDS_CHUNK]
-            part = await store.write(
-                functools.partial(requeue_ids, ids=chunk, held_endpoints=held_endpoints, now=now), len(chunk)
-            )
-            out.total += part.total
-            out.held += part.held
-            out.missing += part.missing
-            for ep, first in part.first_pending.items():
-                out.first_pending[ep] = min(first, out.first_pending.get(ep, first))
-        return out
-    if endpoint is None:
-        raise ValueError("requeue needs ids or an endpoint")
-    target = "held" if endpoint in held_endpoints else "pending"
-    after = 0
-    while done := await store.write(
-        functools.partial(requeue_where, endpoint=endpoint, status=status, target=target, after_id=after, now=now),
-        REQUEUE_CHUNK,
-    ):
-        if target == "pending":
-            out.first_pending.setdefault(endpoint, done[0])
-        out.total += len(done)
-        after = done[-1]
-    if target == "held":
-        out.held = out.total
-    return out
-
-
 def delivery_counts(c: sqlite3.Connection) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for ep, status, n in c.execute("SELECT endpoint, status, count(*) FROM deliveries GROUP BY endpoint, status"):
         out.setdefault(ep, {})[status] = n
     return out
-
-
-_LIST_KEYS = (
-    "id",
-    "event_id",
-    "endpoint",
-    "device",
-    "type",
-    "status",
-    "attempts",
-    "next_attempt_at",
-    "last_status",
-    "last_error",
-    "created_at",
-)
 
 
 def list_deliveries(
@@ -272,4 +216,4 @@ def list_deliveries(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id DESC LIMIT ?"
-    return [dict(zip(_LIST_KEYS, row, strict=True)) for row in c.execute(sql, (*args, limit))]
+    return [dict(zip(LIST_KEYS, row, strict=True)) for row in c.execute(sql, (*args, limit))]
