@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from webhookd.config.fleet import GATEWAY_HEADER, RELAY_PATH
+from webhookd.config.schema import DEFAULT_SIGNATURE_HEADER as SIGNATURE_HEADER
 from webhookd.config.schema import HubConfig, HubGateway
 from webhookd.dispatch import Dispatcher
 from webhookd.listener import DEVICE_ID, MAX_TEXT, BadInput, error_response, json_response, not_allowed
 from webhookd.logs import get_logger
 from webhookd.payloads import EVENT_TYPES, EventData
 from webhookd.presence import Device, PresenceEngine
-from webhookd.signing import verify_hmac_sha256
+from webhookd.signing import TOLERANCE, verify_hmac_sha256
 from webhookd.states import DEVICE_STATES, UNKNOWN
 from webhookd.store import Change, DeliveryStore
 
@@ -39,8 +40,6 @@ log = get_logger("webhookd.hub")
 
 GATEWAYS_PREFIX = "/v1/gateways/"
 HEARTBEAT_SUFFIX = "/heartbeat"
-SIGNATURE_HEADER = "Webhookd-Signature"
-TOLERANCE = 300.0  # seconds a signature's timestamp may be off, either way
 RELAY_SOURCE = "relay"
 NOT_HERE = "this is a hub: devices report to a gateway"
 RELAYED_TYPES = frozenset(t for t in EVENT_TYPES if t != "webhook.test")

@@ -132,9 +132,10 @@ class PresenceEngine:
             dev.changed_at = wall
             kind = target
             if target == "offline":
-                if reason != "timeout" and self._defaults_for(dev.id).debounce > 0:
+                debounce = self._defaults_for(dev.id).debounce if reason != "timeout" else 0.0
+                if debounce > 0:
                     dev.held_reason, dev.held_previous = reason, previous
-                    dev.held_due = now + self._defaults_for(dev.id).debounce
+                    dev.held_due = now + debounce
                     heapq.heappush(self._timers, (dev.held_due, dev.id, "held"))
                     kind = None
                 else:

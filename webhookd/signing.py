@@ -33,6 +33,10 @@ __all__ = [
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 
+# Seconds a signature's timestamp may be off, either way (the sink and the hub check it; as common receivers do).
+TOLERANCE = 300.0
+
+
 def gen_secret() -> str:
     """A new secret usable with both schemes: ``whsec_`` + base64 of 32 random bytes."""
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(32)).decode("ascii")

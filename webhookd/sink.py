@@ -23,10 +23,10 @@ from typing import TextIO
 from aiohttp import web
 
 from webhookd.config import HostPort
+from webhookd.signing import TOLERANCE
 
 __all__ = ["TOLERANCE", "check_signature", "describe_event", "format_block", "run_sink"]
 
-TOLERANCE = 300.0  # seconds a signature timestamp may be off (either way), as common receivers do
 MAX_BODY = 16 * 1024 * 1024
 MAX_SHOWN = 64 * 1024  # characters of a non-JSON body printed
 

@@ -139,20 +139,21 @@ class Tracker:
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         changes = []
         muted: dict[int, str] | None = None
+        wall = self._wall()  # one moment for the whole batch (nothing yields in here)
         for a in applied:
             t = a.transition
             assert t is not None
             self._pending[t.device.id] = gate
             event = None
             targets: list[tuple[str, DeliveryStatus]] = []
-            rule = self.mutes.covering(t.device.id, self._wall()) if t.kind is not None and self.mutes else None
+            rule = self.mutes.covering(t.device.id, wall) if t.kind is not None and self.mutes else None
             if rule is not None and t.kind == "still_offline":
                 changes.append(Change(t.device, None, targets))  # no reminder at all: its count is saved
                 continue
             if t.kind is not None:
                 d = t.device
                 # A reminder happens now; every other event when the state changed (a debounced offline: then).
-                when = self._wall() if t.reminder is not None else d.changed_at or self._wall()
+                when = wall if t.reminder is not None else d.changed_at or wall
                 event = EventData(
                     id=new_event_id(),
                     type=event_type_for(t.kind),
