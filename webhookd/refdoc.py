@@ -63,7 +63,7 @@ KEY_DOCS: dict[str, str] = {
     "endpoints[].url": "where to POST (http or https)",
     "endpoints[].description": "free text shown by `webhookd endpoints`",
     "endpoints[].events": "event kinds to send (`online`, `offline`, `utilizing`, `unplugged`, "
-    "`address_changed`, or `all`)",
+    "`address_changed`, `still_offline`, or `all`)",
     "endpoints[].devices": "globs of the device ids to send events for",
     "endpoints[].format": "payload format: `webhookd`, `remoteit`, `kobiton`, or a message for people: `slack`, "
     "`discord`, `teams`, `ntfy`, `template` (see Webhooks)",
@@ -141,10 +141,17 @@ LOADER_DEFAULTS: dict[str, str] = {
     "endpoints[].timeout": "`delivery.timeout`",
     "endpoints[].signature": "`hmac-sha256` with a secret, else `none`",
 }
+# Keys the schema lets be absent but the loader's rules across keys require (config/fleet.py).
+LOADER_REQUIRED: dict[str, str] = {
+    "hub.gateways": "required (at least one)",
+    "upstream.secret": "required: `secret` or `secret_file`",
+    "hub.gateways[].secret": "required: `secret` or `secret_file`",
+}
 
 # What the schema's value types look like in the file.
 _READ_TYPES = {
     "_read_duration": "duration",
+    "_read_timeout": "duration or `never`",
     "_read_size": "size",
     "_read_hostport": "host:port",
     "_read_path": "path",
@@ -283,8 +290,8 @@ def _value(v: Any, kind: str) -> str:
         return "[" + ", ".join(_value(x, item) for x in v) + "]"
     if isinstance(v, dict):
         return "{}" if not v else str(v)
-    if kind == "duration" and isinstance(v, int | float):
-        return _duration(float(v))
+    if kind.startswith("duration") and isinstance(v, int | float):
+        return "never" if v == float("inf") else _duration(float(v))
     if kind == "size" and isinstance(v, int):
         return _size(v)
     if isinstance(v, str):
@@ -340,8 +347,9 @@ def config_section() -> str:
         raise ValueError(f"KEY_DOCS out of date: missing {missing}, not in the schema {extra}")
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, kind, default in rows:
-        if key in LOADER_DEFAULTS:
-            lines.append(f"| `{key}` | {kind} | {LOADER_DEFAULTS[key]} | {KEY_DOCS[key]} |")
+        if key in LOADER_DEFAULTS or key in LOADER_REQUIRED:
+            shown_default = LOADER_DEFAULTS.get(key) or LOADER_REQUIRED[key]
+            lines.append(f"| `{key}` | {kind} | {shown_default} | {KEY_DOCS[key]} |")
             continue
         shown = f"`{default}`" if default and default != "required" and " (also" not in default else default
         if " (also" in default:
