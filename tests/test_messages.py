@@ -59,7 +59,18 @@ def ep(fmt: str, **kw: Any) -> EndpointConfig:
 
 @pytest.mark.parametrize(
     ("seconds", "words"),
-    [(0, "0s"), (0.4, "0s"), (45, "45s"), (900, "15m"), (3900, "1h 5m"), (7200, "2h"), (93784, "1d 2h")],
+    [
+        (0, "0s"),
+        (0.4, "0s"),
+        (45, "45s"),
+        (900, "15m"),
+        (3900, "1h 5m"),
+        (7200, "2h"),
+        (93784, "1d 2h"),
+        (2 * 86400 + 300, "2d"),  # 2d 0h 5m: the unit below is zero, the one after it is not shown
+        (3630, "1h"),
+        (90, "1m 30s"),
+    ],
 )
 def test_human_duration(seconds: float, words: str) -> None:
     assert human_duration(seconds) == words

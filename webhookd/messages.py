@@ -57,14 +57,17 @@ _OFFLINE_REASONS = {
 
 
 def human_duration(seconds: float) -> str:
-    """``45s``, ``15m``, ``1h 5m``, ``2d 3h``: the two largest units, rounded to the second."""
+    """``45s``, ``15m``, ``1h 5m``, ``2d 3h``: the largest unit and the one just below it (when not zero),
+    rounded to the second: ``2d 0h 5m`` is ``2d``, not ``2d 5m``."""
     total = max(0, round(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        n, total = divmod(total, size)
-        if n:
-            parts.append(f"{n}{unit}")
-    return " ".join(parts[:2]) or "0s"
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if total >= size or size == 1:
+            n, rest = divmod(total, size)
+            if i + 1 < len(units) and (below := rest // units[i + 1][1]):
+                return f"{n}{unit} {below}{units[i + 1][0]}"
+            return f"{n}{unit}"
+    return "0s"
 
 
 def subject(event: EventData) -> str:
