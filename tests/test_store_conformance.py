@@ -174,6 +174,16 @@ async def test_record_relayed_takes_each_event_id_once(store: DeliveryStore) -> 
     assert len(await pending_ids(store, "a")) == 2
 
 
+async def test_an_older_relayed_event_arriving_late_keeps_the_newer_device_state(store: DeliveryStore) -> None:
+    newer = change("site-a:d1", [("a", "pending")], t=2000.0, state="offline")
+    older = change("site-a:d1", [("a", "pending")], t=1000.0, state="online")
+    assert await store.record_relayed(newer) is not None
+    rows = await store.record_relayed(older)
+    assert rows is not None and len(rows) == 1  # recorded and delivered
+    [dev] = await store.load_devices()
+    assert (dev.state, dev.changed_at) == ("offline", 2000.0)
+
+
 async def test_record_is_all_or_nothing(store: DeliveryStore) -> None:
     good = change("d1", [("a", "pending")])
     await store.record([good])

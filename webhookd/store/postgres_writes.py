@@ -16,6 +16,7 @@ from webhookd.payloads import EventData
 from webhookd.store.api import Change, DeliveryRow, EndpointRow
 from webhookd.store.postgres_schema import Conn
 from webhookd.store.sqlite_writes import (
+    SELECT_DEVICE,
     DeviceRow,
     DevicesOp,
     EndpointTuple,
@@ -23,6 +24,7 @@ from webhookd.store.sqlite_writes import (
     RecordOp,
     device_row,
     endpoint_row,
+    newer_than,
     record_op,
 )
 
@@ -196,5 +198,9 @@ async def record_relayed(c: Conn, change: Change) -> list[DeliveryRow] | None:
     cur = await c.execute("SELECT 1 FROM events WHERE id = %s", (change.event.id,))
     if await cur.fetchone() is not None:
         return None
+    cur = await c.execute(SELECT_DEVICE.replace("?", "%s"), (change.device.id,))
+    stored = await cur.fetchone()
     rows: list[DeliveryRow] = (await apply(c, [record_op([change])]))[0]
+    if newer_than(stored, change.event.time):
+        await apply(c, [DevicesOp([tuple(stored)])])  # type: ignore[arg-type]
     return rows

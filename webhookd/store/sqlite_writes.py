@@ -21,6 +21,11 @@ from webhookd.store.api import Change, DeliveryRow, EndpointRow, Receipt
 
 # (device, event, [(endpoint, status)]): what record() took before Change existed (kept while callers switch)
 
+# One device as a DeviceRow (its columns in that order); `?` for SQLite, `%s` for PostgreSQL.
+SELECT_DEVICE = (
+    "SELECT id, state, name, owner, address, last_seen, changed_at, source, timed, reminders, offline_reason,"
+    " held_reason, held_previous FROM devices WHERE id = ?"
+)
 UPSERT_DEVICE = (
     "INSERT INTO devices (id, state, name, owner, address, last_seen, changed_at, source, timed, reminders,"
     " offline_reason, held_reason, held_previous) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -231,5 +236,14 @@ def record_relayed(c: sqlite3.Connection, change: Change) -> list[DeliveryRow] |
     assert change.event is not None
     if c.execute("SELECT 1 FROM events WHERE id = ?", (change.event.id,)).fetchone() is not None:
         return None
+    stored = c.execute(SELECT_DEVICE, (change.device.id,)).fetchone()
     rows: list[DeliveryRow] = apply(c, [record_op([change])])[0]
+    if newer_than(stored, change.event.time):
+        apply(c, [DevicesOp([tuple(stored)])])
     return rows
+
+
+def newer_than(stored: Sequence[Any] | None, event_time: float) -> bool:
+    """Is the stored device row (SELECT_DEVICE) newer than a relayed event? An older event relayed late is
+    recorded and delivered, but the device keeps the newer state (as the hub's engine does)."""
+    return stored is not None and stored[6] is not None and stored[6] > event_time
