@@ -150,20 +150,43 @@ class Daemon:
         preexec_fn: Callable[[], Any] | None = None,
     ) -> Daemon:
         """Start the daemon (through `wrapper`, e.g. a shell that sets WATCHDOG_PID, when given); with `wait`,
-        return once /healthz answers 200 and the admin socket exists."""
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*wrapper, *self.command()],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            preexec_fn=preexec_fn,
-        )
-        log.close()
-        self.killed = False
-        if wait:
-            await self.wait_ready()
+        return once /healthz answers 200 and the admin socket exists.
+
+        free_port() cannot reserve a port: under xdist another test may bind the same one between our pick and the
+        daemon's bind. When the daemon's own harness-chosen heartbeat port was taken that way at its first start,
+        it is started again on a new one (up to twice; that failed start's log is dropped)."""
+        first = not self.log_path.exists()
+        for attempt in range(3):
+            log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                [*wrapper, *self.command()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                preexec_fn=preexec_fn,
+            )
+            log.close()
+            self.killed = False
+            if not wait:
+                return self
+            try:
+                await self.wait_ready()
+                return self
+            except AssertionError:
+                if attempt == 2 or not first or not self._lost_its_port():
+                    raise
+            self.log_path.unlink()
+            self.port = free_port()
+            self.cfg["listen"] = {**self.cfg["listen"], "http": f"127.0.0.1:{self.port}"}
+            self.write_config()
         return self
+
+    def _lost_its_port(self) -> bool:
+        """The daemon exited because the heartbeat port the harness chose for it was in use."""
+        ours = self.cfg.get("listen", {}).get("http") == f"127.0.0.1:{self.port}"
+        exited = self.proc is not None and self.proc.poll() is not None
+        taken = f"cannot listen on 127.0.0.1:{self.port} for the heartbeat API" in self.logs_text()
+        return ours and exited and taken and "address already in use" in self.logs_text()
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
