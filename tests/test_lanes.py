@@ -167,3 +167,27 @@ def test_clear_while_a_page_is_read_lets_the_new_generation_page() -> None:
     rt.paging = True
     rt.clear()
     assert not rt.paging and rt.needs_page()
+
+
+def test_a_page_never_fills_the_window_past_rows_that_came_in_or_are_promised_meanwhile() -> None:
+    rt = runtime()
+    asked = rt.page_room()
+    assert asked == WINDOW
+    # While the page was read: two rows taken back by force, and a lane refill promised its slots.
+    rt.offer([row(5000, "back1"), row(5001, "back2")], due(), (), force=True)
+    promised = rt.reserve_lane()
+    assert promised == LANE_MAX
+    rt.take_page([row(i, f"d{i}") for i in range(1, asked + 1)], asked, due(), ())
+    assert len(rt.known) + rt.reserved == WINDOW
+    # The rows it could not take are read by the next page, from where this one stopped.
+    cut = WINDOW - 2 - LANE_MAX
+    assert rt.more and rt.cursor == cut and rt.dropped_max == cut + 1
+    # The refill lands inside the window and gives its reservation back.
+    rt.take_lane("back1", [row(5002 + i, "back1") for i in range(LANE_MAX)], promised, due(), ())
+    assert rt.reserved == 0 and len(rt.known) <= WINDOW
+
+
+def test_a_lane_refill_asks_for_at_least_one_row() -> None:
+    rt = runtime()
+    rt.take_page([row(i, f"d{i}") for i in range(1, WINDOW + 1)], WINDOW, due(), ())
+    assert rt.page_room() == 0 and rt.reserve_lane() == 1

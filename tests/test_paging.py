@@ -28,7 +28,7 @@ def small_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Shrinks the window and records len(known) after every row taken into memory."""
     for mod in (lanes, paging):
         monkeypatch.setattr(mod, "WINDOW", WINDOW)
-        monkeypatch.setattr(mod, "LANE_MAX", LANE_MAX)
+    monkeypatch.setattr(lanes, "LANE_MAX", LANE_MAX)
     monkeypatch.setattr(lanes, "REFILL_BELOW", WINDOW // 2)
     sizes: list[int] = []
     real = lanes.EndpointRuntime._insert

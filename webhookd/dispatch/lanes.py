@@ -74,6 +74,9 @@ class EndpointRuntime:
     dropped_max: int = 0  # the highest id left to the store because `more` was set
     paging: bool = False  # a page read is in flight
     rescan_after: int | None = None  # a rescan asked for while a page read was in flight
+    # Window slots promised to lane refills in flight: a page never takes them, so that a refill landing
+    # after a page cannot push the window over WINDOW.
+    reserved: int = 0
     # Reads in flight (page reads, lane refills) by the epoch they started in, and the deliveries finished
     # since the oldest of them started (id -> epoch): a read skips those, its snapshot may predate them.
     epoch: int = 0
@@ -108,7 +111,7 @@ class EndpointRuntime:
         for r in rows:
             if r.id in self.known or r.id in skip:
                 continue
-            if not force and (self.more or len(self.known) >= WINDOW):
+            if not force and (self.more or len(self.known) + self.reserved >= WINDOW):
                 if not self.more:
                     self.more, self.cursor = True, r.id - 1
                 self.dropped_max = max(self.dropped_max, r.id)
@@ -120,9 +123,19 @@ class EndpointRuntime:
                 continue
             self._insert(r, due, lane)
 
+    def page_room(self) -> int:
+        return WINDOW - len(self.known) - self.reserved
+
     def take_page(self, rows: list[DeliveryRow], asked: int, due: Due, skip: Container[int]) -> None:
         """The result of reading up to `asked` pending rows above the cursor."""
-        for r in rows:
+        for i, r in enumerate(rows):
+            if self.page_room() <= 0:
+                # Rows taken back or refilled while this page was read filled the window: the rest waits for
+                # the next page.
+                rows, self.more = rows[:i], True
+                self.cursor = max(self.cursor, r.id - 1)
+                self.dropped_max = max(self.dropped_max, r.id)
+                break
             if r.id in self.known or r.id in skip or r.id in self.done_while_fetching:
                 continue
             lane = self.lanes.get(r.event.device_id)
@@ -137,8 +150,16 @@ class EndpointRuntime:
         elif len(rows) < asked and self.dropped_max <= self.cursor:
             self.more, self.dropped_max = False, 0
 
+    def reserve_lane(self) -> int:
+        """Rows a lane refill may read now (at least 1: the lane's delivered head just freed a slot)."""
+        n = max(1, min(LANE_MAX, self.page_room()))
+        self.reserved += n
+        return n
+
     def take_lane(self, device: str, rows: list[DeliveryRow], asked: int, due: Due, skip: Container[int]) -> bool:
-        """The result of a lane refill; True when the lane needs another one."""
+        """The result of a lane refill of `asked` rows (reserved by reserve_lane); True when the lane needs
+        another one."""
+        self.reserved = max(0, self.reserved - asked)
         lane = self.lanes.get(device)
         if lane is None:
             return False
@@ -257,6 +278,7 @@ class EndpointRuntime:
         self.generation += 1
         self.more, self.cursor, self.dropped_max = True, 0, 0
         self.paging, self.rescan_after = False, None  # a read in flight belongs to the old generation
+        self.reserved = 0
         return inflight
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from webhookd.config import Config
-from webhookd.dispatch.lanes import LANE_MAX, WINDOW, Delivery, Due, EndpointRuntime
+from webhookd.dispatch.lanes import WINDOW, Delivery, Due, EndpointRuntime
 from webhookd.logs import get_logger
 from webhookd.payloads import EventData
 from webhookd.states import DeliveryStatus
@@ -59,7 +59,9 @@ class Paging:
     async def _read_page(self, rt: EndpointRuntime, generation: int, started: int) -> None:
         try:
             while True:
-                asked = WINDOW - len(rt.known)
+                asked = rt.page_room()
+                if asked <= 0:  # lane refills in flight hold the room; their ends wake the next page
+                    return
                 try:
                     rows = await self.store.load_pending_page(rt.cfg.name, rt.cursor, asked)
                 except StoreError as e:
@@ -88,21 +90,27 @@ class Paging:
         self._spawn(self._read_lane(rt, rt.generation, device, lane.last_id, started), f"lane-{rt.cfg.name}")
 
     async def _read_lane(self, rt: EndpointRuntime, generation: int, device: str, after: int, started: int) -> None:
+        asked = rt.reserve_lane()
         try:
             while True:
                 try:
-                    rows = await self.store.load_pending_lane(rt.cfg.name, device, after, LANE_MAX)
+                    rows = await self.store.load_pending_lane(rt.cfg.name, device, after, asked)
                 except StoreError as e:
                     log.warning("deliveries_not_loaded", endpoint=rt.cfg.name, device=device, error=str(e))
                     await asyncio.sleep(READ_RETRY)
                     continue
                 if generation != rt.generation or self.endpoints.get(rt.cfg.name) is not rt:
                     return
-                if not rt.take_lane(device, rows, LANE_MAX, self._due(), self._stale):
+                need_more = rt.take_lane(device, rows, asked, self._due(), self._stale)
+                asked = 0
+                if not need_more:
                     break
+                asked = rt.reserve_lane()
                 lane = rt.lanes[device]
                 lane.refilling, after = True, lane.last_id
         finally:
+            if asked and generation == rt.generation:  # left early: give the reservation back
+                rt.reserved = max(0, rt.reserved - asked)
             rt.fetch_done(started)
             self._wake.set()
 
