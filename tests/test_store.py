@@ -59,9 +59,9 @@ def _bulk_pending(c: sqlite3.Connection, n: int, endpoints: Sequence[str], devic
 
 
 async def test_a_new_database_has_the_current_schema(store: Store, tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     with contextlib.closing(sqlite3.connect(tmp_path / "webhookd.db")) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"deliveries_by_status", "deliveries_pending_lane"} <= indexes
 
@@ -78,7 +78,7 @@ async def test_migration_1_to_2_on_an_existing_database(tmp_path: Path) -> None:
     s = SQLiteStore(path)
     await s.open()
     try:
-        assert await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 4
+        assert await s.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
         names = await s.read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")])
         assert "deliveries_pending_lane" in names
         lane = await s.load_pending_lane("a", "d1", 0, 100)

@@ -37,7 +37,7 @@ async def test_migration_from_an_empty_database(pg_url: str) -> None:
     s = PostgresStore(pg_url)
     await s.open()
     try:
-        assert tables(pg_url) == {"webhookd_meta", "devices", "events", "deliveries", "endpoints", "mutes"}
+        assert tables(pg_url) == {"webhookd_meta", "devices", "events", "deliveries", "endpoints", "mutes", "leases", "hub_members", "gateways"}
         with psycopg.connect(pg_url) as c:
             (version,) = c.execute("SELECT value FROM webhookd_meta WHERE key = 'schema_version'").fetchone() or ()
             indexes = {r[0] for r in c.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'deliveries'")}
@@ -79,7 +79,7 @@ async def test_a_newer_schema_is_refused_before_anything_is_written(pg_url: str)
     await s.close()
     sql(pg_url, "UPDATE webhookd_meta SET value = '99' WHERE key = 'schema_version'")
     sql(pg_url, "DELETE FROM webhookd_meta WHERE key = 'probe'")
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this webhookd \(1\); refusing to start"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this webhookd \(2\); refusing to start"):
         await PostgresStore(pg_url).open()
     with psycopg.connect(pg_url) as c:
         assert c.execute("SELECT key, value FROM webhookd_meta").fetchall() == [("schema_version", "99")]

@@ -16,7 +16,7 @@ from psycopg.rows import TupleRow
 from webhookd.config.units import redact_url
 from webhookd.store.api import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # pg_advisory_xact_lock key of the migrations: b"webhookd" as a big-endian int64
 MIGRATION_LOCK = int.from_bytes(b"webhookd", "big", signed=True)
@@ -81,7 +81,44 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_by text
         )""",
     ),
+    # A hub of several processes (§14). Deliveries are split into PARTITIONS by (endpoint, device), each held
+    # by one process through its lease row; the epoch, bumped at every change of owner, fences the holder's
+    # writes. hub_members: the live processes (their fair share of partitions). Endpoints carry the shared
+    # pause and the probe's owner. gateways: as in SQLite version 5.
+    2: (
+        "ALTER TABLE deliveries ADD COLUMN part integer NOT NULL DEFAULT 0",
+        "CREATE INDEX deliveries_pending_part ON deliveries (endpoint, part, id) WHERE status = 'pending'",
+        """CREATE TABLE leases (
+            part integer PRIMARY KEY,
+            owner text,
+            epoch bigint NOT NULL DEFAULT 0,
+            expires_at double precision NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO leases (part) SELECT generate_series(0, 31)",
+        """CREATE TABLE hub_members (
+            owner text PRIMARY KEY,
+            started_at double precision NOT NULL,
+            seen_at double precision NOT NULL
+        )""",
+        "ALTER TABLE endpoints ADD COLUMN paused_until double precision NOT NULL DEFAULT 0",
+        "ALTER TABLE endpoints ADD COLUMN pause_step integer NOT NULL DEFAULT 0",
+        "ALTER TABLE endpoints ADD COLUMN probe_by text",
+        "ALTER TABLE endpoints ADD COLUMN probe_until double precision NOT NULL DEFAULT 0",
+        """CREATE TABLE gateways (
+            name text PRIMARY KEY,
+            state text NOT NULL DEFAULT 'unknown',
+            last_seen double precision,
+            deadline double precision,
+            changed_at double precision,
+            address text,
+            devices integer,
+            relayed bigint NOT NULL DEFAULT 0,
+            last_error text
+        )""",
+    ),
 }
+
+PARTITIONS = 32  # lease rows made by migration 2 (part 0 .. 31)
 
 Conn = psycopg.AsyncConnection[TupleRow]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from webhookd.store.api import StoreError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -82,6 +82,21 @@ MIGRATIONS: dict[int, str] = {
         reason TEXT,
         created_at REAL NOT NULL,
         created_by TEXT
+    ) WITHOUT ROWID;
+    """,
+    # A hub's gateways (§14): their liveness (state, the deadline of their silence timeout) and what the
+    # gateway list shows; one row per configured gateway heard from.
+    5: """
+    CREATE TABLE gateways (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL DEFAULT 'unknown',
+        last_seen REAL,
+        deadline REAL,
+        changed_at REAL,
+        address TEXT,
+        devices INTEGER,
+        relayed INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
     ) WITHOUT ROWID;
     """,
 }
