@@ -156,7 +156,7 @@ $(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
 	$(call pip_install,-e '.[test,speed,bench]')
 	@touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) mosquitto-tools
+bench: $(BENCH_STAMP) mosquitto-tools postgresql-tools
 	@if ! command -v wrk >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's wrk package"; \

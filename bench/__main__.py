@@ -7,6 +7,7 @@ baseline measured in the same run, with and without uvloop.
     BENCH_QUICK=1 python -m bench         # every row shrunk, for a smoke run
     BENCH_LOG_LEVEL=warning python -m bench --rows 3       # row 3 without its info line per delivery
     python -m bench --rows 7,8 --loops uvloop --repeats 1  # the memory rows of issue 9 (~4 min)
+    python -m bench --rows 13,14,15 --loops uvloop         # the hub on PostgreSQL (issue 13)
 
 Rows 1-6 are issue 5's. Rows 7-9 are issue 9's: 7 a backlog of 1,000,000 pending deliveries for a slow
 endpoint (7a RSS over the idle daemon, 7b time to READY), 8 memory through row 5's power cut (8a peak, 8b
@@ -14,6 +15,8 @@ after the backlog is delivered), both sampled from /proc/PID/status; 9 the stdli
 aiosqlite (bench.aiosqlite_compare, 9a-c: 1, 8, 64 writers). Rows 4, 6, 7 and 8 print two lines, row 9 three.
 Rows 10-12 are issue 11's (bench.mqtt, a throwaway mosquitto): 10 MQTT availability ingest vs a bare aiomqtt
 subscriber, 11 10,000 retained availabilities reconciled at startup, 12 will-to-webhook latency (~5 min both loops).
+Rows 13-15 are issue 13's (bench.fleet, a throwaway PostgreSQL cluster): 13 relayed events/s accepted by a hub of 2
+processes vs one SQLite hub process, 14 hub deliveries/s vs the same, 15 partition takeover after a SIGKILL.
 
 The daemon runs on core 0 and the load (wrk, receivers, load generators, this driver) on core 1 when the
 machine has two cores (BENCH_NO_PIN=1 turns pinning off). Results: a table on stdout, plus results.json and

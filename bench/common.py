@@ -662,6 +662,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, inter
 # --- other load on the machine ----------------------------------------------------------------------------
 
 
+# Processes of the benchmark that are not its children (a PostgreSQL server pg_ctl daemonized, bench.fleet):
+# they and their descendants are not counted as other load.
+ADOPTED: set[int] = set()
+
+
 class ForeignLoad:
     """CPU seconds used by processes outside this benchmark's process tree while a row runs (other sessions'
     test runs, say): sampled from /proc every second; a figure measured beside a busy neighbour is noise."""
@@ -687,7 +692,7 @@ class ForeignLoad:
         chain = []
         p = pid
         while p > 1 and p not in self._ours:
-            if p == self.me:
+            if p == self.me or p in ADOPTED:
                 self._ours[p] = True
                 break
             chain.append(p)

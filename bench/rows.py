@@ -1035,6 +1035,30 @@ async def row_mqtt_will(ctx: Ctx) -> Row:
     return result
 
 
+# --- 13-15. a hub of several processes on PostgreSQL (issue 13 item 6): bench.fleet ------------------------
+
+
+async def row_relay_ingest(ctx: Ctx) -> Row:
+    from bench import fleet
+
+    result: Row = await fleet.row_relay_ingest(ctx)
+    return result
+
+
+async def row_hub_delivery(ctx: Ctx) -> Row:
+    from bench import fleet
+
+    result: Row = await fleet.row_hub_delivery(ctx)
+    return result
+
+
+async def row_takeover(ctx: Ctx) -> Row:
+    from bench import fleet
+
+    result: Row = await fleet.row_takeover(ctx)
+    return result
+
+
 ROWS: dict[str, Callable[[Ctx], Any]] = {
     "1": row_liveness,
     "2": row_transitions,
@@ -1048,4 +1072,7 @@ ROWS: dict[str, Callable[[Ctx], Any]] = {
     "10": row_mqtt_ingest,
     "11": row_mqtt_reconcile,
     "12": row_mqtt_will,
+    "13": row_relay_ingest,
+    "14": row_hub_delivery,
+    "15": row_takeover,
 }

@@ -24,6 +24,8 @@ BENCH_MODULES = [
     "bench.backlog",
     "bench.aiosqlite_compare",
     "bench.mqtt",
+    "bench.fleet",
+    "bench.relay_load",
 ]
 
 WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8470/
@@ -51,7 +53,7 @@ def test_bench_module_imports(name: str) -> None:
 def test_every_row_is_registered() -> None:
     from bench.rows import ROWS
 
-    assert sorted(ROWS, key=int) == [str(i) for i in range(1, 13)]
+    assert sorted(ROWS, key=int) == [str(i) for i in range(1, 16)]
 
 
 def test_backlog_fixture_fills_a_daemon_store(tmp_path: Path) -> None:
