@@ -60,6 +60,7 @@ INGEST_RATIO = 0.5
 DELIVERY_RATIO = 0.5
 TAKEOVER_LIMIT = 10.0  # seconds (CONTRACT: a killed process's deliveries go to the others within 10 s)
 CONNS = 64
+SLOW = 0.5  # seconds row 15's receiver takes per answer
 DEVICES = 10_000
 
 
@@ -296,13 +297,15 @@ async def _reset(s: aiohttp.ClientSession, port: int) -> None:
 
 
 async def _deliver_backlog(
-    ctx: Any, wd: Path, ds: list[DaemonUnderTest], n: int, prefix: str, recv_port: int, pending: Any
+    wd: Path, ds: list[DaemonUnderTest], n: int, prefix: str, recv_port: int, status: Any
 ) -> tuple[float, int]:
-    """Relay n events with the endpoint disabled, then enable it: (deliveries/s until all persisted, received)."""
+    """Relay n events with the endpoint disabled, then enable it: (deliveries/s until all persisted, requests
+    the receiver got beyond the rows persisted as delivered: duplicates). `status()` counts rows by status."""
     await set_endpoint(ds, "disable")
     res = await relay_load(wd, [d.base for d in ds], prefix, seconds=600, count=n, name="backlog")
     if res["requests"] != n:
         raise RuntimeError(f"backlog: {res['requests']} of {n} relays accepted: {res}")
+    delivered = (await status()).get("delivered", 0)
     async with aiohttp.ClientSession() as s:
         await _reset(s, recv_port)
         t0 = time.monotonic()
@@ -314,18 +317,18 @@ async def _deliver_backlog(
         await eventually(received, timeout=600, interval=0.1)
 
         async def persisted() -> bool:
-            return int(await pending()) == 0
+            return int((await status()).get("pending", 0)) == 0
 
         t1 = await eventually(persisted, timeout=120, interval=0.05)
         await asyncio.sleep(0.3)
         got = int((await _stats(s, recv_port))["count"])
-    return n / (t1 - t0), got
+    return n / (t1 - t0), got - ((await status()).get("delivered", 0) - delivered)
 
 
 async def row_hub_delivery(ctx: Any) -> Any:
     from bench.rows import Row
 
-    n = 2_000 if ctx.quick else 20_000
+    n = 2_000 if ctx.quick else 10_000
     wd = ctx.dir("14-hub-delivery")
     recv, recv_port = await _receiver(wd)
     pg_runs: list[float] = []
@@ -349,20 +352,20 @@ async def row_hub_delivery(ctx: Any) -> Any:
                     await eventually(balanced, timeout=60, interval=0.2)
                 ctx.log(f"    PostgreSQL hub: {procs} process(es) (partitions {'live' if procs == 2 else 'not built'})")
 
-                async def sq_pending() -> int:
-                    return (await counts(sq)).get("pending", 0)
+                async def sq_status() -> dict[str, int]:
+                    return await counts(sq)
 
-                async def pg_pending() -> int:
-                    return (await pg_counts(url)).get("pending", 0)
+                async def pg_status() -> dict[str, int]:
+                    return await pg_counts(url)
 
                 for r in range(ctx.repeats):
-                    rate, got = await _deliver_backlog(ctx, wd, [sq], n, f"s{r}-", recv_port, sq_pending)
+                    rate, dup = await _deliver_backlog(wd, [sq], n, f"s{r}-", recv_port, sq_status)
                     sq_runs.append(rate)
-                    rate, got = await _deliver_backlog(ctx, wd, pg, n, f"p{r}-", recv_port, pg_pending)
+                    rate, dup = await _deliver_backlog(wd, pg, n, f"p{r}-", recv_port, pg_status)
                     pg_runs.append(rate)
-                    dups.append(got - n)
+                    dups.append(dup)
                     ctx.log(
-                        f"    run {r + 1}: PostgreSQL hub ({procs}) {rate:,.0f} deliveries/s ({got - n} duplicates),"
+                        f"    run {r + 1}: PostgreSQL hub ({procs}) {rate:,.0f} deliveries/s ({dup} duplicates),"
                         f" SQLite process {sq_runs[-1]:,.0f}/s"
                     )
                 left = await pg_counts(url)
@@ -384,7 +387,7 @@ async def row_hub_delivery(ctx: Any) -> Any:
             f" receiver has {n:,} and no row is pending; concurrency 64; hub of {procs} process(es)"
             + ("" if procs == 2 else " (partitions not built yet: 2 processes would each deliver every row)")
             + f"; runs PostgreSQL {', '.join(fmt(x) for x in pg_runs)}, SQLite {', '.join(fmt(x) for x in sq_runs)};"
-            f" duplicates at the receiver {dups}"
+            f" requests at the receiver beyond the rows persisted delivered (duplicates) {dups}"
         ],
         data={"postgresql": pg_runs, "sqlite": sq_runs, "ratio": ratio, "processes": procs, "duplicates": dups},
     )
@@ -412,10 +415,11 @@ async def _owner_of(url: str, d: DaemonUnderTest) -> str:
 async def row_takeover(ctx: Any) -> Any:
     from bench.rows import Row
 
-    n = 5_000 if ctx.quick else 20_000
+    n = 3_000 if ctx.quick else 12_000
     procs = 3
     wd = ctx.dir("15-takeover")
-    recv, recv_port = await _receiver(wd, "--delay", "0.05")  # slow enough that the backlog lasts the kill
+    # 0.5 s per answer: at most 3 x 64 / 0.5 = 384 deliveries/s, so the backlog outlasts the kill and the takeover
+    recv, recv_port = await _receiver(wd, "--delay", f"{SLOW:g}")
     lease_s: list[float] = []
     first_s: list[float] = []
     detail: list[str] = []
@@ -490,7 +494,7 @@ async def row_takeover(ctx: Any) -> Any:
         max(lm, fm) <= TAKEOVER_LIMIT,
         notes=[
             f"{procs} processes on one PostgreSQL delivering {n:,} relayed events to a receiver answering after"
-            f" 50 ms; one SIGKILLed; from the kill until every lease row it held has another owner, and until"
+            f" {SLOW:g} s; one SIGKILLed; from the kill until every lease row it held has another owner, and until"
             f" a row of its partitions is committed delivered by another; runs leases"
             f" {', '.join(f'{x:.2f}' for x in lease_s)} s, first delivery {', '.join(f'{x:.2f}' for x in first_s)} s; "
             + "; ".join(detail)
