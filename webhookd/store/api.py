@@ -13,10 +13,11 @@ Nothing here knows about SQL connections: a backend-specific escape hatch (the S
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from webhookd.gateways import GatewayRow, Seen
 from webhookd.mutes import MuteRule
 from webhookd.payloads import EventData
 from webhookd.presence import Device
@@ -90,6 +91,19 @@ class Pruned(NamedTuple):
     deliveries: int
     events: int
     pages: int  # storage handed back (SQLite: freed pages; 0 where a backend has no such thing)
+
+
+@dataclass(slots=True)
+class GatewayWrite:
+    """What a gateway write did: the gateway's new row, and the event it made (None: none) with the deliveries
+    created `pending` for it (in id order)."""
+
+    row: GatewayRow
+    event: EventData | None = None
+    rows: list[DeliveryRow] = field(default_factory=list)
+
+
+Targets = list[tuple[str, DeliveryStatus]]
 
 
 class DeliveryStore(Protocol):
@@ -228,3 +242,25 @@ class DeliveryStore(Protocol):
     async def prune(self, older_than: float) -> Pruned:
         """Delete delivered and dead deliveries last updated before `older_than` (unix seconds), then events
         older than that no delivery refers to, in small transactions (other writes get in between)."""
+
+    # --- gateways (a hub's) --------------------------------------------------------------------------
+
+    async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
+        """An accepted relay or heartbeat of gateway `name`, in ONE transaction: its row locked and read, the
+        rule (gateways.seen) applied, the row written, and a `gateway.online` it makes recorded with one
+        delivery per `targets` as `record()` does (no device row)."""
+
+    async def gateway_rejected(self, name: str, error: str) -> None:
+        """Keep why the last request from a configured gateway was refused (its row's `last_error`)."""
+
+    async def expire_gateways(self, now: float, targets: Mapping[str, Targets]) -> list[GatewayWrite]:
+        """Every gateway named in `targets` that is online with its deadline passed goes offline with one
+        `gateway.offline` (its deliveries: its `targets`); each flip under the row's lock and rechecked, so that
+        of several processes sharing the store exactly one makes it."""
+
+    async def restart_gateways(self, now: float, timeouts: Mapping[str, float], started: float) -> int:
+        """At a hub's start: unless another hub process (one that started before `started`) is alive, every
+        online gateway in `timeouts` gets a full timeout from `now`. Returns how many were given one."""
+
+    async def load_gateways(self) -> list[GatewayRow]:
+        """Every gateway row, by name."""

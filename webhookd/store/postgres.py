@@ -25,28 +25,31 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from webhookd.config.units import redact_url
+from webhookd.gateways import GatewayRow, Seen
 from webhookd.logs import get_logger
 from webhookd.mutes import MuteRule
 from webhookd.presence import Device
-from webhookd.store import chunked
+from webhookd.store import chunked, gateway_rows
 from webhookd.store import postgres_queries as q
 from webhookd.store.api import (
     Change,
     DeliveryRow,
     DeliveryStore,
     EndpointRow,
+    GatewayWrite,
     Pruned,
     Receipt,
     Requeued,
     StoreError,
     StoreUnavailable,
+    Targets,
 )
 from webhookd.store.postgres_schema import Conn, connect, migrate
 from webhookd.store.postgres_writes import CallOp, WriteOp, apply, record_relayed
@@ -449,6 +452,33 @@ class PostgresStore:
 
     async def prune(self, older_than: float, batch: int = chunked.PRUNE_BATCH) -> Pruned:
         return await q.prune(self, older_than, batch)
+
+    # --- gateways (a hub's) ---
+
+    async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
+        fence = getattr(self, "fence", None)  # a hub of several processes: record()'s lease fence
+        fn = functools.partial(
+            gateway_rows.pg_touch, name=name, now=now, silence=silence, seen=seen, targets=targets, fence=fence
+        )
+        return await self.write(fn, 2 + len(targets))
+
+    async def gateway_rejected(self, name: str, error: str) -> None:
+        await self.write(functools.partial(gateway_rows.pg_rejected, name=name, error=error))
+
+    async def expire_gateways(self, now: float, targets: Mapping[str, Targets]) -> list[GatewayWrite]:
+        due = await self.read(functools.partial(gateway_rows.pg_due, now=now))
+        if not any(name in targets for name in due):
+            return []
+        fence = getattr(self, "fence", None)
+        fn = functools.partial(gateway_rows.pg_expire, names=due, now=now, targets=targets, fence=fence)
+        return await self.write(fn, len(due))
+
+    async def restart_gateways(self, now: float, timeouts: Mapping[str, float], started: float) -> int:
+        fn = functools.partial(gateway_rows.pg_restart, now=now, timeouts=timeouts, started=started)
+        return await self.write(fn)
+
+    async def load_gateways(self) -> list[GatewayRow]:
+        return await self.read(gateway_rows.pg_load)
 
 
 def _conforms(store: PostgresStore) -> DeliveryStore:

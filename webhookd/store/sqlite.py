@@ -20,25 +20,28 @@ import contextlib
 import functools
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from webhookd.gateways import GatewayRow, Seen
 from webhookd.logs import get_logger
 from webhookd.mutes import MuteRule
 from webhookd.presence import Device
-from webhookd.store import chunked, retention, sqlite_queries
+from webhookd.store import chunked, gateway_rows, retention, sqlite_queries
 from webhookd.store.api import (
     Change,
     DeliveryRow,
     DeliveryStore,
     EndpointRow,
+    GatewayWrite,
     Pruned,
     Receipt,
     Requeued,
     StoreError,
     StoreUnavailable,
+    Targets,
 )
 from webhookd.store.sqlite_schema import connect, connect_reader
 from webhookd.store.sqlite_writes import (
@@ -409,6 +412,30 @@ class SQLiteStore:
         self, older_than: float, batch: int = chunked.PRUNE_BATCH, vacuum_pages: int = retention.VACUUM_PAGES
     ) -> Pruned:
         return await retention.prune(self, older_than, batch, vacuum_pages)
+
+    # --- gateways (a hub's) ---
+
+    async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
+        fn = functools.partial(
+            gateway_rows.sqlite_touch, name=name, now=now, silence=silence, seen=seen, targets=targets
+        )
+        return await self.write(fn, 2 + len(targets))
+
+    async def gateway_rejected(self, name: str, error: str) -> None:
+        await self.write(functools.partial(gateway_rows.sqlite_rejected, name=name, error=error))
+
+    async def expire_gateways(self, now: float, targets: Mapping[str, Targets]) -> list[GatewayWrite]:
+        due = await self.read(functools.partial(gateway_rows.sqlite_due, now=now))
+        if not any(name in targets for name in due):
+            return []
+        fn = functools.partial(gateway_rows.sqlite_expire, names=due, now=now, targets=targets)
+        return await self.write(fn, len(due))
+
+    async def restart_gateways(self, now: float, timeouts: Mapping[str, float], started: float) -> int:
+        return await self.write(functools.partial(gateway_rows.sqlite_restart, now=now, timeouts=timeouts))
+
+    async def load_gateways(self) -> list[GatewayRow]:
+        return await self.read(gateway_rows.sqlite_load)
 
 
 def _conforms(store: SQLiteStore) -> DeliveryStore:
