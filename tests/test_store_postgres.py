@@ -37,7 +37,17 @@ async def test_migration_from_an_empty_database(pg_url: str) -> None:
     s = PostgresStore(pg_url)
     await s.open()
     try:
-        assert tables(pg_url) == {"webhookd_meta", "devices", "events", "deliveries", "endpoints", "mutes", "leases", "hub_members", "gateways"}
+        assert tables(pg_url) == {
+            "webhookd_meta",
+            "devices",
+            "events",
+            "deliveries",
+            "endpoints",
+            "mutes",
+            "leases",
+            "hub_members",
+            "gateways",
+        }
         with psycopg.connect(pg_url) as c:
             (version,) = c.execute("SELECT value FROM webhookd_meta WHERE key = 'schema_version'").fetchone() or ()
             indexes = {r[0] for r in c.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'deliveries'")}

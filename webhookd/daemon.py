@@ -39,6 +39,7 @@ from webhookd.udp import UDPListener
 from webhookd.upstream import Heartbeat
 
 if TYPE_CHECKING:
+    from webhookd.dispatch.claims import HubClaims
     from webhookd.mqtt.client import MqttPresence
 
 log = get_logger("webhookd.daemon")
@@ -95,6 +96,16 @@ class Daemon:
         self.api = HeartbeatAPI(self.tracker, cfg.listen.tokens, cfg.listen.max_body, self._healthy)
         # hub: the relay routes of the gateways (the device routes answer 404); a restart adds or removes it
         self.hub = None if cfg.hub is None else Hub(cfg.hub, self.engine, self.store, self.dispatcher)
+        # several hub processes on one PostgreSQL share the deliveries by partition leases
+        self.claims: HubClaims | None = None
+        if cfg.hub is not None and cfg.store is not None:
+            from webhookd.dispatch.claims import HubClaims  # psycopg only for those who use it
+            from webhookd.store.postgres import PostgresStore
+
+            assert isinstance(self.store, PostgresStore)
+            self.claims = HubClaims(self.store, self.dispatcher)
+            self.store.fence = self.claims
+            self.dispatcher.attach_hub(self.claims)
         self.api.hub = self.hub
         self.metrics = Metrics(self.engine, self.store, self.dispatcher, self.started_mono)
         self.metrics.attach(self.tracker, self.api)
@@ -112,6 +123,7 @@ class Daemon:
             metrics=self.metrics.render,
         )
         self.admin.mqtt_status = lambda: self.mqtt.status() if self.mqtt is not None else None
+        self.admin.hub = self.hub  # GET /v1/gateways, and `stale` on the devices of an offline gateway
         self._runners: list[web.BaseRunner] = []
         self.udp: UDPListener | None = None
         self.mqtt: MqttPresence | None = None
@@ -137,6 +149,8 @@ class Daemon:
         try:
             self.engine.load(await self.store.load_devices(), time.monotonic(), time.time())
             await self._load_mutes()
+            if self.claims is not None:
+                await self.claims.join()  # a first share of the partitions, before the first page
             await self.dispatcher.start()
             self._pending = await self.store.pending_count()
         except (StoreError, sqlite3.DatabaseError) as e:  # a torn database, or a disk full at startup
@@ -234,11 +248,14 @@ class Daemon:
                     tg.create_task(self.tracker.flush_loop(FLUSH_INTERVAL), name="liveness-flush"),
                     tg.create_task(self._status_loop(), name="sd-status"),
                     tg.create_task(self.heartbeat.run(), name="upstream-heartbeat"),
+                    *([tg.create_task(self.hub.liveness_loop(), name="gateway-liveness")] if self.hub else []),
                     tg.create_task(
                         retention_loop(self.store, lambda: self.cfg.delivery.retention, _prune_interval()),
                         name="retention",
                     ),
                 ]
+                if self.claims is not None:
+                    tasks.append(tg.create_task(self.claims.run(), name="hub-claims"))
                 interval = sdnotify.watchdog_interval()
                 if interval is not None:
                     tasks.append(tg.create_task(self._watchdog_loop(interval), name="sd-watchdog"))
@@ -293,7 +310,7 @@ class Daemon:
                     await runner.cleanup()
         self._runners.clear()
         for t in tasks:
-            if t.get_name() not in ("dispatcher", "store"):
+            if t.get_name() not in ("dispatcher", "store", "hub-claims"):  # leases held until the drain is over
                 t.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(left(CLOSE_MAX)):

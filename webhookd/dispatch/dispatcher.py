@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from webhookd.config import Config
 from webhookd.dispatch import retry
@@ -26,10 +26,14 @@ from webhookd.dispatch.lanes import Delivery, EndpointRuntime
 from webhookd.dispatch.operator import OperatorActions
 from webhookd.dispatch.paging import Paging
 from webhookd.dispatch.sender import AttemptResult, Sender
+from webhookd.dispatch.shared import SharedEndpoints
 from webhookd.logs import get_logger
 from webhookd.messages import RenderError
 from webhookd.payloads import render_request
 from webhookd.store import DeliveryRow, DeliveryStore, Receipt, StoreError
+
+if TYPE_CHECKING:
+    from webhookd.dispatch.claims import HubClaims
 
 log = get_logger("webhookd.dispatch")
 
@@ -39,7 +43,7 @@ RESAVE_DELAY = 2.0  # seconds before a head whose receipt could not be saved (or
 UNSAVED_FACTOR = 4
 
 
-class Dispatcher(Paging, OperatorActions):
+class Dispatcher(Paging, OperatorActions, SharedEndpoints):
     def __init__(
         self,
         cfg: Config,
@@ -74,6 +78,10 @@ class Dispatcher(Paging, OperatorActions):
         self._stale: set[int] = set()
         self.on_result: Callable[[str, AttemptResult], None] | None = None  # metrics hook
         self.on_outcome: Callable[[str, str], None] | None = None  # metrics hook: persisted status of an attempt
+        # On a hub of several processes (attach_hub): the claims of this process, and which lanes are ours.
+        self.hub: HubClaims | None = None
+        self.lane_filter: Callable[[str, str], bool] | None = None
+        self._db_skew = 0.0
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -171,6 +179,8 @@ class Dispatcher(Paging, OperatorActions):
             if cap == 0:
                 next_due = min(next_due, rt.health.paused_until)
                 continue
+            if cap == 1 and rt.health.consecutive_failures and not self.probe_allowed(rt, now):
+                continue  # the hub's single probe: asked for; its answer wakes us
             while rt.ready and self.inflight < limit:
                 if rt.inflight >= cap or rt.unsaved >= UNSAVED_FACTOR * rt.cfg.concurrency:
                     break
@@ -222,6 +232,13 @@ class Dispatcher(Paging, OperatorActions):
         except RenderError as e:  # a template failing on this event: no attempt can succeed
             await self._undeliverable(rt, generation, d, f"template: {e}"[:200])
             return
+        if self.hub is not None and not self.hub.holds(rt.cfg.name, d.event.device_id):
+            # Our lease on this lane ran out (we were stopped, or the database is away): another process may
+            # hold it now, so no attempt. The lanes are thrown away; the row stays pending for its holder.
+            if not self.hub.lost_any():
+                self.repartition()
+            self._stale.discard(d.id)
+            return
         started = self._clock()
         result = await self.sender.attempt(rt.target, d.event.id, body, d.attempts + 1, d.headers)
         d.inflight = False  # the request is over: dropping its lane from here on makes it no stale attempt
@@ -241,6 +258,8 @@ class Dispatcher(Paging, OperatorActions):
         if result.ok:
             log.info("delivery_succeeded", **ctx)
             if not stale:
+                if rt.health.consecutive_failures or rt.row.last_error is not None:
+                    self.shared_success(rt)
                 rt.health = retry.Health()
                 rt.row.consecutive_failures = 0
                 rt.row.last_error = None  # the row changed: it goes with this receipt
@@ -249,6 +268,7 @@ class Dispatcher(Paging, OperatorActions):
         if stale:
             await self._stale_failure(rt, d, result, ctx)
             return
+        health = rt.health if self.hub is None else await self.shared_failure(rt, result.error)
         decision = retry.decide(
             ok=False,
             http_status=result.status,
@@ -256,7 +276,7 @@ class Dispatcher(Paging, OperatorActions):
             attempts=d.attempts,
             started=started,
             now=now,
-            health=rt.health,
+            health=health,
             schedule=self.cfg.delivery.retry_schedule,
             disable_after=self.cfg.delivery.disable_after,
             jitter=self._rng(),
@@ -267,8 +287,13 @@ class Dispatcher(Paging, OperatorActions):
         rt.row.last_error = result.error
         if decision.disable is not None:
             log.warning("delivery_failed", error=result.error, detail=result.detail, next="held", **ctx)
+            # On a hub exactly one process disables (compare-and-swap); the others stop sending at once.
+            won = self.hub is None or await self.disable_once(rt, decision.disable)
             await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
-            await self.disable(rt.cfg.name, decision.disable)
+            if won:
+                await self.disable(rt.cfg.name, decision.disable)
+            else:
+                self.disabled_elsewhere(rt, decision.disable)
         elif decision.status == "dead":
             log.warning("delivery_dead", error=result.error, detail=result.detail, **ctx)
             if await self._persist(Receipt(d.id, "dead", d.attempts, None, result.status, result.error), rt):
@@ -276,6 +301,8 @@ class Dispatcher(Paging, OperatorActions):
             else:
                 self._retry_head(rt, generation, d, RESAVE_DELAY)
         else:
+            if self.hub is not None:
+                await self.shared_pause(rt, decision.health)
             delay = decision.retry_in or 0.0
             d.due = now + delay
             log.warning("delivery_failed", error=result.error, detail=result.detail, retry_in_s=round(delay, 3), **ctx)
@@ -361,7 +388,8 @@ class Dispatcher(Paging, OperatorActions):
         """Queue `receipt` (the store merges those of one group commit into one statement), then `then(saved)`."""
         try:
             # The endpoint row goes along only when it changed since it was last saved (rarely, on success).
-            row = None if rt.row == rt.saved_row else replace(rt.row)
+            # On a hub the endpoint row is shared: it changes only by its own statements (shared.py).
+            row = None if self.hub is not None or rt.row == rt.saved_row else replace(rt.row)
             fut = self.store.save_receipts([receipt], [] if row is None else [row])
             if row is not None:
                 rt.saved_row = row

@@ -20,7 +20,7 @@ import fnmatch
 import heapq
 import re
 from collections import deque
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from webhookd.config import EndpointConfig
@@ -85,6 +85,11 @@ class EndpointRuntime:
     device_patterns: re.Pattern[str] | None = None  # None: every device
     event_kinds: frozenset[str] = frozenset()
     saved_row: EndpointRow | None = None  # the row as the last receipt saved it
+    # On a hub of several processes: whether this process holds the lane's partition now (None: every lane is
+    # ours). Rows of other lanes are left alone, whatever the window says.
+    accept: Callable[[str, str], bool] | None = None
+    probe_until: float = 0.0  # monotonic: until when this process holds the hub's single probe (hub only)
+    probing: bool = False  # a compare-and-swap for the probe is in flight (hub only)
 
     def __post_init__(self) -> None:
         self.configure(self.cfg)
@@ -95,7 +100,9 @@ class EndpointRuntime:
         self.device_patterns = (
             None if "*" in cfg.devices else re.compile("|".join(fnmatch.translate(p) for p in cfg.devices) or "(?!)")
         )
-        self.event_kinds = frozenset(f"device.{kind}" for kind in cfg.events)
+        self.event_kinds = frozenset(
+            k.replace("_", ".", 1) if k.startswith("gateway_") else f"device.{k}" for k in cfg.events
+        )
         self.target = Target(cfg)
 
     def wants(self, event: EventData) -> bool:
@@ -108,8 +115,11 @@ class EndpointRuntime:
     def offer(self, rows: Iterable[DeliveryRow], due: Due, skip: Container[int], *, force: bool = False) -> None:
         """New pending rows (just committed): taken while the window has room, else left to the next page.
         `force` takes them whatever the window says (a row that must not wait for a page: see Dispatcher)."""
+        accept = self.accept
         for r in rows:
             if r.id in self.known or r.id in skip:
+                continue
+            if accept is not None and not accept(r.endpoint, r.event.device_id):
                 continue
             if not force and (self.more or len(self.known) + self.reserved >= WINDOW):
                 if not self.more:
@@ -138,6 +148,8 @@ class EndpointRuntime:
                 break
             if r.id in self.known or r.id in skip or r.id in self.done_while_fetching:
                 continue
+            if self.accept is not None and not self.accept(r.endpoint, r.event.device_id):
+                continue  # a partition lost while the page was read
             lane = self.lanes.get(r.event.device_id)
             if lane is not None and r.id > lane.last_id and (lane.truncated or len(lane.items) >= LANE_MAX):
                 lane.truncated = True  # its refill reads it (and whatever follows) later
@@ -166,6 +178,8 @@ class EndpointRuntime:
         lane.refilling = False
         for r in rows:
             if r.id in self.known or r.id in skip or r.id in self.done_while_fetching:
+                continue
+            if self.accept is not None and not self.accept(r.endpoint, r.event.device_id):
                 continue
             self._insert(r, due, lane)
         if rows:
@@ -256,6 +270,11 @@ class EndpointRuntime:
             self.done_while_fetching.clear()
         elif oldest > started:
             self.done_while_fetching = {i: e for i, e in self.done_while_fetching.items() if e >= oldest}
+
+    def poke(self) -> None:
+        """Rows may have been committed above the cursor by another process: read a page for them."""
+        if not self.more:
+            self.more, self.dropped_max = True, 0
 
     def rescan(self, after_id: int) -> None:
         """Pending rows at or above after_id + 1 may have appeared in the store (release, replay)."""

@@ -6,9 +6,10 @@ A mixin of Dispatcher, kept apart so that dispatcher.py holds only the delivery 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from webhookd.config import Config
 from webhookd.dispatch import retry
@@ -19,6 +20,9 @@ from webhookd.messages import RenderError
 from webhookd.payloads import make_test_event, render_request
 from webhookd.states import DeliveryStatus
 from webhookd.store import DeliveryStore, EndpointRow, Requeued, StoreError
+
+if TYPE_CHECKING:
+    from webhookd.dispatch.claims import HubClaims
 
 log = get_logger("webhookd.dispatch")
 
@@ -33,6 +37,8 @@ class OperatorActions:
     _stale: set[int]
     _wake: asyncio.Event
     _wall: Callable[[], float]
+    hub: HubClaims | None
+    lane_filter: Callable[[str, str], bool] | None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         raise NotImplementedError
@@ -70,7 +76,7 @@ class OperatorActions:
             if ecfg.relay and row.disabled:  # the relay is never disabled: a disable from before is undone
                 row = replace(row, disabled=False, disabled_reason=None)
                 log.info("endpoint_enabled", endpoint=name, reason="the relay to a hub is never disabled")
-            rt = EndpointRuntime(cfg=ecfg, row=row)
+            rt = EndpointRuntime(cfg=ecfg, row=row, accept=self.lane_filter)
             self.endpoints[name] = rt
             if row.disabled:
                 await self.store.hold(row)
@@ -101,6 +107,7 @@ class OperatorActions:
             log.error("endpoint_disable_not_saved", endpoint=name, error=str(e))
             self._spawn(self._hold_when_possible(rt), f"hold-{name}")
             held = 0
+        self._announce(f"endpoint {name}")
         if not already:
             log.warning(
                 "endpoint_disabled",
@@ -130,9 +137,18 @@ class OperatorActions:
         rt.health = retry.Health()
         self._stale |= rt.clear()  # paging starts over: the released rows come back in id order
         released = await self.store.release(replace(rt.row))
+        if self.hub is not None:
+            with contextlib.suppress(StoreError):
+                await self.hub.succeeded(name)  # the shared pause and probe go with the failures
+            self._announce(f"endpoint {name}")
         log.info("endpoint_enabled", endpoint=name, released=released)
         self._wake.set()
         return rt
+
+    def _announce(self, payload: str) -> None:
+        hub = self.hub
+        if hub is not None:
+            self._spawn(hub.announce(payload), "hub-announce")
 
     # --- replay and test -------------------------------------------------------------------------------
 
@@ -143,6 +159,7 @@ class OperatorActions:
         done = await self.store.requeue(ids, endpoint, status, unavailable)
         fresh = set(ids or ())
         for name, first in done.first_pending.items():
+            self._announce(f"rescan {name} {first - 1}")  # rows of other processes' partitions
             rt = self.endpoints.get(name)
             if rt is None or rt.row.disabled:
                 continue

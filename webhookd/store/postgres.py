@@ -51,6 +51,7 @@ from webhookd.store.api import (
     StoreUnavailable,
     Targets,
 )
+from webhookd.store.postgres_leases import Fence
 from webhookd.store.postgres_schema import Conn, connect, migrate
 from webhookd.store.postgres_writes import CallOp, WriteOp, apply, record_relayed
 from webhookd.store.sqlite_writes import DevicesOp, device_row, receipts_op, record_op
@@ -109,6 +110,9 @@ class PostgresStore:
         self._failure: BaseException | None = None
         self._closed = False
         self._last_commit = time.monotonic()
+        # Set on a hub of several processes (dispatch/claims.py): receipts are fenced by our leases, pages
+        # read only our partitions, new deliveries are announced to the other processes.
+        self.fence: Fence | None = None
 
     @property
     def healthy(self) -> bool:
@@ -351,7 +355,7 @@ class PostgresStore:
 
     async def _apply(self, conn: Conn, ops: Sequence[WriteOp]) -> list[Any]:
         """The statements of one transaction (the seam a fault test may inject at)."""
-        return await apply(conn, ops)
+        return await apply(conn, ops, self.fence)
 
     async def probe(self) -> bool:
         try:
@@ -405,17 +409,26 @@ class PostgresStore:
 
     async def record_relayed(self, change: Change) -> list[DeliveryRow] | None:
         rows: list[DeliveryRow] | None = await self.write(
-            functools.partial(record_relayed, change=change), 2 + len(change.targets)
+            functools.partial(record_relayed, change=change, fence=self.fence), 2 + len(change.targets)
         )
         return rows
 
     async def load_pending_page(self, endpoint: str, after_id: int, limit: int) -> list[DeliveryRow]:
-        return await self.read(functools.partial(q.pending_page, endpoint=endpoint, after_id=after_id, limit=limit))
+        parts = self._parts()
+        return await self.read(
+            functools.partial(q.pending_page, endpoint=endpoint, after_id=after_id, limit=limit, parts=parts)
+        )
 
     async def load_pending_lane(self, endpoint: str, device_id: str, after_id: int, limit: int) -> list[DeliveryRow]:
+        parts = self._parts()
         return await self.read(
-            functools.partial(q.pending_lane, endpoint=endpoint, device_id=device_id, after_id=after_id, limit=limit)
+            functools.partial(
+                q.pending_lane, endpoint=endpoint, device_id=device_id, after_id=after_id, limit=limit, parts=parts
+            )
         )
+
+    def _parts(self) -> list[int] | None:
+        return None if self.fence is None else self.fence.fence()[0]
 
     async def pending_count(self) -> int:
         return await self.read(q.pending_count)

@@ -30,6 +30,9 @@ _PENDING = (
 )
 _PAGE = _PENDING.format(where=" AND d.endpoint = %s AND d.id > %s")
 _LANE = _PENDING.format(where=" AND d.endpoint = %s AND d.device_id = %s AND d.id > %s")
+# On a hub of several processes: only the partitions this process holds.
+_PAGE_PARTS = _PENDING.format(where=" AND d.endpoint = %s AND d.id > %s AND d.part = ANY(%s)")
+_LANE_PARTS = _PENDING.format(where=" AND d.endpoint = %s AND d.device_id = %s AND d.id > %s AND d.part = ANY(%s)")
 
 
 async def load_devices(c: Conn) -> list[Device]:
@@ -71,13 +74,23 @@ def _rows(rows: Sequence[tuple[Any, ...]]) -> list[DeliveryRow]:
     return out
 
 
-async def pending_page(c: Conn, endpoint: str, after_id: int, limit: int) -> list[DeliveryRow]:
-    cur = await c.execute(_PAGE, (endpoint, after_id, limit))
+async def pending_page(
+    c: Conn, endpoint: str, after_id: int, limit: int, parts: list[int] | None = None
+) -> list[DeliveryRow]:
+    if parts is None:
+        cur = await c.execute(_PAGE, (endpoint, after_id, limit))
+    else:
+        cur = await c.execute(_PAGE_PARTS, (endpoint, after_id, parts, limit))
     return _rows(await cur.fetchall())
 
 
-async def pending_lane(c: Conn, endpoint: str, device_id: str, after_id: int, limit: int) -> list[DeliveryRow]:
-    cur = await c.execute(_LANE, (endpoint, device_id, after_id, limit))
+async def pending_lane(
+    c: Conn, endpoint: str, device_id: str, after_id: int, limit: int, parts: list[int] | None = None
+) -> list[DeliveryRow]:
+    if parts is None:
+        cur = await c.execute(_LANE, (endpoint, device_id, after_id, limit))
+    else:
+        cur = await c.execute(_LANE_PARTS, (endpoint, device_id, after_id, parts, limit))
     return _rows(await cur.fetchall())
 
 

@@ -118,8 +118,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-PARTITIONS = 32  # lease rows made by migration 2 (part 0 .. 31)
-
 Conn = psycopg.AsyncConnection[TupleRow]
 
 

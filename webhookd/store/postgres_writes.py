@@ -12,8 +12,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from webhookd.leases import partition_of
 from webhookd.payloads import EventData
 from webhookd.store.api import Change, DeliveryRow, EndpointRow
+from webhookd.store.postgres_leases import (
+    DELIVERY_ID_LOCK,
+    UPDATE_RECEIPT_FENCED,
+    UPDATE_RECEIPTS_FENCED,
+    Fence,
+    notify,
+)
 from webhookd.store.postgres_schema import Conn
 from webhookd.store.sqlite_writes import (
     SELECT_DEVICE,
@@ -47,9 +55,9 @@ INSERT_EVENTS = (
 # back with their keys, and the writer checks that they map one to one.
 INSERT_DELIVERIES = (
     "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts, next_attempt_at,"
-    " created_at, updated_at)"
-    " SELECT e, ep, dev, ty, st, 0, t, t, t FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
-    " %b::text[], %b::float8[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, ord) ORDER BY ord"
+    " created_at, updated_at, part)"
+    " SELECT e, ep, dev, ty, st, 0, t, t, t, pt FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::float8[], %b::int[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, pt, ord) ORDER BY ord"
     " RETURNING id, event_id, endpoint"
 )
 # A receipt (delivered) or a hold may land on a row that is held by now; a retry or a death may not take a row
@@ -91,20 +99,22 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[r[i] for r in rows] for i in range(width)]
 
 
-async def apply(c: Conn, ops: Sequence[WriteOp]) -> list[Any]:
-    """Run `ops` on `c` inside the caller's transaction; returns each op's result, in order."""
+async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None) -> list[Any]:
+    """Run `ops` on `c` inside the caller's transaction; returns each op's result, in order. With a `fence`
+    (a hub of several processes) receipts land only on rows of partitions we hold, new deliveries take their
+    ids under DELIVERY_ID_LOCK and the other processes are told of them."""
     results: list[Any] = [None] * len(ops)
     run: list[int] = []
     for i, op in enumerate(ops):
         if isinstance(op, CallOp):
             if run:
-                await _merged(c, ops, run, results)
+                await _merged(c, ops, run, results, fence)
                 run = []
             results[i] = await op.fn(c)
         else:
             run.append(i)
     if run:
-        await _merged(c, ops, run, results)
+        await _merged(c, ops, run, results, fence)
     return results
 
 
@@ -119,7 +129,9 @@ async def _upsert_endpoints(c: Conn, rows: Sequence[EndpointTuple]) -> None:
     await c.execute(UPSERT_ENDPOINTS, cols)
 
 
-async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list[Any]) -> None:
+async def _merged(
+    c: Conn, ops: Sequence[WriteOp], run: list[int], results: list[Any], fence: Fence | None = None
+) -> None:
     """One statement per table for the hot operations `ops[i] for i in run` (adjacent in the queue); see
     sqlite_writes._merged for why the order within the run is kept."""
     devices: dict[str, DeviceRow] = {}  # the last copy of a device wins
@@ -156,6 +168,10 @@ async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list
             await c.execute(INSERT_EVENTS, _columns(events, 5))
         cur = None
         if wanted:
+            if fence is not None:
+                await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
+                if any(st == "pending" for _, _, st in wanted):
+                    await notify(c, "new " + ",".join(sorted({ep for _, ep, st in wanted if st == "pending"})))
             cur = c.cursor()
             await cur.execute(
                 INSERT_DELIVERIES,
@@ -166,9 +182,18 @@ async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list
                     [e.type for e, _, _ in wanted],
                     [st for _, _, st in wanted],
                     [e.time for e, _, _ in wanted],
+                    [partition_of(ep, e.device_id) for e, ep, _ in wanted],
                 ],
             )
-        if receipts:
+        if receipts and fence is not None:
+            parts, epochs = fence.fence()
+            if len({r[6] for r in receipts}) == len(receipts):
+                await c.execute(UPDATE_RECEIPTS_FENCED, [parts, epochs, fence.owner, *_columns(receipts, 8)])
+            else:
+                await c.cursor().executemany(
+                    UPDATE_RECEIPT_FENCED, [(parts, epochs, fence.owner, *r) for r in receipts]
+                )
+        elif receipts:
             if len({r[6] for r in receipts}) == len(receipts):
                 await c.execute(UPDATE_RECEIPTS, _columns(receipts, 8))
             else:
@@ -189,7 +214,7 @@ async def _merged(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list
         ]
 
 
-async def record_relayed(c: Conn, change: Change) -> list[DeliveryRow] | None:
+async def record_relayed(c: Conn, change: Change, fence: Fence | None = None) -> list[DeliveryRow] | None:
     """A relayed event's `record`, skipped (None) when an event with its id exists. A transaction-scoped
     advisory lock on the id makes a second process taking the same event wait for the first one's commit, and
     then see its row."""
@@ -200,7 +225,7 @@ async def record_relayed(c: Conn, change: Change) -> list[DeliveryRow] | None:
         return None
     cur = await c.execute(SELECT_DEVICE.replace("?", "%s"), (change.device.id,))
     stored = await cur.fetchone()
-    rows: list[DeliveryRow] = (await apply(c, [record_op([change])]))[0]
+    rows: list[DeliveryRow] = (await apply(c, [record_op([change])], fence))[0]
     if newer_than(stored, change.event.time):
         await apply(c, [DevicesOp([tuple(stored)])])  # type: ignore[arg-type]
     return rows
