@@ -447,6 +447,7 @@ DEVICES: list[dict[str, Any]] = [
         "muted": True,
         "muted_until": iso(NOW + timedelta(hours=1)),
         "source": "http",
+        "stale": None,  # a hub's answer says true or false: its gateway is offline (or not)
     },
     {
         "id": "sensor-" + "9" * 90,
@@ -458,6 +459,7 @@ DEVICES: list[dict[str, Any]] = [
         "muted": False,
         "muted_until": None,
         "source": "mqtt",
+        "stale": None,
     },
 ]
 ENDPOINT_OPS: dict[str, Any] = {

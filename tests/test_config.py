@@ -589,7 +589,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "endpoints[0].nmae: unknown key (did you mean 'name'?)",
         "endpoints[0].url: must be http or https",
         "endpoints[0].events[1]: unknown event 'bogus' (expected online, offline, utilizing, unplugged, "
-        "address_changed, still_offline or all)",
+        "address_changed, still_offline, gateway_online, gateway_offline or all)",
         "endpoints[0].concurrency: must be >= 1",
         "endpoints[1].format: must be one of webhookd, remoteit, kobiton, slack, discord, teams, ntfy, template"
         " (got 'xml')",

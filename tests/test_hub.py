@@ -28,6 +28,8 @@ from webhookd.store import StoreUnavailable
 
 GATEWAY = "site-a"
 GW_SECRET = "site-a-Shared-Secret-0123456789"  # test-only
+# The device events only: the gateway's own liveness (gateway_online, ...) is tests/test_hub_gateways.py's.
+DEVICE_EVENTS = ["online", "offline", "utilizing", "unplugged", "address_changed", "still_offline"]
 
 
 def hub_config(**extra: Any) -> dict[str, Any]:
@@ -87,7 +89,7 @@ async def start_pair(
     overrides: dict[str, Any] = {"hub": hub_config()}
     if store is not None:
         overrides["store"] = store
-    hub = await daemon([endpoint("hub-hook", at_hub)], tmp=tmp_path / "hub", **overrides)
+    hub = await daemon([endpoint("hub-hook", at_hub, events=DEVICE_EVENTS)], tmp=tmp_path / "hub", **overrides)
     gateway = await daemon(
         [endpoint("local", at_gateway)],
         tmp=tmp_path / "gateway",
@@ -135,14 +137,15 @@ async def test_a_gateway_event_ends_signed_at_the_hub_s_receiver(
 
 
 async def test_a_hub_on_postgresql(
-    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, pg_url: str
+    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
 ) -> None:
+    # pg_url first: its database is dropped only after the daemons have stopped (their heartbeats write)
     await check_end_to_end(*await start_pair(daemon, receiver, tmp_path, store=pg_url))
 
 
 async def test_signatures_gateways_and_bodies_are_checked(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:
     at_hub = await receiver()
-    hub = await daemon([endpoint("hub-hook", at_hub)], hub=hub_config())
+    hub = await daemon([endpoint("hub-hook", at_hub, events=DEVICE_EVENTS)], hub=hub_config())
     body = json.dumps(relayed_body()).encode()
     beat = json.dumps({"gateway": GATEWAY, "time": "2026-12-03T14:46:30.000Z", "devices": 3}).encode()
     for path, raw in (("/v1/relay", body), (f"/v1/gateways/{GATEWAY}/heartbeat", beat)):
@@ -186,7 +189,7 @@ async def test_signatures_gateways_and_bodies_are_checked(daemon: DaemonFactory,
 
 async def test_a_replayed_relay_is_2xx_and_delivered_once(daemon: DaemonFactory, receiver: ReceiverFactory) -> None:
     at_hub = await receiver()
-    hub = await daemon([endpoint("hub-hook", at_hub)], hub=hub_config())
+    hub = await daemon([endpoint("hub-hook", at_hub, events=DEVICE_EVENTS)], hub=hub_config())
     raw = json.dumps(relayed_body()).encode()
     first = await post(hub, "/v1/relay", raw)
     assert first[0] == 200 and first[1]["status"] == "recorded", first

@@ -58,6 +58,30 @@ EVENTS: dict[str, EventData] = {
     "unplugged": ev("device.unplugged", previous_state="utilizing", name=None, owner=None),
     "address_changed": ev("device.address_changed", reason="heartbeat", state="online", address="10.0.0.8"),
     "still_offline": ev("device.still_offline", reason="timeout", state="offline", offline_for=1800.0, reminder=2),
+    # a hub's gateway: the device is the gateway itself
+    "gateway_online": ev(
+        "gateway.online",
+        reason="heartbeat",
+        device_id="site-a",
+        name="site-a",
+        state="online",
+        previous_state="offline",
+        address="10.0.0.9",
+        owner=None,
+        offline_for=300.0,
+        gateway="site-a",
+    ),
+    "gateway_offline": ev(
+        "gateway.offline",
+        reason="timeout",
+        device_id="site-a",
+        name="site-a",
+        state="offline",
+        address="10.0.0.9",
+        owner=None,
+        last_seen=T - 120,
+        gateway="site-a",
+    ),
     "test": make_test_event(T, EID),
 }
 
@@ -165,6 +189,42 @@ WEBHOOKD: dict[str, dict[str, Any]] = {
         "endpoint": "ops-bridge",
         "reminder": 2,
     },
+    "gateway_online": {
+        "id": EID,
+        "type": "gateway.online",
+        "time": T_STR,
+        "reason": "heartbeat",
+        "device": {
+            "id": "site-a",
+            "name": "site-a",
+            "state": "online",
+            "previous_state": "offline",
+            "address": "10.0.0.9",
+            "owner": None,
+            "last_seen": T_STR,
+        },
+        "offline_for": 300.0,
+        "endpoint": "ops-bridge",
+        "gateway": "site-a",
+    },
+    "gateway_offline": {
+        "id": EID,
+        "type": "gateway.offline",
+        "time": T_STR,
+        "reason": "timeout",
+        "device": {
+            "id": "site-a",
+            "name": "site-a",
+            "state": "offline",
+            "previous_state": "online",
+            "address": "10.0.0.9",
+            "owner": None,
+            "last_seen": "2026-11-22T05:02:00.123Z",
+        },
+        "offline_for": None,
+        "endpoint": "ops-bridge",
+        "gateway": "site-a",
+    },
     "test": {
         "id": EID,
         "type": "webhook.test",
@@ -204,6 +264,8 @@ REMOTEIT: dict[str, dict[str, Any]] = {
     "unplugged": _remoteit("10.0.0.7", "printer-1", None, "printer-1", "unplugged", "device_state"),
     "address_changed": _remoteit("10.0.0.8", "printer-1", "ops@example.com", "Printer 1", "online", "address_changed"),
     "still_offline": _remoteit("10.0.0.7", "printer-1", "ops@example.com", "Printer 1", "offline", "device_state"),
+    "gateway_online": _remoteit("10.0.0.9", "site-a", None, "site-a", "online", "device_state"),
+    "gateway_offline": _remoteit("10.0.0.9", "site-a", None, "site-a", "offline", "device_state"),
     "test": _remoteit(None, "webhookd-test", None, "webhookd test", "online", "test"),
 }
 
@@ -231,6 +293,8 @@ KOBITON: dict[str, dict[str, Any]] = {
     "unplugged": _kobiton("device.state.unplugged", "Unplugged", "printer-1", "printer-1"),
     "address_changed": _kobiton("device.address_changed", "Address changed", "printer-1", "Printer 1"),
     "still_offline": _kobiton("device.status.offline", "Offline", "printer-1", "Printer 1"),
+    "gateway_online": _kobiton("device.status.online", "Online", "site-a", "site-a"),
+    "gateway_offline": _kobiton("device.status.offline", "Offline", "site-a", "site-a"),
     "test": _kobiton("webhook.test", "Test", "webhookd-test", "webhookd test"),
 }
 

@@ -334,7 +334,7 @@ def test_upstream_defaults_and_the_relay_endpoint() -> None:
     assert (up.heartbeat, up.timeout, up.concurrency, up.tls_verify, up.ca_file) == (30.0, 10.0, 8, True, None)
     (ep,) = cfg.endpoints
     assert ep.name == "upstream" and ep.url == "https://hub.example.com:8470/v1/relay" and ep.relay
-    assert ep.format == "webhookd" and ep.devices == ("*",) and len(ep.events) == 6
+    assert ep.format == "webhookd" and ep.devices == ("*",) and len(ep.events) == 8
     assert ep.signature == "hmac-sha256" and ep.secrets == ("k",) and ep.signature_header == "Webhookd-Signature"
     assert ep.headers == {"Webhookd-Gateway": "site-a"} and ep.timeout == 10.0 and ep.concurrency == 8
     assert parse_config(BASE, Path("/srv/wh"), env={}).upstream is None

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from webhookd import __version__
-from webhookd.api_types import TOTAL_HEADER
+from webhookd.api_types import NOT_A_HUB, TOTAL_HEADER
 from webhookd.config import parse_duration, redact_url
 from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
@@ -25,6 +25,7 @@ from webhookd.store.api import StoreError
 
 if TYPE_CHECKING:
     from webhookd.dispatch import Dispatcher, EndpointRuntime
+    from webhookd.hub import Hub
     from webhookd.presence import PresenceEngine
     from webhookd.store import DeliveryStore, EndpointRow
     from webhookd.tracker import Tracker
@@ -97,6 +98,7 @@ class AdminAPI:
     ) -> None:
         # `status` of the MQTT connection (None: no `mqtt:` in the config); the daemon sets it.
         self.mqtt_status: Callable[[], dict[str, Any] | None] = lambda: None
+        self.hub: Hub | None = None  # a hub (the daemon sets it): its gateways, and `stale` on their devices
         self.engine = engine
         self.tracker = tracker
         self.store = store
@@ -120,6 +122,7 @@ class AdminAPI:
         r.add_post("/v1/endpoints/{name}/test", self.test)
         r.add_get("/v1/deliveries", self.deliveries)
         r.add_post("/v1/deliveries/replay", self.replay)
+        r.add_get("/v1/gateways", self.gateways)
         r.add_get("/metrics", self.metrics)
         return app
 
@@ -168,8 +171,15 @@ class AdminAPI:
             return None
         return {**mqtt, "since": rfc3339_opt(mqtt["since"])}
 
-    def _device(self, dev_id: str, rules: list[MuteRule] | None = None, wall: float = 0.0) -> dict[str, Any] | None:
-        """The device document; `rules`: the mutes in force at `wall` (None: looked up now)."""
+    def _device(
+        self,
+        dev_id: str,
+        rules: list[MuteRule] | None = None,
+        wall: float = 0.0,
+        offline_gateways: set[str] | None = None,
+    ) -> dict[str, Any] | None:
+        """The device document; `rules`: the mutes in force at `wall` (None: looked up now); on a hub,
+        `offline_gateways` says which devices are stale (`<gateway>:<id>` of an offline gateway)."""
         dev = self.engine.devices.get(dev_id)
         if dev is None:
             return None
@@ -190,7 +200,17 @@ class AdminAPI:
             "muted": bool(covering),
             "muted_until": rfc3339_opt(until),
             "source": dev.source,
+            **({} if offline_gateways is None else {"stale": dev.id.split(":", 1)[0] in offline_gateways}),
         }
+
+    async def _offline_gateways(self) -> set[str] | None:
+        """On a hub, the gateways offline now (None elsewhere; none while the store cannot say)."""
+        if self.hub is None:
+            return None
+        try:
+            return await self.hub.offline()
+        except StoreError:
+            return set()
 
     async def devices(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
@@ -198,10 +218,14 @@ class AdminAPI:
         ids = sorted(i for i, dev in devices.items() if state is None or dev.state == state)
         wall = time.time()
         rules = self.tracker.mutes.active(wall)
-        return json_response(200, [self._device(i, rules, wall) for i in ids])
+        offline = await self._offline_gateways()
+        return json_response(200, [self._device(i, rules, wall, offline) for i in ids])
 
     async def device(self, request: web.Request) -> web.Response:
-        dev = self._device(request.match_info["id"])
+        wall = time.time()
+        dev = self._device(
+            request.match_info["id"], self.tracker.mutes.active(wall), wall, await self._offline_gateways()
+        )
         if dev is None:
             return error_response(404, "unknown device")
         return json_response(200, dev)
@@ -443,6 +467,26 @@ class AdminAPI:
         return json_response(
             200,
             {"replayed": done.total, "held": done.held, "held_endpoints": held_endpoints, "missing": done.missing},
+        )
+
+    async def gateways(self, request: web.Request) -> web.Response:
+        """A hub's gateways (every configured one; never heard from: state unknown); 404 elsewhere."""
+        if self.hub is None:
+            return error_response(404, NOT_A_HUB)
+        return json_response(
+            200,
+            [
+                {
+                    "name": g.name,
+                    "state": g.state,
+                    "last_seen": rfc3339_opt(g.last_seen),
+                    "address": g.address,
+                    "devices": g.devices,
+                    "relayed": g.relayed,
+                    "last_error": g.last_error,
+                }
+                for g in await self.hub.listing()
+            ],
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -17,8 +17,11 @@ from webhookd.states import DeliveryStatus, DeviceState
 
 # GET /v1/deliveries: how many rows matched the filter, whatever the limit (the body stays a list).
 TOTAL_HEADER = "X-Total-Count"
+# GET /v1/gateways on a process without hub: (404)
+NOT_A_HUB = "this webhookd is not a hub (no hub: in its config): it has no gateways"
 
 __all__ = [
+    "NOT_A_HUB",
     "TOTAL_HEADER",
     "ApiError",
     "DeliveryCounts",
@@ -28,6 +31,7 @@ __all__ = [
     "EndpointCounts",
     "EndpointInfo",
     "EndpointTestResult",
+    "GatewayInfo",
     "MqttStatus",
     "MuteInfo",
     "MuteRequest",
@@ -108,6 +112,7 @@ class DeviceInfo(msgspec.Struct, frozen=True):
     source: Literal["http", "udp", "mqtt", "relay"] = "http"
     muted: bool = False  # (a daemon older than mutes: never)
     muted_until: datetime | None = None  # a timed mute's end; None: not muted, or until unmute
+    stale: bool | None = None  # on a hub: its gateway is offline (its state is the last one it relayed)
 
 
 # ------------------------------------------------------------------ POST /v1/devices/mute, /v1/devices/unmute
@@ -163,6 +168,21 @@ class EndpointTestResult(msgspec.Struct, frozen=True):
     status: int | None  # None: no HTTP answer (refused, timed out, ...)
     latency_ms: float
     error: str | None
+
+
+# ----------------------------------------------------------------------------------------- GET /v1/gateways
+
+
+class GatewayInfo(msgspec.Struct, frozen=True):
+    """One of a hub's gateways (every configured one; never heard from: state unknown)."""
+
+    name: str
+    state: Literal["unknown", "online", "offline"]
+    last_seen: datetime | None  # of its last accepted relay or heartbeat
+    address: str | None  # the peer address of that request
+    devices: int | None  # as its last heartbeat said
+    relayed: Count  # events taken from it
+    last_error: str | None  # why its last refused request was refused
 
 
 # --------------------------------------------------------------------------------------- GET /v1/deliveries

@@ -7,30 +7,39 @@ hmac-sha256, 5 minutes either way), else 401. A relayed event is recorded with i
 ``<gateway>:<device id>`` and its deliveries to the hub's endpoints go through the outbox; the answer is 2xx only
 once that is durable, and an event id the hub has taken already is a 2xx that changes nothing. The relayed
 device's state is kept as the gateway says it (`source: relay`, no silence timer of the hub's).
+
+Gateway liveness (the rules: gateways.py; the rows: the store's `gateways` table, shared by every hub process):
+each accepted relay or heartbeat touches the gateway's row, which makes `gateway.online` when it was unknown or
+offline; `liveness_loop`, in every hub process, makes `gateway.offline` for a gateway silent past its
+`silence_timeout` (checked every CHECK_EVERY, the flip under the row's lock: one event for the whole hub). A
+refused request from a configured gateway is kept as its `last_error`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from webhookd import gateways
 from webhookd.config.fleet import GATEWAY_HEADER, RELAY_PATH
 from webhookd.config.schema import DEFAULT_SIGNATURE_HEADER as SIGNATURE_HEADER
 from webhookd.config.schema import HubConfig, HubGateway
 from webhookd.dispatch import Dispatcher
 from webhookd.listener import DEVICE_ID, MAX_TEXT, BadInput, error_response, json_response, not_allowed
 from webhookd.logs import get_logger
-from webhookd.payloads import EVENT_TYPES, EventData
+from webhookd.payloads import EVENT_TYPES, EventData, rfc3339
 from webhookd.presence import Device, PresenceEngine
 from webhookd.signing import TOLERANCE, verify_hmac_sha256
 from webhookd.states import DEVICE_STATES, UNKNOWN
-from webhookd.store import Change, DeliveryStore
+from webhookd.store import Change, DeliveryStore, StoreError
+from webhookd.store.api import GatewayWrite, Targets
 
 if TYPE_CHECKING:
     from webhookd.listener import HeartbeatAPI
@@ -45,16 +54,7 @@ NOT_HERE = "this is a hub: devices report to a gateway"
 RELAYED_TYPES = frozenset(t for t in EVENT_TYPES if t != "webhook.test")
 EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _PREVIOUS_STATES = frozenset((*DEVICE_STATES, UNKNOWN))
-
-
-@dataclass(slots=True)
-class GatewaySeen:
-    """What the hub knows of a gateway in this process (liveness events are not made here)."""
-
-    last_seen: float | None = None  # unix seconds of its last accepted relay or heartbeat
-    address: str | None = None
-    devices: int | None = None  # as its last heartbeat said
-    relayed: int = 0  # events taken from it by this process
+CHECK_EVERY = 0.25  # seconds between deadline checks: a silent gateway's offline within 1 s of its deadline
 
 
 def _is_device_route(path: str) -> bool:
@@ -170,10 +170,10 @@ class Hub:
         self.store = store
         self.dispatcher = dispatcher
         self._wall = wall
-        self.seen: dict[str, GatewaySeen] = {}
+        self.started = wall()  # a restart gives online gateways a full timeout unless an older process lives
         self.cfg = cfg
         self.configure(cfg)
-        # metrics hook: one call per relayed event recorded (its type)
+        # metrics hook: one call per event recorded (a relayed event's type, gateway.online, gateway.offline)
         self.on_event: Callable[[str], None] | None = None
 
     def configure(self, cfg: HubConfig) -> None:
@@ -187,14 +187,26 @@ class Hub:
         if path == RELAY_PATH:
             if method != "POST":
                 return not_allowed("POST")
-            return await self.relay(request, api)
+            return await self._refusals(request, self.relay(request, api))
         if path.startswith(GATEWAYS_PREFIX) and path.endswith(HEARTBEAT_SUFFIX):
             if method != "POST":
                 return not_allowed("POST")
-            return await self.heartbeat(request, api, path[len(GATEWAYS_PREFIX) : -len(HEARTBEAT_SUFFIX)])
+            name = path[len(GATEWAYS_PREFIX) : -len(HEARTBEAT_SUFFIX)]
+            return await self._refusals(request, self.heartbeat(request, api, name))
         if _is_device_route(path):
             return error_response(404, NOT_HERE)
         return None
+
+    async def _refusals(self, request: web.BaseRequest, answer: Coroutine[Any, Any, web.Response]) -> web.Response:
+        """`answer`, keeping a refusal (4xx) of a request naming a configured gateway as its `last_error`."""
+        try:
+            return await answer
+        except BadInput as e:
+            name = request.headers.get(GATEWAY_HEADER, "")
+            if name in self._gateways:
+                with contextlib.suppress(StoreError):  # the refusal stands; only its note is lost
+                    await self.store.gateway_rejected(name, gateways.short_error(e.status, e.error))
+            raise
 
     def _verify(self, request: web.BaseRequest, body: bytes) -> HubGateway:
         name = request.headers.get(GATEWAY_HEADER, "")
@@ -208,11 +220,42 @@ class Hub:
             raise BadInput(401, f"invalid {SIGNATURE_HEADER} (bad signature, or a timestamp more than 5m off)")
         return gw
 
-    def _saw(self, request: web.BaseRequest, gw: HubGateway) -> GatewaySeen:
-        seen = self.seen.setdefault(gw.name, GatewaySeen())
-        seen.last_seen = self._wall()
-        seen.address = request.remote or seen.address
-        return seen
+    def _targets(self, name: str, etype: str) -> Targets:
+        return self.dispatcher.targets(gateways.probe_event(name, etype))
+
+    async def _touch(self, request: web.BaseRequest, gw: HubGateway, seen: gateways.Seen) -> None:
+        """The gateway is alive: its row (and a gateway.online when it was unknown or offline), durable before
+        the answer; StoreError (503) otherwise."""
+        targets = self._targets(gw.name, gateways.ONLINE_TYPE)
+        done = await self.store.touch_gateway(gw.name, self._wall(), gw.silence_timeout, seen, targets)
+        self._made(done)
+
+    def _made(self, done: GatewayWrite) -> None:
+        event = done.event
+        if event is None:
+            return
+        self.dispatcher.enqueue(done.rows)
+        if self.on_event is not None:
+            self.on_event(event.type)
+        if event.type == gateways.ONLINE_TYPE:
+            log.info(
+                "gateway_online",
+                gateway=event.device_id,
+                previous_state=event.previous_state,
+                offline_for=None if event.offline_for is None else round(event.offline_for, 3),
+                address=event.address,
+                event_id=event.id,
+                deliveries=len(done.rows),
+            )
+        else:
+            log.warning(
+                "gateway_offline",
+                gateway=event.device_id,
+                reason=event.reason,
+                last_seen=None if event.last_seen is None else rfc3339(event.last_seen),
+                event_id=event.id,
+                deliveries=len(done.rows),
+            )
 
     async def relay(self, request: web.BaseRequest, api: HeartbeatAPI) -> web.Response:
         raw = await api.read_raw(request)
@@ -220,7 +263,7 @@ class Hub:
         event = parse_relayed(api.decode_json(request, raw), gw.name)
         device = relayed_device(event)
         rows = await self.store.record_relayed(Change(device, event, self.dispatcher.targets(event)))
-        seen = self._saw(request, gw)
+        await self._touch(request, gw, gateways.Seen(request.remote, relayed=0 if rows is None else 1))
         if rows is None:
             log.debug("relay_duplicate", gateway=gw.name, event_id=event.id)
             return json_response(200, {"status": "duplicate", "id": event.id})
@@ -228,7 +271,6 @@ class Hub:
         if current is None or current.changed_at is None or current.changed_at <= event.time:
             self.engine.adopt(device)
         self.dispatcher.enqueue(rows)
-        seen.relayed += 1
         if self.on_event is not None:
             self.on_event(event.type)
         log.info(
@@ -255,7 +297,46 @@ class Hub:
         devices = body.get("devices")
         if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 0):
             raise BadInput(400, "devices must be a count", "devices")
-        seen = self._saw(request, gw)
-        if devices is not None:
-            seen.devices = devices
+        await self._touch(request, gw, gateways.Seen(request.remote, devices=devices))
         return json_response(200, {"status": "ok"})
+
+    # --- liveness: every hub process checks the deadlines; the store makes each flip once ------------------
+
+    async def liveness_loop(self, every: float = CHECK_EVERY) -> None:
+        """Forever (the daemon cancels it): first, at a start with no other live hub process, every online
+        gateway gets a full timeout from now; then every `every` seconds the gateways silent past their
+        deadline go offline. A store that cannot answer is tried again at the next turn."""
+        while True:
+            try:
+                timeouts = {gw.name: gw.silence_timeout for gw in self.cfg.gateways}
+                extended = await self.store.restart_gateways(self._wall(), timeouts, self.started)
+                break
+            except StoreError:
+                await asyncio.sleep(every)
+        if extended:
+            log.info("gateways_restarted", gateways=extended, detail="each online gateway has a full timeout from now")
+        while True:
+            await asyncio.sleep(every)
+            await self.check_deadlines()
+
+    async def check_deadlines(self) -> list[GatewayWrite]:
+        """One deadline check: the gateway.offline events this process made (another may make some first)."""
+        targets = {gw.name: self._targets(gw.name, gateways.OFFLINE_TYPE) for gw in self.cfg.gateways}
+        try:
+            done = await self.store.expire_gateways(self._wall(), targets)
+        except StoreError:
+            return []  # the next turn tries again (the store logs its outage itself)
+        for d in done:
+            self._made(d)
+        return done
+
+    # --- the admin API's gateway list -------------------------------------------------------------------
+
+    async def listing(self) -> list[gateways.GatewayRow]:
+        """Every configured gateway, in config order: its stored row, or one in state unknown."""
+        rows = {r.name: r for r in await self.store.load_gateways()}
+        return [rows.get(gw.name, gateways.GatewayRow(gw.name)) for gw in self.cfg.gateways]
+
+    async def offline(self) -> set[str]:
+        """The configured gateways that are offline now (their devices are stale)."""
+        return {r.name for r in await self.listing() if r.state == "offline"}

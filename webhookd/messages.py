@@ -71,7 +71,10 @@ def human_duration(seconds: float) -> str:
 
 
 def subject(event: EventData) -> str:
-    """The device as people know it: ``printer-1 (Drucker 1)``, or the id alone when it has no other name."""
+    """The device as people know it: ``printer-1 (Drucker 1)``, or the id alone when it has no other name; a
+    hub's gateway (``gateway.*`` events) is ``gateway site-a``."""
+    if event.type.startswith("gateway."):
+        return f"gateway {event.device_id}"
     name = (event.name or "").strip()
     if not name or name == event.device_id:
         return event.device_id
@@ -85,6 +88,8 @@ def _state(state: str) -> str:
 def _silence(event: EventData) -> str:
     """A timeout's reason, from what the event knows: the time since the last heartbeat when it has one."""
     if event.last_seen is not None and event.time >= event.last_seen:
+        if event.type.startswith("gateway."):
+            return f"no relay or heartbeat from it for {human_duration(event.time - event.last_seen)}"
         return f"no heartbeat for {human_duration(event.time - event.last_seen)}"
     return "no heartbeat within its silence timeout"
 
@@ -209,6 +214,8 @@ _NTFY_TAGS = {
     "device.unplugged": "electric_plug",
     "device.address_changed": "arrows_counterclockwise",
     "device.still_offline": "hourglass",
+    "gateway.online": "green_circle",
+    "gateway.offline": "red_circle",
     "webhook.test": "test_tube",
 }
 
@@ -223,8 +230,8 @@ def _header_value(text: str) -> str:
 
 def ntfy_headers(event: EventData) -> dict[str, str]:
     """ntfy's publish headers: ``Title``, ``Priority`` (``high`` for offline and still_offline) and ``Tags``."""
-    high = event.type in ("device.offline", "device.still_offline")
-    kind = event.type.split(".", 1)[1]
+    high = event.type in ("device.offline", "device.still_offline", "gateway.offline")
+    kind = event.type.replace(".", "_") if event.type.startswith("gateway.") else event.type.split(".", 1)[1]
     emoji = _NTFY_TAGS.get(event.type, "bell")
     return {
         "Title": _header_value(title(event)),
@@ -321,9 +328,12 @@ def sample_events(kinds: Iterable[str]) -> list[EventData]:
             "device.unplugged": "unplugged",
             "device.address_changed": "online",
             "device.still_offline": "offline",
+            "gateway.online": "online",
+            "gateway.offline": "offline",
             "webhook.test": "online",
         }.get(kind, "online")
         test = kind == "webhook.test"
+        gateway = kind.startswith("gateway.")
         out.append(
             EventData(
                 id="evt_" + "0" * 32,
@@ -331,18 +341,26 @@ def sample_events(kinds: Iterable[str]) -> list[EventData]:
                 time=now,
                 reason=None
                 if test
-                else {"device.offline": "timeout", "device.still_offline": "timeout"}.get(
-                    kind, "heartbeat" if kind in ("device.online", "device.address_changed") else "reported"
+                else {"device.offline": "timeout", "device.still_offline": "timeout", "gateway.offline": "timeout"}.get(
+                    kind,
+                    "heartbeat"
+                    if kind in ("device.online", "device.address_changed", "gateway.online")
+                    else "reported",
                 ),
-                device_id="webhookd-test" if test else "printer-1",
-                name="webhookd test" if test else "Drucker 1",
+                device_id="webhookd-test" if test else "site-a" if gateway else "printer-1",
+                name="webhookd test" if test else "site-a" if gateway else "Drucker 1",
                 state=state,
-                previous_state={"device.online": "offline", "device.still_offline": "offline"}.get(kind, "online"),
+                previous_state={
+                    "device.online": "offline",
+                    "device.still_offline": "offline",
+                    "gateway.online": "offline",
+                }.get(kind, "online"),
                 address=None if test else "192.0.2.10",
-                owner=None if test else "ops@example.com",
+                owner=None if test or gateway else "ops@example.com",
                 last_seen=now if test or state != "offline" else now - 900.0,
-                offline_for={"device.online": 900.0, "device.still_offline": 7200.0}.get(kind),
+                offline_for={"device.online": 900.0, "device.still_offline": 7200.0, "gateway.online": 900.0}.get(kind),
                 reminder=2 if kind == "device.still_offline" else None,
+                gateway="site-a" if gateway else None,
             )
         )
     return out

@@ -47,6 +47,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "device.unplugged",
     "device.address_changed",
     "device.still_offline",
+    "gateway.online",
+    "gateway.offline",
     "webhook.test",
 )
 #: Device id carried by ``webhook.test`` events in every format.
@@ -59,6 +61,8 @@ _REMOTEIT_TYPE: dict[str, str] = {
     "device.unplugged": "device_state",
     "device.address_changed": "address_changed",
     "device.still_offline": "device_state",  # a reminder: still offline, as remote.it knows it
+    "gateway.online": "device_state",  # a hub's gateway (its device id is the gateway's name)
+    "gateway.offline": "device_state",
     "webhook.test": "test",
 }
 _KOBITON_ACTIVITY: dict[str, tuple[str, str]] = {
@@ -68,6 +72,8 @@ _KOBITON_ACTIVITY: dict[str, tuple[str, str]] = {
     "device.unplugged": ("device.state.unplugged", "Unplugged"),
     "device.address_changed": ("device.address_changed", "Address changed"),
     "device.still_offline": ("device.status.offline", "Offline"),  # a reminder renders as offline
+    "gateway.online": ("device.status.online", "Online"),  # a hub's gateway, as a device
+    "gateway.offline": ("device.status.offline", "Offline"),
     "webhook.test": ("webhook.test", "Test"),
 }
 
@@ -114,7 +120,10 @@ def new_event_id() -> str:
 
 
 def event_type_for(kind: str) -> str:
-    """Config event kind (``online``, ``address_changed``...) -> event type (``device.online``...)."""
+    """Config event kind (``online``, ``address_changed``, ``gateway_online``...) -> event type
+    (``device.online``, ``device.address_changed``, ``gateway.online``...)."""
+    if kind.startswith("gateway_"):
+        return "gateway." + kind.removeprefix("gateway_")
     return "device." + kind
 
 

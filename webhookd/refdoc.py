@@ -63,7 +63,7 @@ KEY_DOCS: dict[str, str] = {
     "endpoints[].url": "where to POST (http or https)",
     "endpoints[].description": "free text shown by `webhookd endpoints`",
     "endpoints[].events": "event kinds to send (`online`, `offline`, `utilizing`, `unplugged`, "
-    "`address_changed`, `still_offline`, or `all`)",
+    "`address_changed`, `still_offline`; on a hub `gateway_online`, `gateway_offline`; or `all`)",
     "endpoints[].devices": "globs of the device ids to send events for",
     "endpoints[].format": "payload format: `webhookd`, `remoteit`, `kobiton`, or a message for people: `slack`, "
     "`discord`, `teams`, `ntfy`, `template` (see Webhooks)",

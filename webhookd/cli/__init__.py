@@ -35,6 +35,7 @@ from webhookd.cli.commands import (
     cmd_deliveries,
     cmd_devices,
     cmd_endpoints,
+    cmd_gateways,
     cmd_gen_secret,
     cmd_run,
     cmd_sink,
@@ -54,6 +55,7 @@ __all__ = [
     "cmd_deliveries",
     "cmd_devices",
     "cmd_endpoints",
+    "cmd_gateways",
     "cmd_gen_secret",
     "cmd_run",
     "cmd_sink",
@@ -198,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         ap = ep_sub.add_parser(action, help=text, description=text, parents=[data])
         ap.add_argument("name", metavar="NAME", help="endpoint name (see `webhookd endpoints`)")
+
+    add(
+        "gateways",
+        cmd_gateways,
+        "on a hub: list its gateways (state, last seen, devices, events relayed, last error)",
+        data,
+        "On a hub: every gateway of hub.gateways with its state (unknown until first heard from, online, "
+        "offline), when it was last seen, the device count its last heartbeat gave, the events relayed and the "
+        "reason its last refused request was refused; --json: an array of {name, state, last_seen, address, "
+        "devices, relayed, last_error}. Anywhere else it says that this is not a hub (exit 1).",
+    )
 
     p = add("deliveries", cmd_deliveries, "list deliveries, or replay some", data)
     p.add_argument("--status", choices=DELIVERY_STATUSES, default=argparse.SUPPRESS, help="only this status")

@@ -198,7 +198,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         [
             dash(d.id),
             dash(d.name),
-            d.state,
+            f"{d.state} (stale)" if d.stale else d.state,
             _muted_cell(d.muted, d.muted_until, now),
             format_time(d.last_seen, now),
             dash(d.address),
@@ -208,6 +208,39 @@ def cmd_devices(args: argparse.Namespace) -> int:
     ]
     headers = ["ID", "NAME", "STATE", "MUTED", "LAST SEEN", "ADDRESS", "SOURCE"]
     print(render_table(headers, rows, flexible=(1, 0)))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- gateways
+
+
+def cmd_gateways(args: argparse.Namespace) -> int:
+    from webhookd.api_types import NOT_A_HUB, GatewayInfo
+
+    client = admin_client(args)
+    try:
+        raw = client.request("GET", "/v1/gateways")
+    except AdminError as e:
+        if e.status == 404:  # a daemon without hub: (or one older than the gateway list)
+            raise CLIError(NOT_A_HUB if e.message == NOT_A_HUB else f"no gateway list here: {e.message}") from e
+        raise
+    if _json(args):
+        print_json(client.decode(raw, object))
+        return EXIT_OK
+    now = datetime.now(UTC)
+    rows = [
+        [
+            dash(g.name),
+            g.state,
+            format_time(g.last_seen, now),
+            dash(g.devices),
+            str(g.relayed),
+            dash(g.last_error),
+        ]
+        for g in client.decode(raw, list[GatewayInfo])
+    ]
+    headers = ["NAME", "STATE", "LAST SEEN", "DEVICES", "RELAYED", "LAST ERROR"]
+    print(render_table(headers, rows, flexible=(5, 0)))
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from webhookd import messages
+from webhookd.payloads import event_type_for
 
 from . import fleet, mqtt
 from .convert import Converter, key_path, kind
@@ -157,7 +158,7 @@ def _format_keys(c: Converter, item: dict[Any, Any], values: dict[str, Any], pat
     if c.bad(f"{path}.content_type") or c.bad(f"{path}.events"):
         return
     events = values.get("events", frozenset(EVENT_KINDS))
-    kinds = [f"device.{k}" for k in EVENT_KINDS if k in events] + ["webhook.test"]
+    kinds = [event_type_for(k) for k in EVENT_KINDS if k in events] + ["webhook.test"]
     ctype = values.get("content_type", "application/json")
     problem = messages.check_template(values["template"], ctype, values.get("name", ""), kinds, where)
     if problem is not None:

@@ -39,7 +39,16 @@ from .units import (
     redact_url,
 )
 
-EventKind = Literal["online", "offline", "utilizing", "unplugged", "address_changed", "still_offline"]
+EventKind = Literal[
+    "online",
+    "offline",
+    "utilizing",
+    "unplugged",
+    "address_changed",
+    "still_offline",
+    "gateway_online",
+    "gateway_offline",
+]
 Format = Literal["webhookd", "remoteit", "kobiton", "slack", "discord", "teams", "ntfy", "template"]
 Signature = Literal["hmac-sha256", "standard-webhooks", "none"]
 LogFormat = Literal["auto", "json", "console"]
