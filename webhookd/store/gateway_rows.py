@@ -27,6 +27,7 @@ from webhookd.store.api import Change, DeliveryRow, GatewayWrite, Targets
 from webhookd.store.sqlite_writes import SELECT_DEVICE, DevicesOp, record_op
 
 if TYPE_CHECKING:  # psycopg only for those who use it
+    from webhookd.store.postgres_leases import Fence
     from webhookd.store.postgres_schema import Conn
 
 SELECT_ONE = (
@@ -164,16 +165,13 @@ async def _pg_locked(c: Conn, name: str, create: bool) -> GatewayRow | None:
     return None if found is None else from_row(found)
 
 
-async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Any) -> list[DeliveryRow]:
+async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Fence | None) -> list[DeliveryRow]:
     """`record`'s path for the event (with the store's lease fence on a hub of several processes)."""
     from webhookd.store import postgres_writes
 
     cur = await c.execute(_pg(SELECT_DEVICE), (event.device_id,))
     stored = await cur.fetchone()
-    ops = [record_op([_change(event, targets)])]
-    apply: Any = postgres_writes.apply  # (c, ops[, fence]): the fence only on a hub of several processes
-    done = await (apply(c, ops) if fence is None else apply(c, ops, fence))
-    rows: list[DeliveryRow] = done[0]
+    rows: list[DeliveryRow] = (await postgres_writes.apply(c, [record_op([_change(event, targets)])], fence))[0]
     if stored is None:
         await c.execute("DELETE FROM devices WHERE id = %s", (event.device_id,))
     else:
@@ -182,7 +180,7 @@ async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Any) ->
 
 
 async def pg_touch(
-    c: Conn, name: str, now: float, silence: float, seen: Seen, targets: Targets, fence: Any = None
+    c: Conn, name: str, now: float, silence: float, seen: Seen, targets: Targets, fence: Fence | None = None
 ) -> GatewayWrite:
     found = await _pg_locked(c, name, create=True)
     row, event = rules.seen(found, name, now, silence, seen)
@@ -202,7 +200,7 @@ async def pg_due(c: Conn, now: float) -> list[str]:
 
 
 async def pg_expire(
-    c: Conn, names: Sequence[str], now: float, targets: Mapping[str, Targets], fence: Any = None
+    c: Conn, names: Sequence[str], now: float, targets: Mapping[str, Targets], fence: Fence | None = None
 ) -> list[GatewayWrite]:
     out: list[GatewayWrite] = []
     for name in sorted(names):  # one lock order for every process

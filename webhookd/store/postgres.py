@@ -469,9 +469,8 @@ class PostgresStore:
     # --- gateways (a hub's) ---
 
     async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
-        fence = getattr(self, "fence", None)  # a hub of several processes: record()'s lease fence
         fn = functools.partial(
-            gateway_rows.pg_touch, name=name, now=now, silence=silence, seen=seen, targets=targets, fence=fence
+            gateway_rows.pg_touch, name=name, now=now, silence=silence, seen=seen, targets=targets, fence=self.fence
         )
         return await self.write(fn, 2 + len(targets))
 
@@ -482,8 +481,7 @@ class PostgresStore:
         due = await self.read(functools.partial(gateway_rows.pg_due, now=now))
         if not any(name in targets for name in due):
             return []
-        fence = getattr(self, "fence", None)
-        fn = functools.partial(gateway_rows.pg_expire, names=due, now=now, targets=targets, fence=fence)
+        fn = functools.partial(gateway_rows.pg_expire, names=due, now=now, targets=targets, fence=self.fence)
         return await self.write(fn, len(due))
 
     async def restart_gateways(self, now: float, timeouts: Mapping[str, float], started: float) -> int:
