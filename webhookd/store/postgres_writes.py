@@ -104,6 +104,10 @@ async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None) -> 
     (a hub of several processes) receipts land only on rows of partitions we hold, new deliveries take their
     ids under DELIVERY_ID_LOCK and the other processes are told of them."""
     results: list[Any] = [None] * len(ops)
+    if fence is not None and any(isinstance(op, (RecordOp, CallOp)) for op in ops):
+        # First, before any row lock of the batch (an event id's, a gateway's): taken later it could close a
+        # cycle with another process holding such a lock and waiting for this one.
+        await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
     run: list[int] = []
     for i, op in enumerate(ops):
         if isinstance(op, CallOp):
@@ -169,7 +173,7 @@ async def _merged(
         cur = None
         if wanted:
             if fence is not None:
-                await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
+                await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))  # held already: a no-op
                 if any(st == "pending" for _, _, st in wanted):
                     await notify(c, "new " + ",".join(sorted({ep for _, ep, st in wanted if st == "pending"})))
             cur = c.cursor()
