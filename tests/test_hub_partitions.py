@@ -137,6 +137,8 @@ async def test_three_processes_share_the_deliveries_once_and_in_order(
         assert status == 200
         (row,) = [e for e in body if e["name"] == HOOK]
         assert row["delivered"] == 200 and row["pending"] == 0
+        status, devices = await d.admin("GET", "/v1/devices")
+        assert status == 200 and len(devices) == 40  # each process took a third of the relays
 
 
 async def test_a_killed_process_s_partitions_are_taken_over_within_10_s(

@@ -7,7 +7,7 @@ import pwd
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -20,6 +20,7 @@ from webhookd.listener import error_response, json_response
 from webhookd.logs import get_logger
 from webhookd.mutes import MuteRule
 from webhookd.payloads import rfc3339, rfc3339_opt
+from webhookd.presence import Device
 from webhookd.states import DELIVERY_STATUSES, DeliveryStatus
 from webhookd.store.api import StoreError
 
@@ -177,10 +178,11 @@ class AdminAPI:
         rules: list[MuteRule] | None = None,
         wall: float = 0.0,
         offline_gateways: set[str] | None = None,
+        devices: Mapping[str, Device] | None = None,
     ) -> dict[str, Any] | None:
         """The device document; `rules`: the mutes in force at `wall` (None: looked up now); on a hub,
         `offline_gateways` says which devices are stale (`<gateway>:<id>` of an offline gateway)."""
-        dev = self.engine.devices.get(dev_id)
+        dev = (self.engine.devices if devices is None else devices).get(dev_id)
         if dev is None:
             return None
         if rules is None:
@@ -214,17 +216,28 @@ class AdminAPI:
 
     async def devices(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
-        devices = self.engine.devices
+        devices = await self._known()
         ids = sorted(i for i, dev in devices.items() if state is None or dev.state == state)
         wall = time.time()
         rules = self.tracker.mutes.active(wall)
         offline = await self._offline_gateways()
-        return json_response(200, [self._device(i, rules, wall, offline) for i in ids])
+        return json_response(200, [self._device(i, rules, wall, offline, devices) for i in ids])
+
+    async def _known(self) -> Mapping[str, Device]:
+        """This process's devices; on a hub of several processes the store's, so that every process lists the
+        whole hub (each took only the relays that reached it)."""
+        if self.dispatcher.hub is None:
+            return self.engine.devices
+        return {d.id: d for d in await self.store.load_devices()}
 
     async def device(self, request: web.Request) -> web.Response:
         wall = time.time()
         dev = self._device(
-            request.match_info["id"], self.tracker.mutes.active(wall), wall, await self._offline_gateways()
+            request.match_info["id"],
+            self.tracker.mutes.active(wall),
+            wall,
+            await self._offline_gateways(),
+            await self._known(),
         )
         if dev is None:
             return error_response(404, "unknown device")
@@ -348,7 +361,7 @@ class AdminAPI:
         return {
             "name": name,
             "url": redact_url(rt.cfg.url) if rt is not None else "",
-            "enabled": rt is not None and not rt.row.disabled,
+            "enabled": rt is not None and not (row.disabled if row is not None else rt.row.disabled),
             "disabled_reason": reason,
             "consecutive_failures": row.consecutive_failures if row is not None else 0,
             **{s: per.get(s, 0) for s in DELIVERY_STATUSES},
@@ -359,7 +372,12 @@ class AdminAPI:
         counts = await self.store.delivery_counts()
         rows = await self.store.load_endpoints()
         live = self.dispatcher.endpoints
-        out = [self._entry(name, rt, rt.row, counts.get(name, {})) for name, rt in live.items()]
+        # On a hub the endpoint row is shared: the store's copy, the same through every process.
+        shared = self.dispatcher.hub is not None
+        out = [
+            self._entry(name, rt, rows.get(name, rt.row) if shared else rt.row, counts.get(name, {}))
+            for name, rt in live.items()
+        ]
         for name in sorted(n for n in set(rows) | set(counts) if n not in live):
             out.append(self._entry(name, None, rows.get(name), counts.get(name, {})))
         return json_response(200, out)
