@@ -6,6 +6,7 @@ receivers; events come in as signed relays (a gateway's requests)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -228,6 +229,34 @@ async def test_exactly_one_process_disables_a_failing_endpoint_then_enable_deliv
     await delivered(at, relay, timeout=20)
     await asyncio.sleep(0.5)
     in_order_once(by_device(at), relay.sent)
+
+
+async def test_a_failing_endpoint_gets_one_probe_at_a_time_for_the_whole_hub(
+    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    at = await receiver()
+    attempts: list[float] = []
+
+    def fail(r: Any) -> int:
+        attempts.append(r.at)
+        return 503
+
+    at.status = fail
+    procs = await hubs(
+        daemon, tmp_path, pg_url, at, 3, delivery={"retry_schedule": ["1s", "1s", "1s"], "disable_after": 0}
+    )
+    await balanced(pg_url, procs)
+    relay = Relay()
+    await relay.rounds(procs, [f"dev-{i}" for i in range(30)], 1)
+    await eventually(lambda: attempts, timeout=10)
+    first = attempts[0]
+    await asyncio.sleep(6.0)
+    # after the first failures the endpoint is paused for the whole hub; then one probe at a time, hub-wide
+    probes = [t for t in attempts if t > first + 1.5]
+    assert probes, attempts
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert all(g > 0.5 for g in gaps), gaps
+    assert len(probes) <= 6, probes  # about one a second (the schedule's step, +-20%), not one per process
 
 
 # --- the store's fence, in process --------------------------------------------------------------------
