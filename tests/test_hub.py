@@ -289,6 +289,9 @@ class _FailingStore:
     async def record_relayed(self, change: Any) -> None:
         raise StoreUnavailable("disk full")
 
+    async def touch_gateway(self, *args: Any) -> None:  # a relay is recorded with its gateway's row
+        raise StoreUnavailable("disk full")
+
 
 class _Dispatcher:
     def targets(self, event: Any) -> list[tuple[str, str]]:

@@ -168,3 +168,23 @@ async def test_gateways_on_a_process_that_is_not_a_hub(daemon: DaemonFactory) ->
     assert status == 404 and "not a hub" in answer["error"]
     await d.heartbeat("x")
     assert "stale" not in (await devices_json(d))["x"]
+
+
+async def test_after_a_hub_restart_a_gateway_gets_a_full_timeout(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    at_hub = await receiver()
+    hub = await daemon([endpoint("hub-hook", at_hub)], tmp=tmp_path / "hub", hub=hub_section())
+    gw = await start_gateway(daemon, tmp_path, hub)
+    await eventually(lambda: of_type(at_hub, "gateway.online"), timeout=10)
+    await hub.stop()
+    await gw.kill()
+    await asyncio.sleep(SILENCE + 0.5)  # its deadline passes while no hub process is there to see it
+    started = time.monotonic()
+    await hub.start()
+    await eventually(lambda: of_type(at_hub, "gateway.offline"), timeout=SILENCE + 5)
+    # not at once: one full silence_timeout from the hub's start (which began before `started`)
+    assert arrivals(at_hub, "gateway.offline")[0] - started >= SILENCE - 0.5
+    assert any(e.get("event") == "gateways_restarted" for e in hub.logs())
+    await asyncio.sleep(0.5)
+    assert len(of_type(at_hub, "gateway.offline")) == 1 and len(of_type(at_hub, "gateway.online")) == 1

@@ -121,3 +121,16 @@ async def test_postgresql_two_stores_flip_once_and_a_live_older_member_keeps_dea
     await store.write(member)  # type: ignore[attr-defined]
     assert await other.restart_gateways(T0 + 5000, {"gw-0": TIMEOUT}, now) == 0
     assert await other.restart_gateways(T0 + 5000, {"gw-0": TIMEOUT}, now - 120) == 1  # it is younger than us
+
+
+async def test_a_relay_and_its_gateway_s_row_in_one_transaction(store: DeliveryStore) -> None:
+    relayed = change("site-a:d1", [("a", "pending")])
+    done = await store.touch_gateway("site-a", T0, TIMEOUT, Seen("10.0.0.9"), [("a", "pending")], relayed)
+    assert done.relayed is not None and [r.event for r in done.relayed] == [relayed.event]
+    assert done.event is not None and done.event.type == "gateway.online"  # the first relay brings it online
+    again = await store.touch_gateway("site-a", T0 + 1, TIMEOUT, Seen("10.0.0.9"), [("a", "pending")], relayed)
+    assert again.relayed is None and again.event is None  # the same event id: taken once, not counted again
+    [row] = await store.load_gateways()
+    assert (row.relayed, row.last_seen) == (1, T0 + 1)
+    assert {d.id for d in await store.load_devices()} == {"site-a:d1"}
+    assert len(await pending_ids(store, "a")) == 2

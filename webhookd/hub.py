@@ -223,12 +223,13 @@ class Hub:
     def _targets(self, name: str, etype: str) -> Targets:
         return self.dispatcher.targets(gateways.probe_event(name, etype))
 
-    async def _touch(self, request: web.BaseRequest, gw: HubGateway, seen: gateways.Seen) -> None:
-        """The gateway is alive: its row (and a gateway.online when it was unknown or offline), durable before
-        the answer; StoreError (503) otherwise."""
+    async def _touch(self, gw: HubGateway, seen: gateways.Seen, relayed: Change | None = None) -> GatewayWrite:
+        """The gateway is alive: its row (and a gateway.online when it was unknown or offline), with the relayed
+        event if any, in one transaction, durable before the answer; StoreError (503) otherwise."""
         targets = self._targets(gw.name, gateways.ONLINE_TYPE)
-        done = await self.store.touch_gateway(gw.name, self._wall(), gw.silence_timeout, seen, targets)
+        done = await self.store.touch_gateway(gw.name, self._wall(), gw.silence_timeout, seen, targets, relayed)
         self._made(done)
+        return done
 
     def _made(self, done: GatewayWrite) -> None:
         event = done.event
@@ -262,8 +263,8 @@ class Hub:
         gw = self._verify(request, raw)
         event = parse_relayed(api.decode_json(request, raw), gw.name)
         device = relayed_device(event)
-        rows = await self.store.record_relayed(Change(device, event, self.dispatcher.targets(event)))
-        await self._touch(request, gw, gateways.Seen(request.remote, relayed=0 if rows is None else 1))
+        change = Change(device, event, self.dispatcher.targets(event))
+        rows = (await self._touch(gw, gateways.Seen(request.remote), change)).relayed
         if rows is None:
             log.debug("relay_duplicate", gateway=gw.name, event_id=event.id)
             return json_response(200, {"status": "duplicate", "id": event.id})
@@ -297,7 +298,7 @@ class Hub:
         devices = body.get("devices")
         if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 0):
             raise BadInput(400, "devices must be a count", "devices")
-        await self._touch(request, gw, gateways.Seen(request.remote, devices=devices))
+        await self._touch(gw, gateways.Seen(request.remote, devices=devices))
         return json_response(200, {"status": "ok"})
 
     # --- liveness: every hub process checks the deadlines; the store makes each flip once ------------------

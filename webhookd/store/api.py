@@ -96,11 +96,13 @@ class Pruned(NamedTuple):
 @dataclass(slots=True)
 class GatewayWrite:
     """What a gateway write did: the gateway's new row, and the event it made (None: none) with the deliveries
-    created `pending` for it (in id order)."""
+    created `pending` for it (in id order); for a relay, the relayed event's pending deliveries (None: the hub had
+    taken that event id already, or no event was relayed)."""
 
     row: GatewayRow
     event: EventData | None = None
     rows: list[DeliveryRow] = field(default_factory=list)
+    relayed: list[DeliveryRow] | None = None
 
 
 Targets = list[tuple[str, DeliveryStatus]]
@@ -245,9 +247,12 @@ class DeliveryStore(Protocol):
 
     # --- gateways (a hub's) --------------------------------------------------------------------------
 
-    async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
-        """An accepted relay or heartbeat of gateway `name`, in ONE transaction: its row locked and read, the
-        rule (gateways.seen) applied, the row written, and a `gateway.online` it makes recorded with one
+    async def touch_gateway(
+        self, name: str, now: float, silence: float, seen: Seen, targets: Targets, relayed: Change | None = None
+    ) -> GatewayWrite:
+        """An accepted relay or heartbeat of gateway `name`, in ONE transaction: the relayed event (if any) as
+        `record_relayed` records it (counted in `relayed` when it was new), then the gateway's row locked and
+        read, the rule (gateways.seen) applied, the row written, and a `gateway.online` it makes recorded with one
         delivery per `targets` as `record()` does (no device row)."""
 
     async def gateway_rejected(self, name: str, error: str) -> None:

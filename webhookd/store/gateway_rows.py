@@ -14,6 +14,7 @@ of that id had is put back).
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -103,14 +104,23 @@ def _sqlite_record(c: sqlite3.Connection, event: EventData, targets: Targets) ->
 
 
 def sqlite_touch(
-    c: sqlite3.Connection, name: str, now: float, silence: float, seen: Seen, targets: Targets
+    c: sqlite3.Connection,
+    name: str,
+    now: float,
+    silence: float,
+    seen: Seen,
+    targets: Targets,
+    relayed: Change | None = None,
 ) -> GatewayWrite:
+    taken = None if relayed is None else sqlite_writes.record_relayed(c, relayed)
+    if relayed is not None:
+        seen = dataclasses.replace(seen, relayed=0 if taken is None else 1)
     found = c.execute(SELECT_ONE, (name,)).fetchone()
     row, event = rules.seen(None if found is None else from_row(found), name, now, silence, seen)
     c.execute(UPSERT, to_row(row))
     if event is None:
-        return GatewayWrite(row)
-    return GatewayWrite(row, event, _sqlite_record(c, event, targets))
+        return GatewayWrite(row, relayed=taken)
+    return GatewayWrite(row, event, _sqlite_record(c, event, targets), taken)
 
 
 def sqlite_rejected(c: sqlite3.Connection, name: str, error: str) -> None:
@@ -180,14 +190,27 @@ async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Fence |
 
 
 async def pg_touch(
-    c: Conn, name: str, now: float, silence: float, seen: Seen, targets: Targets, fence: Fence | None = None
+    c: Conn,
+    name: str,
+    now: float,
+    silence: float,
+    seen: Seen,
+    targets: Targets,
+    relayed: Change | None = None,
+    fence: Fence | None = None,
 ) -> GatewayWrite:
+    taken = None
+    if relayed is not None:
+        from webhookd.store import postgres_writes
+
+        taken = await postgres_writes.record_relayed(c, relayed, fence)
+        seen = dataclasses.replace(seen, relayed=0 if taken is None else 1)
     found = await _pg_locked(c, name, create=True)
     row, event = rules.seen(found, name, now, silence, seen)
     await c.execute(_pg(UPSERT), to_row(row))
     if event is None:
-        return GatewayWrite(row)
-    return GatewayWrite(row, event, await _pg_record(c, event, targets, fence))
+        return GatewayWrite(row, relayed=taken)
+    return GatewayWrite(row, event, await _pg_record(c, event, targets, fence), taken)
 
 
 async def pg_rejected(c: Conn, name: str, error: str) -> None:

@@ -415,11 +415,13 @@ class SQLiteStore:
 
     # --- gateways (a hub's) ---
 
-    async def touch_gateway(self, name: str, now: float, silence: float, seen: Seen, targets: Targets) -> GatewayWrite:
+    async def touch_gateway(
+        self, name: str, now: float, silence: float, seen: Seen, targets: Targets, relayed: Change | None = None
+    ) -> GatewayWrite:
         fn = functools.partial(
-            gateway_rows.sqlite_touch, name=name, now=now, silence=silence, seen=seen, targets=targets
+            gateway_rows.sqlite_touch, name=name, now=now, silence=silence, seen=seen, targets=targets, relayed=relayed
         )
-        return await self.write(fn, 2 + len(targets))
+        return await self.write(fn, 2 + len(targets) + (0 if relayed is None else 2 + len(relayed.targets)))
 
     async def gateway_rejected(self, name: str, error: str) -> None:
         await self.write(functools.partial(gateway_rows.sqlite_rejected, name=name, error=error))
