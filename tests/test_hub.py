@@ -320,6 +320,11 @@ async def test_a_store_that_cannot_write_is_503_and_nothing_is_taken(tmp_path: P
         async with aiohttp.ClientSession() as s:
             async with s.post(url + "/v1/relay", data=raw, headers=headers) as r:
                 assert r.status == 503 and await r.json() == {"error": "store unavailable"}
+            # a gateway heartbeat writes the gateway's row: not acknowledged either
+            beat = json.dumps({"gateway": GATEWAY, "devices": 1}).encode()
+            beat_headers = {**headers, "Webhookd-Signature": sign(beat)}
+            async with s.post(url + f"/v1/gateways/{GATEWAY}/heartbeat", data=beat, headers=beat_headers) as r:
+                assert r.status == 503 and await r.json() == {"error": "store unavailable"}
             async with s.get(url + "/healthz") as r:
                 assert r.status == 503
     finally:
