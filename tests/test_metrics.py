@@ -191,7 +191,7 @@ def fake_daemon() -> tuple[Metrics, SimpleNamespace]:
     store = FakeStore()
     a = SimpleNamespace(row=EndpointRow("a"))
     b = SimpleNamespace(row=EndpointRow("b", disabled=True, disabled_reason="operator", consecutive_failures=3))
-    dispatcher = SimpleNamespace(endpoints={"a": a, "b": b}, on_result=None, on_outcome=None)
+    dispatcher = SimpleNamespace(endpoints={"a": a, "b": b}, on_result=None, on_outcome=None, hub=None)
     tracker = SimpleNamespace(on_event=None)
     api = SimpleNamespace(on_heartbeats=None, on_rejected=None)
     now = [1000.0]

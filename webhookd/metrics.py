@@ -270,6 +270,13 @@ class _StateCollector(Collector):
         if mqtt is not None:
             yield from _mqtt_metrics(mqtt)
 
+        hub = m.dispatcher.hub
+        if hub is not None:  # a hub of several processes on one PostgreSQL
+            yield GaugeMetricFamily(
+                f"{NS}_hub_partitions",
+                "Delivery partitions this hub process holds (of 32): a live process holds its fair share.",
+                len(hub.holdings.owned(hub.now())),
+            )
         yield GaugeMetricFamily(
             f"{NS}_store_healthy", "1 while the store's last transaction committed.", 1 if m.store.healthy else 0
         )

@@ -367,6 +367,10 @@ class _Stub:
 
     healthy = True
     endpoints: ClassVar[dict[str, Any]] = {}
+    hub = None  # set in metric_families: the hub's gauges show too
+
+    def now(self) -> float:
+        return 0.0
 
     def counts(self) -> dict[str, int]:
         return {}
@@ -385,7 +389,10 @@ def metric_families() -> list[tuple[str, str, str, list[str]]]:
     from webhookd.metrics import Metrics
     from webhookd.udp import UDPListener
 
+    from webhookd.leases import Holdings
+
     stub: Any = _Stub()
+    stub.hub, stub.holdings = stub, Holdings()  # a hub process holding no partition
     m = Metrics(stub, stub, stub, 0.0, clock=lambda: 0.0, process=False)
     udp = UDPListener(stub, 1024)  # never started: its counters at 0
     m.udp = lambda: udp

@@ -70,6 +70,9 @@ class HubClaims:
     def fence(self) -> tuple[list[int], list[int]]:
         return self.holdings.epochs(self._clock())
 
+    def now(self) -> float:
+        return self._clock()
+
     def holds(self, endpoint: str, device_id: str) -> bool:
         return self.holdings.valid(partition_of(endpoint, device_id), self._clock())
 
