@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psycopg
 
 from tests.conftest import DaemonFactory, ReceiverFactory
@@ -113,6 +114,13 @@ async def delivered(receiver: Receiver, relay: Relay, timeout: float) -> float:
     return time.monotonic() - started
 
 
+async def scrape(d: Daemon) -> str:
+    conn = aiohttp.UnixConnector(path=str(d.tmp / "admin.sock"))
+    async with aiohttp.ClientSession(connector=conn) as s, s.get("http://webhookd/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
 def succeeded(d: Daemon) -> int:
     return sum(1 for e in d.logs() if e.get("event") == "delivery_succeeded")
 
@@ -132,6 +140,11 @@ async def test_three_processes_share_the_deliveries_once_and_in_order(
     in_order_once(by_device(at), relay.sent)
     assert len(at.got) == 200
     assert all(succeeded(d) > 0 for d in procs)  # each delivered its partitions' share
+    held = []
+    for d in procs:
+        text = await scrape(d)
+        held += [float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("webhookd_hub_partitions ")]
+    assert sum(held) == PARTITIONS and min(held) >= PARTITIONS // 3, held
     # every process lists the whole hub
     for d in procs:
         status, body = await d.admin("GET", "/v1/endpoints")
