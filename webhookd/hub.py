@@ -171,6 +171,7 @@ class Hub:
         self.dispatcher = dispatcher
         self._wall = wall
         self.started = wall()  # a restart gives online gateways a full timeout unless an older process lives
+        self._refused: dict[str, str] = {}  # gateway -> the last refusal this process stored as its last_error
         self.cfg = cfg
         self.configure(cfg)
         # metrics hook: one call per event recorded (a relayed event's type, gateway.online, gateway.offline)
@@ -203,9 +204,13 @@ class Hub:
             return await answer
         except BadInput as e:
             name = request.headers.get(GATEWAY_HEADER, "")
-            if name in self._gateways:
+            error = gateways.short_error(e.status, e.error)
+            # A repeat of the refusal this process noted last costs no write (a flood of bad requests is no
+            # flood of commits).
+            if name in self._gateways and self._refused.get(name) != error:
                 with contextlib.suppress(StoreError):  # the refusal stands; only its note is lost
-                    await self.store.gateway_rejected(name, gateways.short_error(e.status, e.error))
+                    await self.store.gateway_rejected(name, error)
+                    self._refused[name] = error
             raise
 
     def _verify(self, request: web.BaseRequest, body: bytes) -> HubGateway:

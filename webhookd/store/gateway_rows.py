@@ -6,7 +6,9 @@ is the only one, `BEGIN IMMEDIATE`; PostgreSQL: `SELECT ... FOR UPDATE`, after a
 NOTHING` so that a first touch has a row to lock), the rule is applied to what was read, and the new row and the
 event the rule made (with its deliveries, through the writer's own `record` path) are written in the same
 transaction. So of several hub processes sharing a PostgreSQL database, exactly one makes each `gateway.offline`:
-the others wait for its row lock, then read the row it wrote and find nothing to do.
+the others wait for its row lock, then read the row it wrote and find nothing to do. On PostgreSQL every gateway
+write first takes the hub's delivery id lock (which its event's deliveries need anyway): one lock order for all
+of them, whatever a group commit puts together.
 
 A gateway event has no device row: `record`'s device upsert is undone in the same transaction (the row a device
 of that id had is put back).
@@ -165,6 +167,16 @@ def sqlite_load(c: sqlite3.Connection) -> list[GatewayRow]:
 # --- PostgreSQL (async functions of the writer's connection, inside its transaction; reads on a pooled one) ------
 
 
+async def _pg_lock_order(c: Conn) -> None:
+    """Before any gateway row lock: the hub's delivery id lock (postgres_leases.DELIVERY_ID_LOCK), which the
+    deliveries of the events we may make need anyway. Every gateway write takes it first, so that two of them
+    (or one and a relay's record, in group commits of two processes) never wait for each other's locks in
+    opposite orders."""
+    from webhookd.store.postgres_leases import DELIVERY_ID_LOCK
+
+    await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
+
+
 async def _pg_locked(c: Conn, name: str, create: bool) -> GatewayRow | None:
     """The gateway's row, locked until the transaction ends (`create`: made first if missing, so that two
     processes touching a new gateway together serialize on it)."""
@@ -199,6 +211,7 @@ async def pg_touch(
     relayed: Change | None = None,
     fence: Fence | None = None,
 ) -> GatewayWrite:
+    await _pg_lock_order(c)
     taken = None
     if relayed is not None:
         from webhookd.store import postgres_writes
@@ -214,6 +227,7 @@ async def pg_touch(
 
 
 async def pg_rejected(c: Conn, name: str, error: str) -> None:
+    await _pg_lock_order(c)
     await c.execute(_pg(UPSERT_ERROR), (name, error))
 
 
@@ -225,6 +239,7 @@ async def pg_due(c: Conn, now: float) -> list[str]:
 async def pg_expire(
     c: Conn, names: Sequence[str], now: float, targets: Mapping[str, Targets], fence: Fence | None = None
 ) -> list[GatewayWrite]:
+    await _pg_lock_order(c)
     out: list[GatewayWrite] = []
     for name in sorted(names):  # one lock order for every process
         if name not in targets:
@@ -247,6 +262,7 @@ async def pg_restart(c: Conn, now: float, timeouts: Mapping[str, float], started
     alive = await cur.fetchone()
     if alive is not None and alive[0]:
         return 0
+    await _pg_lock_order(c)
     cur = await c.execute(_pg(SELECT_ALL) + " FOR UPDATE")
     n = 0
     for found in await cur.fetchall():
