@@ -281,6 +281,50 @@ async def test_a_failing_endpoint_gets_one_probe_at_a_time_for_the_whole_hub(
     assert len(probes) <= 6, probes  # about one a second (the schedule's step, +-20%), not one per process
 
 
+async def test_replay_and_disable_through_one_process_act_on_the_whole_hub(
+    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    at = await receiver()
+    dead = True
+    at.status = lambda _r: 500 if dead else 200
+    procs = await hubs(daemon, tmp_path, pg_url, at, 2, delivery={"retry_schedule": ["100ms"], "disable_after": 0})
+    await balanced(pg_url, procs)
+    relay = Relay()
+    await relay.rounds(procs, [f"dev-{i}" for i in range(20)], 1)
+
+    async def counts(d: Daemon) -> dict[str, Any]:
+        status, body = await d.admin("GET", "/v1/endpoints")
+        assert status == 200
+        (row,) = [e for e in body if e["name"] == HOOK]
+        return dict(row)
+
+    async def all_dead() -> bool:
+        return (await counts(procs[0]))["dead"] == 20
+
+    deadline = time.monotonic() + 15
+    while not await all_dead():
+        assert time.monotonic() < deadline, await counts(procs[0])
+        await asyncio.sleep(0.2)
+    dead = False
+    # replayed through the second process: the rows of the first one's partitions too
+    status, body = await procs[1].admin("POST", "/v1/deliveries/replay", {"endpoint": HOOK, "status": "dead"})
+    assert status == 200, body
+    await delivered(at, relay, timeout=10)
+    # disabled through the first process: the second stops sending too; held rows wait for the enable
+    status, _ = await procs[0].admin("POST", f"/v1/endpoints/{HOOK}/disable")
+    assert status == 200
+    await asyncio.sleep(1.5)  # the other process has read the shared row
+    before = len(at.got)
+    await relay.rounds(procs[1:], [f"dev-{i}" for i in range(20)], 1)
+    await asyncio.sleep(1.0)
+    assert len(at.got) == before
+    assert (await counts(procs[1]))["enabled"] is False
+    status, _ = await procs[1].admin("POST", f"/v1/endpoints/{HOOK}/enable")
+    assert status == 200
+    await delivered(at, relay, timeout=10)
+    in_order_once(by_device(at), relay.sent)
+
+
 # --- the store's fence, in process --------------------------------------------------------------------
 
 
