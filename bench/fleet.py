@@ -7,7 +7,8 @@
    processes on one PostgreSQL beside a single hub process on its own SQLite (the gateway's default store) taking
    the same relays in the same run: the same HTTP path, checks and one event + device row + delivery row per
    request, only the store differs. The hub's endpoint is disabled meanwhile, so each event's delivery row is
-   written (held) and none is sent.
+   written (held) and none is sent. 13a: 16 gateways relay at once (4 connections each), 13b: one gateway on all
+   64 connections (every relay also updates its gateway's row).
 14 hub delivery: a backlog of relayed events (made through /v1/relay while the endpoint is disabled) delivered
    to a local receiver (bench.receiver) after `endpoints enable`, until every row is persisted as delivered, by
    the PostgreSQL hub beside the SQLite process. With 2 processes once deliveries are split into partitions
@@ -60,7 +61,8 @@ INGEST_RATIO = 0.5
 DELIVERY_RATIO = 0.5
 TAKEOVER_LIMIT = 10.0  # seconds (CONTRACT: a killed process's deliveries go to the others within 10 s)
 CONNS = 64
-SLOW = 0.5  # seconds row 15's receiver takes per answer
+FLEET = 16  # gateways relaying at once in row 13a (CONNS / FLEET connections each)
+SLOW = 1.0  # seconds row 15's receiver takes per answer
 DEVICES = 10_000
 
 
@@ -125,7 +127,9 @@ async def partitions_live(url: str, timeout: float = 5.0) -> bool:
 def hub_daemon(wd: Path, hook: str, store: str | None, log_level: str = "info") -> DaemonUnderTest:
     port = free_port()
     cfg = daemon_config(wd, port, hook, concurrency=64, log_level=log_level)
-    cfg["hub"] = {"gateways": [{"name": GATEWAY, "secret": GW_SECRET}]}
+    # silence_timeout 1h: a gateway idle while the other backend is measured makes no gateway.offline meanwhile
+    fleet = [{"name": f"{GATEWAY}-{i}", "secret": f"{GW_SECRET}-{i}", "silence_timeout": "1h"} for i in range(FLEET)]
+    cfg["hub"] = {"gateways": [{"name": GATEWAY, "secret": GW_SECRET, "silence_timeout": "1h"}, *fleet]}
     if store is not None:
         cfg["store"] = store
     return DaemonUnderTest(wd, cfg, port)
@@ -153,10 +157,18 @@ async def set_endpoint(ds: list[DaemonUnderTest], action: str) -> None:
 
 
 async def relay_load(
-    wd: Path, urls: list[str], prefix: str, *, seconds: float, count: int | None = None, name: str = "relay_load"
+    wd: Path,
+    urls: list[str],
+    prefix: str,
+    *,
+    seconds: float,
+    count: int | None = None,
+    name: str = "relay_load",
+    gateways: int = 1,
 ) -> dict[str, Any]:
     args = ["--url", ",".join(urls), "--gateway", GATEWAY, "--secret", GW_SECRET, "--devices", str(DEVICES),
-            "--prefix", prefix, "--connections", str(CONNS), "--seconds", f"{seconds:g}"]  # fmt: skip
+            "--prefix", prefix, "--connections", str(CONNS), "--seconds", f"{seconds:g}",
+            "--gateways", str(gateways)]  # fmt: skip
     if count is not None:
         args += ["--count", str(count)]
     child = spawn(name, python_cmd("bench.relay_load", *args), wd / f"{name}.log", LOAD_CORE)
@@ -197,11 +209,15 @@ def fmt(x: float) -> str:
 # --- 13. relay ingest --------------------------------------------------------------------------------------
 
 
-async def row_relay_ingest(ctx: Any) -> Any:
+async def _ingest(
+    ctx: Any, c: Any, url: str, sq: DaemonUnderTest, pg: list[DaemonUnderTest], key: str, gws: int
+) -> Any:
+    """Row 13a/13b: `ctx.repeats` interleaved runs of the same relay load (from `gws` gateways) into the SQLite
+    process and into the hub of 2 on PostgreSQL."""
     from bench.rows import Row
 
     secs = ctx.seconds(10, 2)
-    wd = ctx.dir("13-relay-ingest")
+    wd = ctx.workdir / ctx.loop / "13-relay-ingest"
     pg_runs: list[float] = []
     sq_runs: list[float] = []
     pg_p99: list[float] = []
@@ -210,61 +226,57 @@ async def row_relay_ingest(ctx: Any) -> Any:
     pg_cpu: list[float] = []  # CPU-s per s of the hub processes + PostgreSQL (all on the daemon core)
     sq_cpu: list[float] = []
     load_cpu: list[float] = []
-    with cluster() as c:
-        url = c.create_db()
-        async with hubs(wd / "sqlite", 1, DEAD_URL, None) as (sq,), hubs(wd / "pg", 2, DEAD_URL, url) as pg:
-            await set_endpoint([sq], "disable")
-            await set_endpoint(pg, "disable")
-            pg_urls = [d.base for d in pg]
-            await relay_load(wd, [sq.base], "warm-", seconds=1)  # warm-up
-            await relay_load(wd, pg_urls, "warm-", seconds=1)
-            for r in range(ctx.repeats):
-                before = (await counts(sq)).get("held", 0)
-                c0, t0 = busy([sq.pid]), time.monotonic()
-                async with ctx.profile(sq.pid, "row13-relay-sqlite", r):
-                    res = await relay_load(wd, [sq.base], f"s{r}-", seconds=secs)
-                sq_cpu.append((busy([sq.pid]) - c0) / (time.monotonic() - t0))
-                got = (await counts(sq)).get("held", 0) - before
-                if res["requests"] == 0 or got < res["requests"]:
-                    raise RuntimeError(f"SQLite hub: {res['requests']} relays answered 2xx, {got} held rows: {res}")
-                sq_runs.append(res["rps"])
-                sq_p99.append(res["p99_ms"])
-                await asyncio.sleep(0.5)
-                before = (await pg_counts(url)).get("held", 0)
-                pids = [d.pid for d in pg] + pg_pids(c)
-                c0, t0 = busy(pids), time.monotonic()
-                async with ctx.profile(pg[0].pid, "row13-relay-postgresql", r):
-                    res = await relay_load(wd, pg_urls, f"p{r}-", seconds=secs)
-                pg_cpu.append((busy(pids) - c0) / (time.monotonic() - t0))
-                got = (await pg_counts(url)).get("held", 0) - before
-                if res["requests"] == 0 or got < res["requests"]:
-                    raise RuntimeError(f"PostgreSQL hub: {res['requests']} relays answered 2xx, {got} held: {res}")
-                pg_runs.append(res["rps"])
-                pg_p99.append(res["p99_ms"])
-                split.append(res["per_url"])
-                load_cpu.append(res["cpu"])
-                ctx.log(
-                    f"    run {r + 1}: hub of 2 on PostgreSQL {res['rps']:,.0f} events/s (p99 {res['p99_ms']:.0f} ms,"
-                    f" errors {res['errors']}), SQLite process {sq_runs[-1]:,.0f}/s (p99 {sq_p99[-1]:.0f} ms)"
-                )
+    pg_urls = [d.base for d in pg]
+    for r in range(ctx.repeats):
+        before = (await counts(sq)).get("held", 0)
+        c0, t0 = busy([sq.pid]), time.monotonic()
+        async with ctx.profile(sq.pid, f"row{key}-relay-sqlite", r):
+            res = await relay_load(wd, [sq.base], f"s{key}{r}-", seconds=secs, gateways=gws)
+        sq_cpu.append((busy([sq.pid]) - c0) / (time.monotonic() - t0))
+        got = (await counts(sq)).get("held", 0) - before
+        if res["requests"] == 0 or got < res["requests"]:
+            raise RuntimeError(f"SQLite hub: {res['requests']} relays answered 2xx, {got} held rows: {res}")
+        sq_runs.append(res["rps"])
+        sq_p99.append(res["p99_ms"])
+        await asyncio.sleep(0.5)
+        before = (await pg_counts(url)).get("held", 0)
+        pids = [d.pid for d in pg] + pg_pids(c)
+        c0, t0 = busy(pids), time.monotonic()
+        async with ctx.profile(pg[0].pid, f"row{key}-relay-postgresql", r):
+            res = await relay_load(wd, pg_urls, f"p{key}{r}-", seconds=secs, gateways=gws)
+        pg_cpu.append((busy(pids) - c0) / (time.monotonic() - t0))
+        got = (await pg_counts(url)).get("held", 0) - before
+        if res["requests"] == 0 or got < res["requests"]:
+            raise RuntimeError(f"PostgreSQL hub: {res['requests']} relays answered 2xx, {got} held: {res}")
+        pg_runs.append(res["rps"])
+        pg_p99.append(res["p99_ms"])
+        split.append(res["per_url"])
+        load_cpu.append(res["cpu"])
+        ctx.log(
+            f"    {key} run {r + 1}: hub of 2 on PostgreSQL {res['rps']:,.0f} events/s (p99 {res['p99_ms']:.0f} ms,"
+            f" errors {res['errors']}), SQLite process {sq_runs[-1]:,.0f}/s (p99 {sq_p99[-1]:.0f} ms)"
+        )
     pm, sm = median(pg_runs), median(sq_runs)
     ratio = pm / sm
+    who = f"{gws} gateways" if gws > 1 else "1 gateway"
     return Row(
-        "13",
-        "relay ingest, hub of 2 on PostgreSQL",
+        key,
+        f"relay ingest, {who}, hub of 2 on PostgreSQL",
         f"{fmt(pm)} events/s (p99 {median(pg_p99):.0f} ms)",
         f"1 SQLite hub process {fmt(sm)}/s (p99 {median(sq_p99):.0f} ms)",
         f"{ratio:.2f}x (>= {INGEST_RATIO}x)",
         ratio >= INGEST_RATIO,
         notes=[
-            f"signed POST /v1/relay, {CONNS} connections split over the 2 processes ({DEVICES:,} devices, a new"
-            f" event id each), 2xx after the commit of event + device + held delivery; the same load into one"
-            f" hub process on SQLite is the baseline; runs PostgreSQL {', '.join(fmt(x) for x in pg_runs)},"
-            f" SQLite {', '.join(fmt(x) for x in sq_runs)}; 2xx per process (last run): {list(split[-1].values())};"
-            f" CPU of the daemon core used: hub + PostgreSQL {median(pg_cpu):.0%}, SQLite process {median(sq_cpu):.0%};"
-            f" the load generator {median(load_cpu):.0%} of the other core"
+            f"signed POST /v1/relay from {who}, {CONNS} connections split over the 2 processes ({DEVICES:,}"
+            f" devices, a new event id each), 2xx after the commit of event + device + held delivery; the same"
+            f" load into one hub process on SQLite is the baseline; runs PostgreSQL"
+            f" {', '.join(fmt(x) for x in pg_runs)}, SQLite {', '.join(fmt(x) for x in sq_runs)}; 2xx per process"
+            f" (last run): {list(split[-1].values())}; CPU of the daemon core used: hub + PostgreSQL"
+            f" {median(pg_cpu):.0%}, SQLite process {median(sq_cpu):.0%}; the load generator"
+            f" {median(load_cpu):.0%} of the other core"
         ],
         data={
+            "gateways": gws,
             "postgresql": pg_runs,
             "sqlite": sq_runs,
             "ratio": ratio,
@@ -273,6 +285,24 @@ async def row_relay_ingest(ctx: Any) -> Any:
             "sqlite_cpu": sq_cpu,
         },
     )
+
+
+async def row_relay_ingest(ctx: Any) -> list[Any]:
+    """13a: relays from FLEET gateways at once (4 connections each); 13b: the same load from one gateway."""
+    wd = ctx.dir("13-relay-ingest")
+    with cluster() as c:
+        url = c.create_db()
+        async with hubs(wd / "sqlite", 1, DEAD_URL, None) as (sq,), hubs(wd / "pg", 2, DEAD_URL, url) as pg:
+            await set_endpoint([sq], "disable")
+            await set_endpoint(pg, "disable")
+            await relay_load(wd, [sq.base], "warm-", seconds=1, gateways=FLEET)  # warm-up (and gateway rows)
+            await relay_load(wd, [d.base for d in pg], "warm-", seconds=1, gateways=FLEET)
+            await relay_load(wd, [sq.base], "warm1-", seconds=1)
+            await relay_load(wd, [d.base for d in pg], "warm1-", seconds=1)
+            return [
+                await _ingest(ctx, c, url, sq, pg, "13a", FLEET),
+                await _ingest(ctx, c, url, sq, pg, "13b", 1),
+            ]
 
 
 # --- 14. hub delivery ---------------------------------------------------------------------------------------
@@ -300,7 +330,7 @@ async def _deliver_backlog(
     wd: Path, ds: list[DaemonUnderTest], n: int, prefix: str, recv_port: int, status: Any
 ) -> tuple[float, int]:
     """Relay n events with the endpoint disabled, then enable it: (deliveries/s until all persisted, requests
-    the receiver got beyond the rows persisted as delivered: duplicates). `status()` counts rows by status."""
+    the receiver got beyond the rows persisted as delivered). `status()` counts rows by status."""
     await set_endpoint(ds, "disable")
     res = await relay_load(wd, [d.base for d in ds], prefix, seconds=600, count=n, name="backlog")
     if res["requests"] != n:
@@ -334,6 +364,7 @@ async def row_hub_delivery(ctx: Any) -> Any:
     pg_runs: list[float] = []
     sq_runs: list[float] = []
     dups: list[int] = []
+    twice = 0
     procs = 1
     try:
         with cluster() as c:
@@ -365,9 +396,11 @@ async def row_hub_delivery(ctx: Any) -> Any:
                     pg_runs.append(rate)
                     dups.append(dup)
                     ctx.log(
-                        f"    run {r + 1}: PostgreSQL hub ({procs}) {rate:,.0f} deliveries/s ({dup} duplicates),"
+                        f"    run {r + 1}: PostgreSQL hub ({procs}) {rate:,.0f} deliveries/s ({dup} extra requests),"
                         f" SQLite process {sq_runs[-1]:,.0f}/s"
                     )
+                sent = [e["delivery_id"] for d in pg for e in d.logs() if e.get("event") == "delivery_succeeded"]
+                twice = len(sent) - len(set(sent))  # deliveries some process sent (2xx) more than once
                 left = await pg_counts(url)
                 if left.get("dead") or left.get("held") or left.get("pending"):
                     raise RuntimeError(f"PostgreSQL hub: not all delivered: {left}")
@@ -387,9 +420,17 @@ async def row_hub_delivery(ctx: Any) -> Any:
             f" receiver has {n:,} and no row is pending; concurrency 64; hub of {procs} process(es)"
             + ("" if procs == 2 else " (partitions not built yet: 2 processes would each deliver every row)")
             + f"; runs PostgreSQL {', '.join(fmt(x) for x in pg_runs)}, SQLite {', '.join(fmt(x) for x in sq_runs)};"
-            f" requests at the receiver beyond the rows persisted delivered (duplicates) {dups}"
+            f" requests at the receiver beyond the rows persisted delivered {dups}; deliveries logged"
+            f" delivery_succeeded by more than one process (or twice) in the hub's logs: {twice}"
         ],
-        data={"postgresql": pg_runs, "sqlite": sq_runs, "ratio": ratio, "processes": procs, "duplicates": dups},
+        data={
+            "postgresql": pg_runs,
+            "sqlite": sq_runs,
+            "ratio": ratio,
+            "processes": procs,
+            "extra": dups,
+            "sent_twice": twice,
+        },
     )
 
 
@@ -415,10 +456,10 @@ async def _owner_of(url: str, d: DaemonUnderTest) -> str:
 async def row_takeover(ctx: Any) -> Any:
     from bench.rows import Row
 
-    n = 3_000 if ctx.quick else 12_000
+    n = 2_000 if ctx.quick else 6_000
     procs = 3
     wd = ctx.dir("15-takeover")
-    # 0.5 s per answer: at most 3 x 64 / 0.5 = 384 deliveries/s, so the backlog outlasts the kill and the takeover
+    # 1 s per answer: at most 3 x 64 / 1 = 192 deliveries/s, so the backlog outlasts the kill and the takeover
     recv, recv_port = await _receiver(wd, "--delay", f"{SLOW:g}")
     lease_s: list[float] = []
     first_s: list[float] = []

@@ -7,7 +7,8 @@
 Each request is one event in the `webhookd` format with a fresh id, as a gateway's `upstream` endpoint sends it
 (webhookd/upstream.py): `Content-Type: application/json`, `Webhookd-Gateway: <gateway>`, `Webhookd-Signature:
 t=<unix>,v1=<hex hmac-sha256 of "<t>." + body>`, `Webhook-Id: <event id>`. The connections are split evenly over
-the URLs (a load balancer in front of the hub); devices rotate over `--devices` ids, each one alternating
+the URLs (a load balancer in front of the hub); with `--gateways N` connection c relays as gateway `<gateway>-<c % N>`
+(secret `<secret>-<c % N>`), so that N gateways relay at once; devices rotate over `--devices` ids, each one alternating
 offline/online. Only a 2xx counts (the hub answers it after the commit); anything else is an error. Prints one
 `RESULT {json}` line: rps, requests, errors, p50_ms, p99_ms, per_url (2xx per URL), statuses (non-2xx).
 """
@@ -44,7 +45,11 @@ class Relays:
         self.key = secret.encode()
         self.seq = itertools.count()
 
-    def next(self) -> tuple[bytes, dict[str, str]]:
+    def next(self, gateway: int | None = None) -> tuple[bytes, dict[str, str]]:
+        """The next event, from gateway number `gateway` (`<gateway>-<n>`, secret `<secret>-<n>`) when given."""
+        name, key = self.gateway, self.key
+        if gateway is not None:
+            name, key = f"{name}-{gateway}", b"%s-%d" % (key, gateway)
         i = next(self.seq)
         dev = f"{self.prefix}{i % self.devices:06d}"
         offline = (i // self.devices) % 2 == 0
@@ -72,10 +77,10 @@ class Relays:
             separators=(",", ":"),
         ).encode()
         t = int(time.time())
-        mac = hmac.new(self.key, b"%d." % t + body, hashlib.sha256).hexdigest()
+        mac = hmac.new(key, b"%d." % t + body, hashlib.sha256).hexdigest()
         headers = {
             "Content-Type": "application/json",
-            "Webhookd-Gateway": self.gateway,
+            "Webhookd-Gateway": name,
             "Webhookd-Signature": f"t={t},v1={mac}",
             "Webhook-Id": event_id,
         }
@@ -95,11 +100,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     def more() -> bool:
         return bool(args.count is None or sent < args.count) and time.monotonic() < stop_at
 
-    async def worker(s: aiohttp.ClientSession, url: str) -> None:
+    async def worker(s: aiohttp.ClientSession, url: str, gateway: int | None) -> None:
         nonlocal errors, sent
         while more():
             sent += 1
-            body, headers = relays.next()
+            body, headers = relays.next(gateway)
             t = time.perf_counter()
             for attempt in range(50 if args.count is not None else 1):  # a backlog must be complete: retry
                 try:
@@ -128,7 +133,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for _ in urls
     ]
     try:
-        await asyncio.gather(*(worker(sessions[c % len(urls)], urls[c % len(urls)]) for c in range(args.connections)))
+        await asyncio.gather(
+            *(
+                worker(sessions[c % len(urls)], urls[c % len(urls)], None if args.gateways == 1 else c % args.gateways)
+                for c in range(args.connections)
+            )
+        )
     finally:
         for s in sessions:
             await s.close()
@@ -151,6 +161,7 @@ def main() -> None:
     ap.add_argument("--url", required=True, help="comma-separated hub base URLs")
     ap.add_argument("--gateway", required=True)
     ap.add_argument("--secret", required=True)
+    ap.add_argument("--gateways", type=int, default=1, help="N > 1: connection c relays as <gateway>-<c %% N>")
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--prefix", default="r-")
     ap.add_argument("--connections", type=int, default=64)

@@ -1038,10 +1038,10 @@ async def row_mqtt_will(ctx: Ctx) -> Row:
 # --- 13-15. a hub of several processes on PostgreSQL (issue 13 item 6): bench.fleet ------------------------
 
 
-async def row_relay_ingest(ctx: Ctx) -> Row:
+async def row_relay_ingest(ctx: Ctx) -> list[Row]:
     from bench import fleet
 
-    result: Row = await fleet.row_relay_ingest(ctx)
+    result: list[Row] = await fleet.row_relay_ingest(ctx)
     return result
 
 
