@@ -68,6 +68,9 @@ async def test_tasmota_devices_online_then_a_power_loss_within_a_second_of_the_w
         assert lag < 1.0, f"dev-{i}: webhook {lag:.3f} s after the will"
     # no silence timer for availability devices: nothing more, however long
     assert len(r.got) == 6
+    forgot = await d.cli("devices", "forget", "dev-3")
+    assert forgot.returncode == 0, forgot.stderr
+    assert (await connected(d))["sources"] == {"tasmota": 2}  # a forgotten device leaves the source's count
 
 
 async def publish(b: Broker, topic: str, payload: bytes, *, retain: bool = False, will: Any = None) -> None:

@@ -159,6 +159,9 @@ class MqttPresence:
 
     def status(self) -> dict[str, Any]:
         counts = dict.fromkeys(self.sources.names, 0)
+        known = self.tracker.engine.devices
+        for device in [d for d in self._device_source if d not in known]:  # forgotten (`devices forget`)
+            del self._device_source[device]
         for name in self._device_source.values():
             counts[name] = counts.get(name, 0) + 1
         return {"connected": self.connected, "broker": self.cfg.broker, "since": self.since, "sources": counts}
