@@ -386,10 +386,9 @@ def _mqtt_stub(tracker: Any) -> Any:
 
 def metric_families() -> list[tuple[str, str, str, list[str]]]:
     """(name, type, help, labels) of every metric family in the daemon's registry (without process_*)."""
+    from webhookd.leases import Holdings
     from webhookd.metrics import Metrics
     from webhookd.udp import UDPListener
-
-    from webhookd.leases import Holdings
 
     stub: Any = _Stub()
     stub.hub, stub.holdings = stub, Holdings()  # a hub process holding no partition

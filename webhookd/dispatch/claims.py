@@ -91,7 +91,7 @@ class HubClaims:
         try:
             await self._tick(await self._connection())
         except (psycopg.Error, StoreError) as e:
-            self._lost_connection(e)
+            await self._lost_connection(e)
 
     async def run(self) -> None:
         listener = asyncio.get_running_loop().create_task(self._listen(), name="hub-notices")
@@ -101,7 +101,7 @@ class HubClaims:
                 try:
                     await self._tick(await self._connection())
                 except (psycopg.Error, StoreError) as e:
-                    self._lost_connection(e)
+                    await self._lost_connection(e)
                 self.lost_any()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, RENEW_EVERY - (self._clock() - started))):
@@ -119,13 +119,15 @@ class HubClaims:
             conn = self._conn = await connect(self.store.url, connect_timeout=int(TTL))
         return conn
 
-    def _lost_connection(self, e: BaseException) -> None:
+    async def _lost_connection(self, e: BaseException) -> None:
         if not self._failing:
             log.warning("hub_leases_not_renewed", error=str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
         self._failing = True
         conn, self._conn = self._conn, None
         if conn is not None:
-            asyncio.get_running_loop().create_task(conn.close())
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await conn.close()
 
     async def _tick(self, conn: Conn) -> None:
         sent = self._clock()
@@ -225,5 +227,5 @@ class HubClaims:
         try:
             return await fn(await self._connection())
         except psycopg.Error as e:
-            self._lost_connection(e)
+            await self._lost_connection(e)
             raise StoreUnavailable(f"store unavailable: {e}".strip()) from e
