@@ -24,20 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import importlib
+import inspect
 import json
 import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
+import pytest
 from aiohttp import web
 
 from tests.conftest import DaemonFactory, ReceiverFactory
@@ -46,6 +52,7 @@ from tests.harness import SECRET, Daemon, free_port
 GATEWAYS = {"gw-a": "gw-a-Shared-Secret-0123456789", "gw-b": "gw-b-Shared-Secret-9876543210"}  # test-only
 PROCESS_HEADER = "X-Rig-Process"
 EP_CONCURRENCY = 4  # each hub endpoint's concurrency (per process)
+PARTITIONS = 32  # the hub's lease rows (PostgreSQL schema version 2)
 PER_FAULT = 5 * EP_CONCURRENCY  # §14: duplicates at most 5 x the endpoint's concurrency per killed/stopped process
 STATES = ("utilizing", "unplugged", "online")  # explicit state changes a device may report
 
@@ -54,6 +61,49 @@ ENDPOINTS: dict[str, tuple[list[str], list[str]]] = {
     "ep-all": (["all"], ["*"]),
     "ep-b": (["online", "offline"], ["gw-b:*"]),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the scenarios need of the code (c-f: several hub processes; f: gateway liveness)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def landed(prefix: str) -> bool:
+    """Whether a commit whose message starts with `prefix` is in this checkout's history (outside a git checkout,
+    e.g. an unpacked release, the code is what it is: True)."""
+    try:
+        out = subprocess.run(
+            ["git", "log", "--format=%s"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return out.returncode != 0 or any(line.startswith(prefix) for line in out.stdout.splitlines())
+
+
+def has_command(name: str) -> bool:
+    """Whether the CLI has a command `name` (as `webhookd --help` lists them)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "webhookd", "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    return any(line.split()[:1] == [name] for line in out.stdout.splitlines() if line.startswith("    "))
+
+
+PARTITIONS_LANDED = landed("hub: partitions")
+needs_partitions = pytest.mark.skipif(
+    not PARTITIONS_LANDED, reason="needs the hub's shared deliveries and endpoint state (commit 'hub: partitions')"
+)
+needs_liveness = pytest.mark.skipif(
+    not (PARTITIONS_LANDED and has_command("gateways")),
+    reason="needs gateway liveness (gateway.online/offline once for the hub, `webhookd gateways`), shared deliveries",
+)
+
+
+class FleetDaemon(Daemon):
+    """A daemon of the fleet: up to 60 s to become ready (five daemons and a PostgreSQL start at once, maybe beside
+    the rest of the suite on 2 cores)."""
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        await super().wait_ready(timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,10 +209,9 @@ class Balancer:
             self._server.close()
             self._server = None
         for w in list(self._writers):
-            w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            w.transport.abort()  # the pipes see it and end (a cancelled handler task upsets asyncio's streams)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5.0)
 
     stop = cut
 
@@ -310,6 +359,7 @@ class Fleet:
     stop_load: asyncio.Event = field(default_factory=asyncio.Event)
     load_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)  # named moments (time.monotonic()) for the figures
+    known_bugs: list[str] = field(default_factory=list)  # product bugs the run ran into (see known_bug())
     started_at: float = field(default_factory=time.monotonic)
 
     # --- starting ---------------------------------------------------------------------------------------
@@ -345,7 +395,7 @@ class Fleet:
         }
         delivery = {
             "concurrency": 16,
-            "timeout": "2s",
+            "timeout": "10s",  # a loaded box answers late; a timeout would resend what the receiver took
             "retry_schedule": ["100ms", "200ms", *["300ms"] * 100],  # 30 s before dead: nothing dies in a run
             "disable_after": 0,
             **(hub_delivery or {}),
@@ -371,6 +421,7 @@ class Fleet:
                 logging={"format": "json", "level": "info"},
                 allow_errors=hub_allow_errors,
                 start=False,
+                cls=FleetDaemon,
             )
             for i in range(hubs)
         ]
@@ -392,16 +443,17 @@ class Fleet:
                     "gateway": gw,
                     "secret": secret,
                     "heartbeat": "300ms",
-                    "timeout": "2s",
+                    "timeout": "10s",
                     "concurrency": 8,
                 },
                 logging={"format": "json", "level": "info"},
                 allow_errors=gateway_allow_errors,
+                cls=FleetDaemon,
             )
             for gw, secret in GATEWAYS.items()
         ]
-        for gw, d in zip(GATEWAYS, await asyncio.gather(*gws), strict=True):
-            fleet.gateways[gw] = d
+        for gw, made_gw in zip(GATEWAYS, await asyncio.gather(*gws), strict=True):
+            fleet.gateways[gw] = made_gw
         rng = random.Random(seed)
         for n, (gw, d) in enumerate(fleet.gateways.items()):
             # d0-t00001: a timed device (a silence timeout of device_silence); d0-n00002: one without.
@@ -422,8 +474,23 @@ class Fleet:
         self.load_tasks = []
 
     def mark(self, name: str) -> float:
+        """Note a named moment (the figures show them); also logged with the backlog in <tmp>/fleet.log."""
         self.marks[name] = time.monotonic()
+        self.log(name)
         return self.marks[name]
+
+    def known_bug(self, text: str) -> None:
+        """The run met a product bug this rig knows the signature of (issue 13): the scenario goes on, everything
+        else is still checked, and the test ends as xfail naming it (xfail_known_bugs)."""
+        self.known_bugs.append(text)
+        self.log("known product bug", bug=text)
+
+    def log(self, what: str, **fields: Any) -> None:
+        """A line in <tmp>/fleet.log: the run's progress, for a failure's post-mortem."""
+        line = {"at_s": round(time.monotonic() - self.started_at, 2), "wall": time.time(), "what": what, **fields}
+        line["delivered"] = {name: len(r.delivered()) for name, r in self.receivers.items()}
+        with (self.tmp / "fleet.log").open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     # --- faults -------------------------------------------------------------------------------------------
 
@@ -436,12 +503,16 @@ class Fleet:
         os.kill(d.proc.pid, signal.SIGCONT)
 
     async def close(self) -> None:
-        """Nothing frozen, no load running (the fixtures then stop the daemons and servers)."""
+        """Nothing frozen, no load running, the gateways stopped (SIGTERM) before the hubs they relay to: the
+        fixtures then stop the hubs and the servers, and check every daemon's exit and output."""
         self.stop_load.set()
         await asyncio.gather(*self.load_tasks, return_exceptions=True)
         for d in [*self.hubs, *self.gateways.values()]:
             if stopped(d):
                 self.sigcont(d)
+        for d in self.gateways.values():
+            if d.running:
+                await d.stop()
 
     # --- what the databases say -------------------------------------------------------------------------
 
@@ -507,7 +578,7 @@ class Fleet:
         return {(str(ep), str(ev)): int(p) for ep, ev, p in rows}
 
     async def wait_quiet(
-        self, timeout: float = 60.0, stall: float = 20.0, gateways: Iterable[str] | None = None
+        self, timeout: float = 300.0, stall: float = 30.0, gateways: Iterable[str] | None = None
     ) -> float:
         """After the load: every timed device offline (no event can come any more), every gateway's upstream delivered,
         nothing pending at the hub and the receivers quiet for 0.3 s. Fails when the backlog stops shrinking for
@@ -524,18 +595,46 @@ class Fleet:
                 seen = sum(len(r.hits) for r in self.receivers.values())
                 await asyncio.sleep(0.3)
                 if seen == sum(len(r.hits) for r in self.receivers.values()):
+                    self.log("quiet", took_s=round(time.monotonic() - started, 2))
                     return time.monotonic() - started
                 continue
             now = time.monotonic()
             if total < best:
                 best, since = total, now
+            stuck = now - since > min(stall, 5.0) and hub.get("held") and total == hub["held"]
+            if stuck and await self.held_while_enabled():
+                best, since = float("inf"), time.monotonic()  # released again: draining goes on
+                continue
             if now - since > stall or now > deadline:
+                held = await self.hub_rows(
+                    "SELECT endpoint, count(*), min(created_at), max(created_at) FROM deliveries"
+                    " WHERE status = 'held' GROUP BY endpoint"
+                )
+                self.log("not drained", hub=hub, held=[list(map(str, r)) for r in held])
                 left = [(g, self.devices_not_offline(g), self.upstream_backlog(g)) for g in names]
                 raise AssertionError(
                     f"the fleet did not drain: gateways {left} (timed devices not offline, upstream not delivered),"
                     f" hub {hub}"
                 )
             await asyncio.sleep(0.1)
+
+    async def held_while_enabled(self) -> bool:
+        """Known product bug: rows left `held` for an endpoint that is enabled. A hub process whose copy of the
+        endpoint still says disabled (it syncs the shared row about once a second) records new deliveries as held
+        after another process's `endpoints enable` released the held ones; nothing releases them again. The rig
+        names it and releases them the way an operator would (`endpoints enable` again), so the run goes on."""
+        rows = await self.hub_rows(
+            "SELECT d.endpoint, count(*) FROM deliveries d JOIN endpoints e ON e.name = d.endpoint"
+            " WHERE d.status = 'held' AND NOT e.disabled GROUP BY d.endpoint"
+        )
+        hub = next((h for h in self.hubs if h.running and not stopped(h)), None)
+        if not rows or hub is None:
+            return False
+        for endpoint, n in rows:
+            self.known_bug(f"{n} deliveries of {endpoint} left held after it was enabled")
+            out = await hub.cli("endpoints", "enable", str(endpoint))
+            assert out.returncode == 0, out.stdout + out.stderr
+        return True
 
     # --- logs ----------------------------------------------------------------------------------------------
 
@@ -605,6 +704,7 @@ class Fleet:
             "duplicates": {},
             "attempts_by_process": {},
         }
+        samples: list[str] = []  # duplicates: which processes sent them, when (seconds since the fleet started)
         for ep, recv in self.receivers.items():
             got: dict[str, list[Hit]] = defaultdict(list)
             for h in recv.delivered():
@@ -634,14 +734,29 @@ class Fleet:
                         f" {late.process} at +{late.at - self.started_at:.2f}s"
                     )
                 dups += len(ids) - len(first)
+                for x, n in Counter(ids).items():
+                    if n > 1 and len(samples) < 10:
+                        copies = [h for h in hits if h.event_id == x]
+                        samples.append(
+                            f"{ep} {x} {device}: "
+                            + ", ".join(f"{h.process}@{h.at - self.started_at:.2f}s" for h in copies)
+                        )
             for device, hits in got.items():
                 problems.append(f"{ep}/{device}: {len(hits)} webhooks for events the hub has no delivery of")
             figures["duplicates"][ep] = dups
             figures["attempts_by_process"][ep] = dict(Counter(h.process for h in recv.hits))
             if dups > duplicates_allowed:
                 problems.append(f"{ep}: {dups} duplicates, more than {duplicates_allowed}")
-        assert not problems, "\n".join(problems[:30])
+        figures["duplicate_samples"] = samples
+        self.log("checked", problems=problems[:30], figures=figures)
+        assert not problems, "\n".join([*problems[:30], "duplicates:", *samples])
         return figures
+
+
+def xfail_known_bugs(fleet: Fleet) -> None:
+    """At the end of a test that passed every other check: xfail when it met a known product bug."""
+    if fleet.known_bugs:
+        pytest.xfail("product bug (issue 13): " + "; ".join(dict.fromkeys(fleet.known_bugs)))
 
 
 def print_figures(name: str, figures: dict[str, Any], fleet: Fleet) -> None:
@@ -651,3 +766,369 @@ def print_figures(name: str, figures: dict[str, Any], fleet: Fleet) -> None:
         for gw, ld in fleet.loads.items()
     }
     print(f"\nfleet {name}: {json.dumps({**figures, 'marks_s': marks, 'load': loads})}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the scenarios, as phases of a run (the quick and the long tests chain them on one fleet)
+# ---------------------------------------------------------------------------------------------------------
+
+PostCheck = Callable[[], Awaitable[None]]
+
+
+async def until(what: str, check: Callable[[], Any], timeout: float) -> float:
+    """Wait for `check()` (sync, or returning an awaitable) to be true; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def waited(fleet: Fleet, what: str, check: Callable[[], Any], timeout: float) -> float:
+    """until(), logged in the fleet's log when it is met."""
+    took = await until(what, check, timeout)
+    fleet.log(what, took_s=round(took, 2))
+    return took
+
+
+async def healthz(d: Daemon) -> int | None:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s,
+            s.get(d.base + "/healthz") as r,
+        ):
+            return r.status
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
+def delivered(fleet: Fleet) -> int:
+    return sum(len(r.delivered()) for r in fleet.receivers.values())
+
+
+def acked(fleet: Fleet, gw: str) -> int:
+    sql = "SELECT count(*) FROM deliveries WHERE endpoint = 'upstream' AND status = 'delivered'"
+    return int(fleet.gateway_rows(gw, sql)[0][0])
+
+
+async def hub_unreachable(fleet: Fleet, gw: str, seconds: float, backlog_at_least: int) -> dict[str, Any]:
+    """a. The hub unreachable from gateway `gw` (its balancer cut: connection refused) for `seconds` under load,
+    with a silence wave meanwhile: it buffers in its outbox, nothing of it is acknowledged, then (healed) its
+    backlog goes out."""
+    d = fleet.gateways[gw]
+    await fleet.balancers[gw].cut()
+    cut = fleet.mark(f"{gw}_cut")
+    before = acked(fleet, gw)
+    fleet.loads[gw].wave(0.3, 1.8)  # offline events (timeouts) while the hub is unreachable
+    await waited(fleet, f"{gw} buffers", lambda: fleet.upstream_backlog(gw) >= backlog_at_least, 30 + seconds)
+    await asyncio.sleep(max(0.0, cut + seconds - time.monotonic()))  # the outage lasts `seconds`
+    refused = [
+        e
+        for e in d.logs()
+        if e.get("event") == "delivery_failed"
+        and e.get("endpoint") == "upstream"
+        and str(e.get("error", "")).startswith("connection refused")
+    ]
+    assert refused, f"{gw}'s relays did not fail while the hub was unreachable"
+    # Only relays in flight at the cut (the hub may have taken them; their answers were lost) may count.
+    assert acked(fleet, gw) - before <= 5 * 8, f"{gw}'s events were acknowledged with the hub unreachable"
+    backlog = fleet.upstream_backlog(gw)
+    await fleet.balancers[gw].heal()
+    fleet.mark(f"{gw}_healed")
+    took = await waited(fleet, f"{gw}'s backlog delivered", lambda: fleet.upstream_backlog(gw) < 10, 120)
+    return {"a_backlog_at_heal": backlog, "a_backlog_delivered_s": round(took, 2)}
+
+
+async def postgres_restart(fleet: Fleet, cluster: Any, seconds: float) -> dict[str, Any]:
+    """b. PostgreSQL stopped (`pg_ctl stop -m fast`) under load for `seconds`, then started again: every hub
+    process answers /healthz 503 and the gateways' relays 503 meanwhile; then they recover by themselves."""
+    await asyncio.to_thread(cluster.stop)
+    stopped_at = fleet.mark("pg_stopped")
+    fleet.loads["gw-b"].wave(0.3, 1.5)
+
+    async def all_503() -> bool:
+        return all([await healthz(h) == 503 for h in fleet.hubs if h.running])
+
+    await waited(fleet, "every hub's /healthz answers 503", all_503, 15)
+
+    def relays_503() -> bool:
+        return any(
+            e.get("event") == "delivery_failed" and e.get("error") == "HTTP 503"
+            for g in fleet.gateways.values()
+            for e in g.logs()
+        )
+
+    await waited(fleet, "relays answered 503", relays_503, 15)
+    await asyncio.sleep(max(0.0, stopped_at + seconds - time.monotonic()))
+    await asyncio.to_thread(cluster.start)
+    fleet.mark("pg_started")
+
+    async def all_200() -> bool:
+        return all([await healthz(h) == 200 for h in fleet.hubs if h.running])
+
+    recovered = await waited(fleet, "every hub recovers by itself", all_200, 30)
+    for i, h in enumerate(fleet.hubs):
+        events = {e.get("event") for e in h.logs()}
+        assert {"store_unavailable", "store_recovered"} <= events, (f"hub-{i}", sorted(map(str, events)))
+    return {"b_recovered_s": round(recovered, 2), "b_down_s": round(time.monotonic() - stopped_at - recovered, 2)}
+
+
+async def receiver_disabled(fleet: Fleet, endpoint: str, cli_from: Daemon) -> tuple[dict[str, Any], PostCheck]:
+    """c. The receiver of `endpoint` fails (503) until the endpoint is disabled: held rows pile up; then it
+    heals and `webhookd endpoints enable` through `cli_from`. After the run (the post-check): exactly one
+    `endpoint_disabled` in all the hub processes' logs, and every process shows it enabled with nothing held."""
+    recv = fleet.receivers[endpoint]
+    recv.failing = True
+    began = len(fleet.hub_log_events("endpoint_disabled"))
+    flipped: list[float] = []  # when the shared row was first seen disabled
+
+    async def disabled() -> bool:
+        if len(fleet.hub_log_events("endpoint_disabled")) > began:
+            return True
+        if not flipped:
+            row = await fleet.hub_rows("SELECT disabled FROM endpoints WHERE name = %s", (endpoint,))
+            if row and row[0][0]:
+                flipped.append(time.monotonic())
+        return bool(flipped) and time.monotonic() - flipped[0] > 5.0
+
+    took = await waited(fleet, f"{endpoint} disabled", disabled, 60)
+    no_log = len(fleet.hub_log_events("endpoint_disabled")) == began
+    if no_log:
+        # The process that won the compare-and-swap logs endpoint_disabled only if its own copy of the row was
+        # not disabled yet; its claims loop's sync_endpoints may copy the shared row in first (while the held
+        # receipt is being saved): then no process logs it (dispatcher.py: disable_once, _persist, disable).
+        fleet.known_bug(f"{endpoint} disabled in the shared row but no hub process logged endpoint_disabled")
+    disabled_at = fleet.mark(f"{endpoint}_disabled")
+
+    async def held() -> bool:
+        return (await fleet.hub_backlog()).get("held", 0) >= 20
+
+    await waited(fleet, f"{endpoint}'s deliveries held", held, 30)
+    fleet.loads["gw-a"].wave(0.3, 1.5)
+    await asyncio.sleep(1.5)  # every process has seen the disable by now; held rows pile up
+    attempts = len(recv.hits)
+    after_disable = sum(1 for h in recv.hits if h.at > disabled_at + 0.5)
+    recv.failing = False
+    out = await cli_from.cli("endpoints", "enable", endpoint)
+    assert out.returncode == 0, out.stdout + out.stderr
+    fleet.mark(f"{endpoint}_enabled")
+    # Attempts stopped at the disable (a moment for the processes to hear of it).
+    assert after_disable == 0, f"{after_disable} attempts to {endpoint} went on after it was disabled"
+
+    async def post() -> None:
+        disabled = [(i, e) for i, e in fleet.hub_log_events("endpoint_disabled") if e.get("endpoint") == endpoint]
+        assert len(disabled) == (0 if no_log else 1), disabled
+        for hub in fleet.hubs:
+            if not hub.running:
+                continue
+            out = await hub.cli("endpoints", "--json")
+            assert out.returncode == 0, out.stderr
+            (ep,) = [e for e in json.loads(out.stdout) if e["name"] == endpoint]
+            assert ep["enabled"] is True and ep["held"] == 0 and ep["pending"] == 0, ep
+
+    return {"c_disabled_after_s": round(took, 2), "c_failed_attempts": attempts}, post
+
+
+async def hold_leases(fleet: Fleet, hub: Daemon, timeout: float = 20.0) -> tuple[str, dict[int, int]]:
+    """Wait until `hub` holds its fair share of the partitions; its owner name and leases (part -> epoch)."""
+    owner = await fleet.owner_of(hub)
+    live = sum(1 for h in fleet.hubs if h.running and not stopped(h))
+    parts: dict[int, int] = {}
+
+    async def holds() -> bool:
+        nonlocal parts
+        parts = await fleet.parts_of(owner)
+        return len(parts) >= PARTITIONS // live - 1
+
+    await waited(fleet, f"{owner} holds its share of the partitions", holds, timeout)
+    return owner, parts
+
+
+async def taken_over(fleet: Fleet, owner: str, parts: dict[int, int], timeout: float) -> float:
+    """Wait until every partition in `parts` has another owner with a newer epoch; returns the seconds it took."""
+
+    async def done() -> bool:
+        now = await fleet.leases()
+        return all(now[p][0] not in (None, owner) and now[p][1] > e for p, e in parts.items())
+
+    return await waited(fleet, f"{owner}'s partitions taken over", done, timeout)
+
+
+def lease_ttl() -> float:
+    """How long a lease lasts after each renew (webhookd.leases.TTL; 5 s when that module is not there)."""
+    try:
+        leases = importlib.import_module("webhookd.leases")
+    except ImportError:
+        return 5.0
+    return float(getattr(leases, "TTL", 5.0))
+
+
+def attempts_of(fleet: Fleet, process: str) -> int:
+    return sum(1 for r in fleet.receivers.values() for h in r.hits if h.process == process)
+
+
+async def hub_killed(fleet: Fleet, index: int) -> tuple[dict[str, Any], PostCheck]:
+    """d. SIGKILL hub process `index` while it delivers: the others hold its partitions within 10 s (§14) and
+    deliver its lanes; it made no attempt after its death."""
+    victim, name = fleet.hubs[index], f"hub-{index}"
+    owner, parts = await hold_leases(fleet, victim)
+    seen = attempts_of(fleet, name)
+    await waited(fleet, f"{name} delivers", lambda: attempts_of(fleet, name) >= seen + 10, 60)
+    await victim.kill()
+    killed = fleet.mark(f"{name}_killed")
+    fleet.loads["gw-a"].wave(0.3, 1.5)
+    takeover = await taken_over(fleet, owner, parts, 10)
+    fleet.mark(f"{name}_taken_over")
+
+    async def post() -> None:
+        late = [h for r in fleet.receivers.values() for h in r.hits if h.process == name and h.at > killed + 0.5]
+        assert not late, f"attempts of the killed {name} after its death: {late[:3]}"
+        lanes = await fleet.delivery_parts()
+        after = {lanes.get((ep, h.event_id)) for ep, r in fleet.receivers.items() for h in r.hits if h.at > killed}
+        assert set(parts) & after, f"none of the killed {name}'s partitions was delivered after the kill"
+
+    return {"d_takeover_s": round(takeover, 2), "d_partitions": len(parts)}, post
+
+
+async def hub_stopped(fleet: Fleet, index: int, seconds: float = 5.0) -> tuple[dict[str, Any], PostCheck]:
+    """e. SIGSTOP hub process `index` while it delivers, for `seconds` and until the others hold its partitions
+    (§14: within 10 s), then SIGCONT. The post-check: after resuming it made no attempt on a partition it lost
+    unless it first held that partition again under a newer lease; it logged the loss."""
+    victim, name = fleet.hubs[index], f"hub-{index}"
+    owner, parts = await hold_leases(fleet, victim)
+    seen = attempts_of(fleet, name)
+    await waited(fleet, f"{name} delivers", lambda: attempts_of(fleet, name) >= seen + 10, 60)
+    fleet.sigstop(victim)
+    stopped_at = fleet.mark(f"{name}_stopped")
+    fleet.loads["gw-b"].wave(0.3, 1.5)
+    before = delivered(fleet)
+    try:
+        takeover = await taken_over(fleet, owner, parts, 10)
+    except AssertionError as e:
+        waits = await fleet.hub_rows(
+            "SELECT pid, state, wait_event_type, wait_event, left(query, 100) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if not waits:
+            raise AssertionError(f"{e}: {delivered(fleet) - before} webhooks delivered meanwhile") from None
+        # The frozen process's connection sits inside a transaction holding the delivery-id advisory lock and
+        # FOR SHARE locks on its lease rows: every other process's writes and lease renews/claims wait for it.
+        fleet.known_bug(
+            f"a SIGSTOPped hub process froze the whole hub: {delivered(fleet) - before} webhooks in 10 s, its"
+            f" partitions not taken over; {len(waits)} sessions waiting on its locks ({waits[0][3]})"
+        )
+        takeover = float("nan")
+    else:
+        # ... and the others deliver meanwhile, the stopped process's lanes included, while it is still stopped.
+        base = delivered(fleet)
+        try:
+            await waited(fleet, "deliveries go on without it", lambda: delivered(fleet) >= base + 20, 5)
+        except AssertionError:
+            waits = await fleet.hub_rows(
+                "SELECT pid, wait_event FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if not waits:
+                raise
+            fleet.known_bug(
+                f"a SIGSTOPped hub process froze the whole hub: {delivered(fleet) - base} webhooks in the 5 s after"
+                f" its partitions were taken over; {len(waits)} sessions waiting on its locks ({waits[0][1]})"
+            )
+    lost = {p: e for p, (o, e, _) in (await fleet.leases()).items() if p in parts and o != owner}
+    await asyncio.sleep(max(0.0, stopped_at + seconds - time.monotonic()))
+    fleet.sigcont(victim)
+    resumed = fleet.mark(f"{name}_resumed")
+    resumed_wall = time.time()
+    regained: dict[int, float] = {}  # part -> when the resumed process held it again (a fresh lease), monotonic
+    ttl = lease_ttl()
+
+    async def watch() -> bool:
+        rows = await fleet.hub_rows(
+            "SELECT part, owner, epoch, expires_at, extract(epoch FROM clock_timestamp()) FROM leases"
+        )
+        mono = time.monotonic()
+        for p, o, e, x, db_now in rows:
+            if p in lost and o == owner and e > lost[p] and p not in regained:
+                # Its claim (or, at worst, its first renew since) was at expires_at - TTL, database time.
+                regained[p] = mono - (float(db_now) - (float(x) - ttl))
+        return mono - resumed > 3.0
+
+    await waited(fleet, "3 s after the resume", watch, 15)
+
+    async def post() -> None:
+        lanes = await fleet.delivery_parts()
+        bad = []
+        for ep, r in fleet.receivers.items():
+            for h in r.hits:
+                part = lanes.get((ep, h.event_id))
+                if h.process == name and h.at > resumed and part in lost and h.at < regained.get(part, float("inf")):
+                    bad.append((ep, h.event_id, part, round(h.at - resumed, 3)))
+        assert not bad, f"attempts of the resumed {name} on partitions it had lost: {bad[:5]}"
+        # It knows: its leases ran out locally (hub_partitions_lost) or its renew came back without them.
+        logged = [
+            e
+            for e in victim.logs()
+            if e.get("event") == "hub_partitions_lost" or (e.get("event") == "hub_partitions" and e.get("lost"))
+            if datetime.fromisoformat(str(e["timestamp"])).timestamp() > resumed_wall - 1.0
+        ]
+        assert logged or not lost, f"the resumed {name} did not log the partitions it lost"
+
+    return {"e_takeover_s": round(takeover, 2), "e_partitions_lost": len(lost), "e_regained": len(regained)}, post
+
+
+def liveness(fleet: Fleet, gw: str, etype: str) -> list[Hit]:
+    """The gateway.* webhooks of `gw` delivered to ep-all (which takes every event)."""
+    return [h for h in fleet.receivers["ep-all"].delivered() if h.device == gw and h.type == etype]
+
+
+async def gateway_killed(fleet: Fleet, gw: str, hold: float = 2.0) -> tuple[dict[str, Any], PostCheck]:
+    """f. SIGKILL gateway `gw`: one gateway.offline for the whole hub (made by whichever process notices), every
+    process's `webhookd gateways` says offline, its devices are stale and none gets an offline; restarted, one
+    gateway.online and its buffered events arrive."""
+    d = fleet.gateways[gw]
+    await waited(fleet, f"{gw} online at the hub", lambda: liveness(fleet, gw, "gateway.online"), 30)
+    onlines = len(liveness(fleet, gw, "gateway.online"))
+    await d.kill()
+    killed = fleet.mark(f"{gw}_killed")
+    offline_in = await waited(
+        fleet,
+        f"{gw}'s gateway.offline",
+        lambda: [h for h in liveness(fleet, gw, "gateway.offline") if h.at > killed],
+        30,
+    )
+    await asyncio.sleep(hold)  # every hub process has checked the deadline a few times since
+    for i, hub in enumerate(fleet.hubs):
+        if not hub.running:
+            continue
+        out = await hub.cli("gateways", "--json")
+        assert out.returncode == 0, out.stderr
+        states = {g["name"]: g["state"] for g in json.loads(out.stdout)}
+        assert states[gw] == "offline" and all(s == "online" for g, s in states.items() if g != gw), (i, states)
+    out = await next(h for h in fleet.hubs if h.running).cli("devices", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    rows = listed if isinstance(listed, list) else listed.get("devices", [])
+    stale = {str(r["id"]).split(":")[0] for r in rows if r.get("stale")}
+    assert stale == {gw}, stale
+    await d.start()
+    fleet.mark(f"{gw}_restarted")
+    await waited(
+        fleet, f"{gw}'s gateway.online again", lambda: len(liveness(fleet, gw, "gateway.online")) > onlines, 30
+    )
+
+    async def post() -> None:
+        offline = [h for h in liveness(fleet, gw, "gateway.offline") if h.at > killed]
+        assert len(offline) == 1, offline
+        assert len(liveness(fleet, gw, "gateway.online")) == onlines + 1
+        for other in fleet.gateways:
+            if other != gw:
+                assert not [h for h in liveness(fleet, other, "gateway.offline") if h.at > killed], other
+        # No offline of its devices made by the hub: Fleet.check() proves that every hub event of a relayed device
+        # is one its gateway made (and the gateway was dead meanwhile).
+
+    return {"f_offline_after_s": round(offline_in, 2), "f_killed_at_s": round(killed - fleet.started_at, 2)}, post
