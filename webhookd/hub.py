@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +154,29 @@ def relayed_device(event: EventData) -> Device:
         source=RELAY_SOURCE,
         timed=False,
     )
+
+
+class _OfflineTargets(Mapping[str, Targets]):
+    """The configured gateways -> the endpoints that want their gateway.offline, asked only for those due (a
+    deadline check runs 4 times a second; a gateway is rarely due)."""
+
+    def __init__(self, names: list[str], targets: Callable[[str, str], Targets]) -> None:
+        self._names = dict.fromkeys(names)
+        self._targets = targets
+
+    def __getitem__(self, name: str) -> Targets:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._targets(name, gateways.OFFLINE_TYPE)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
 
 
 class Hub:
@@ -327,7 +350,7 @@ class Hub:
 
     async def check_deadlines(self) -> list[GatewayWrite]:
         """One deadline check: the gateway.offline events this process made (another may make some first)."""
-        targets = {gw.name: self._targets(gw.name, gateways.OFFLINE_TYPE) for gw in self.cfg.gateways}
+        targets = _OfflineTargets([gw.name for gw in self.cfg.gateways], self._targets)
         try:
             done = await self.store.expire_gateways(self._wall(), targets)
         except StoreError:

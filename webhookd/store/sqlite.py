@@ -428,9 +428,10 @@ class SQLiteStore:
 
     async def expire_gateways(self, now: float, targets: Mapping[str, Targets]) -> list[GatewayWrite]:
         due = await self.read(functools.partial(gateway_rows.sqlite_due, now=now))
-        if not any(name in targets for name in due):
+        wanted = {name: targets[name] for name in due if name in targets}  # asked here, on the loop's thread
+        if not wanted:
             return []
-        fn = functools.partial(gateway_rows.sqlite_expire, names=due, now=now, targets=targets)
+        fn = functools.partial(gateway_rows.sqlite_expire, names=due, now=now, targets=wanted)
         return await self.write(fn, len(due))
 
     async def restart_gateways(self, now: float, timeouts: Mapping[str, float], started: float) -> int:
