@@ -103,3 +103,11 @@ def test_probe_event_and_short_error() -> None:
     assert gateways.short_error(401, "invalid\nsignature") == "401 invalid signature"
     long = gateways.short_error(400, "x" * 500)
     assert len(long) == gateways.ERROR_MAX and long.endswith("…")
+
+
+def test_a_device_is_stale_while_the_gateway_that_relays_it_is_offline() -> None:
+    from webhookd.admin import _stale
+
+    assert _stale("site-a:printer-1", {"site-a"}) and not _stale("site-a:printer-1", {"site-b"})
+    assert _stale("eu:site-a:printer-1", {"eu:site-a"})  # a gateway name may hold ':'
+    assert not _stale("site-a", {"site-a"}) and not _stale("site-ab:x", {"site-a"}) and not _stale("x:y", set())

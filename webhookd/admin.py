@@ -82,6 +82,18 @@ def _match(body: dict[str, Any]) -> str | web.Response:
     return match
 
 
+def _stale(device_id: str, offline_gateways: set[str]) -> bool:
+    """Is the device relayed by one of these gateways (`<gateway>:<id>`; a gateway's name may hold `:` too)?"""
+    if not offline_gateways:
+        return False
+    at = device_id.find(":")
+    while at > 0:
+        if device_id[:at] in offline_gateways:
+            return True
+        at = device_id.find(":", at + 1)
+    return False
+
+
 class AdminAPI:
     """The parts it answers from: the presence engine (devices), the store (counts, listings) and the
     dispatcher (endpoints and what operators do to them)."""
@@ -202,7 +214,7 @@ class AdminAPI:
             "muted": bool(covering),
             "muted_until": rfc3339_opt(until),
             "source": dev.source,
-            **({} if offline_gateways is None else {"stale": dev.id.split(":", 1)[0] in offline_gateways}),
+            **({} if offline_gateways is None else {"stale": _stale(dev.id, offline_gateways)}),
         }
 
     async def _offline_gateways(self) -> set[str] | None:
