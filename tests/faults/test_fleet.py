@@ -15,7 +15,6 @@ import pytest
 from tests.conftest import DaemonFactory, PostgresFactory, ReceiverFactory
 from tests.faults.fleet_rig import (
     ENDPOINTS,
-    PARTITIONS_LANDED,
     PER_FAULT,
     Fleet,
     delivered,
@@ -23,8 +22,6 @@ from tests.faults.fleet_rig import (
     hub_killed,
     hub_stopped,
     hub_unreachable,
-    needs_liveness,
-    needs_partitions,
     postgres_restart,
     print_figures,
     receiver_disabled,
@@ -32,7 +29,7 @@ from tests.faults.fleet_rig import (
     xfail_known_bugs,
 )
 
-HUBS = 1  # hub processes of scenarios a and b: 3 once deliveries are shared between processes (hub: partitions)
+HUBS = 3  # hub processes
 DEVICES = 100  # per gateway (a third of them timed)
 
 
@@ -43,7 +40,7 @@ async def test_a_hub_unreachable_then_b_postgresql_restarted_nothing_lost_in_ord
     """a: the hub unreachable from gw-a (buffered, then delivered in order); b: PostgreSQL restarted under load
     (503s, then the hub recovers by itself)."""
     cluster = await postgres()  # a cluster of this test's own: it is stopped and started
-    hubs = 3 if PARTITIONS_LANDED else HUBS
+    hubs = HUBS
     fleet = await Fleet.start(
         daemon, receiver, tmp_path, cluster.create_db(), hubs=hubs, devices=DEVICES, seed=11, hub_allow_errors=True
     )
@@ -63,7 +60,6 @@ async def test_a_hub_unreachable_then_b_postgresql_restarted_nothing_lost_in_ord
     xfail_known_bugs(fleet)
 
 
-@needs_partitions
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
 async def test_c_receiver_disabled_once_then_enabled_d_sigkill_of_a_hub_process(
     pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
@@ -94,7 +90,6 @@ async def test_c_receiver_disabled_once_then_enabled_d_sigkill_of_a_hub_process(
     xfail_known_bugs(fleet)
 
 
-@needs_partitions
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
 async def test_e_sigstop_of_a_hub_process_past_its_leases_then_sigcont(
     pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
@@ -118,7 +113,6 @@ async def test_e_sigstop_of_a_hub_process_past_its_leases_then_sigcont(
     xfail_known_bugs(fleet)
 
 
-@needs_liveness
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
 async def test_f_a_gateway_sigkilled_one_gateway_offline_for_the_hub_no_device_offline(
     pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path

@@ -33,8 +33,6 @@ from tests.faults.fleet_rig import (
     hub_killed,
     hub_stopped,
     hub_unreachable,
-    needs_liveness,
-    needs_partitions,
     postgres_restart,
     print_figures,
     receiver_disabled,
@@ -48,8 +46,6 @@ OUTAGE = float(os.environ.get("FLEET_OUTAGE_S", "60"))  # a: how long the hub is
 
 @pytest.mark.long
 @pytest.mark.timeout(2400)
-@needs_partitions
-@needs_liveness
 async def test_fleet_of_10000_devices_through_every_fault(
     postgres: PostgresFactory, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
 ) -> None:
