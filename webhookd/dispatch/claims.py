@@ -27,6 +27,7 @@ from webhookd.leases import MEMBER_TTL, RENEW_EVERY, TTL, Holdings, partition_of
 from webhookd.logs import get_logger
 from webhookd.store import StoreError, StoreUnavailable
 from webhookd.store import postgres_leases as sql
+from webhookd.store.postgres import SESSION_OPTIONS
 from webhookd.store.postgres_schema import Conn, connect
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ T = TypeVar("T")
 
 LEAVE_MAX = 2.0  # seconds a stopping process spends giving its leases back
 RECONNECT = 1.0  # seconds between tries of a lost connection
+RESCAN_TICKS = 10  # every this many loops, pending rows are read again from the first (dispatcher.rescan_all)
 
 
 def member_name() -> str:
@@ -64,6 +66,7 @@ class HubClaims:
         self._conn: Conn | None = None
         self._sync = asyncio.Event()  # an endpoint notice: read the endpoint rows now
         self._failing = False
+        self._ticks = 0
 
     # --- what the store and the dispatcher ask ---------------------------------------------------------
 
@@ -116,7 +119,7 @@ class HubClaims:
     async def _connection(self) -> Conn:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
-            conn = self._conn = await connect(self.store.url, connect_timeout=int(TTL))
+            conn = self._conn = await connect(self.store.url, connect_timeout=int(TTL), options=SESSION_OPTIONS)
         return conn
 
     async def _lost_connection(self, e: BaseException) -> None:
@@ -157,7 +160,11 @@ class HubClaims:
                 self.dispatcher.repartition()
         at, shared = await sql.endpoints(conn)
         self.dispatcher.sync_endpoints(shared, at)
-        self.dispatcher.poke(None)
+        self._ticks += 1
+        if self._ticks % RESCAN_TICKS == 0:
+            self.dispatcher.rescan_all()
+        else:
+            self.dispatcher.poke(None)
 
     async def _leave(self) -> None:
         self.holdings.held.clear()

@@ -291,7 +291,7 @@ class Dispatcher(Paging, OperatorActions, SharedEndpoints):
             won = self.hub is None or await self.disable_once(rt, decision.disable)
             await self._persist(Receipt(d.id, "held", d.attempts, None, result.status, result.error), rt)
             if won:
-                await self.disable(rt.cfg.name, decision.disable)
+                await self.disable(rt.cfg.name, decision.disable, won=self.hub is not None)
             else:
                 self.disabled_elsewhere(rt, decision.disable)
         elif decision.status == "dead":

@@ -91,11 +91,13 @@ class OperatorActions:
 
     # --- disable and enable ----------------------------------------------------------------------------
 
-    async def disable(self, name: str, reason: str) -> EndpointRuntime | None:
+    async def disable(self, name: str, reason: str, *, won: bool = False) -> EndpointRuntime | None:
+        """`won`: this hub process flipped the shared row (its copy may say disabled already: the claims loop
+        can read the row between that flip and this call); it logs the one `endpoint_disabled`."""
         rt = self.endpoints.get(name)
         if rt is None:
             return None
-        already = rt.row.disabled
+        already = rt.row.disabled and not won
         rt.row.disabled = True
         rt.row.disabled_reason = reason
         self._stale |= rt.clear()

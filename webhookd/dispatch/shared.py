@@ -71,6 +71,12 @@ class SharedEndpoints:
             rt.rescan(after_id)
             self._wake.set()
 
+    def rescan_all(self) -> None:
+        """Read every endpoint's pending rows again from the first: a row can become pending below a page's
+        cursor (a hold that found its endpoint enabled again lands as pending), and a notice can be lost."""
+        for name in self.endpoints:
+            self.rescan_from(name, 0)
+
     # --- the shared endpoint rows ------------------------------------------------------------------------
 
     def _mono(self, db_time: float, db_now: float) -> float:

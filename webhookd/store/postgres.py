@@ -67,6 +67,10 @@ MAX_BATCH_ROWS = 6000  # ... and rows
 PROBE_INTERVAL = 0.2  # seconds between the store's own probes while it is unhealthy
 IDLE_PROBE = 5.0  # seconds without a commit before a healthy store checks the server by itself
 CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
+# Our transactions never wait on us: one left open longer than this belongs to a process that is stopped
+# (SIGSTOP, a VM paused) or cut off. The server then ends it, so that its locks (the delivery-id lock of a hub,
+# lease rows under FOR SHARE) do not freeze every other process sharing the database.
+SESSION_OPTIONS = "-c idle_in_transaction_session_timeout=2s"
 READ_TIMEOUT = 5.0  # seconds a read waits for a pooled connection
 UNHEALTHY_READ_TIMEOUT = 0.5  # ... while the store is unhealthy
 POOL_SIZE = 4  # pooled read connections at most
@@ -129,7 +133,7 @@ class PostgresStore:
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def _connect(self) -> Conn:
-        return await connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+        return await connect(self.url, connect_timeout=CONNECT_TIMEOUT, options=SESSION_OPTIONS)
 
     async def open(self) -> None:
         conn = await self._connect()
@@ -143,7 +147,7 @@ class PostgresStore:
             self.url,
             min_size=1,
             max_size=POOL_SIZE,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "options": SESSION_OPTIONS},
             timeout=READ_TIMEOUT,
             check=AsyncConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,

@@ -37,15 +37,24 @@ FENCED = (
     "WITH f AS (SELECT l.part FROM leases l JOIN unnest(%b::int[], %b::bigint[]) AS o(part, epoch)"
     " ON l.part = o.part AND l.epoch = o.epoch WHERE l.owner = %s FOR SHARE OF l) "
 )
+# A hold (the attempt of an endpoint this process saw disabled) lands as pending when the shared row says the
+# endpoint is enabled by now: another process's enable released the held rows already.
+HELD_UNLESS_ENABLED = (
+    "CASE WHEN r.status = 'held' AND NOT EXISTS (SELECT 1 FROM endpoints x WHERE x.name = d.endpoint AND x.disabled)"
+    " THEN 'pending' ELSE r.status END"
+)
 UPDATE_RECEIPTS_FENCED = FENCED + (
-    "UPDATE deliveries d SET status=r.status, attempts=r.attempts, next_attempt_at=r.nxt, last_status=r.ls,"
+    f"UPDATE deliveries d SET status={HELD_UNLESS_ENABLED}, attempts=r.attempts, next_attempt_at=r.nxt,"
+    " last_status=r.ls,"
     " last_error=r.le, updated_at=r.now FROM unnest(%b::text[], %b::int[], %b::float8[], %b::int[], %b::text[],"
     " %b::float8[], %b::bigint[], %b::text[]) AS r(status, attempts, nxt, ls, le, now, id, also)"
     " WHERE d.id = r.id AND d.status IN ('pending', r.also) AND d.part IN (SELECT part FROM f)"
 )
-UPDATE_RECEIPT_FENCED = FENCED + (
-    "UPDATE deliveries SET status=%s, attempts=%s, next_attempt_at=%s, last_status=%s, last_error=%s,"
-    " updated_at=%s WHERE id=%s AND status IN ('pending', %s) AND part IN (SELECT part FROM f)"
+UPDATE_RECEIPT_FENCED = FENCED + (  # parameters: the fence's, then the status twice, then the receipt's
+    "UPDATE deliveries d SET status=CASE WHEN %s = 'held' AND NOT EXISTS (SELECT 1 FROM endpoints x"
+    " WHERE x.name = d.endpoint AND x.disabled) THEN 'pending' ELSE %s END, attempts=%s, next_attempt_at=%s,"
+    " last_status=%s, last_error=%s, updated_at=%s WHERE d.id=%s AND d.status IN ('pending', %s)"
+    " AND d.part IN (SELECT part FROM f)"
 )
 
 

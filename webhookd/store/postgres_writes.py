@@ -60,6 +60,16 @@ INSERT_DELIVERIES = (
     " %b::text[], %b::float8[], %b::int[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, pt, ord) ORDER BY ord"
     " RETURNING id, event_id, endpoint"
 )
+# On a hub of several processes a delivery is held or pending as the shared endpoint row says at the commit, not
+# as this process's copy of it said (it may be a second behind another process's disable or enable).
+INSERT_DELIVERIES_HUB = (
+    "INSERT INTO deliveries (event_id, endpoint, device_id, type, status, attempts, next_attempt_at,"
+    " created_at, updated_at, part)"
+    " SELECT e, ep, dev, ty, CASE WHEN EXISTS (SELECT 1 FROM endpoints x WHERE x.name = ep AND x.disabled)"
+    " THEN 'held' ELSE 'pending' END, 0, t, t, t, pt FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::float8[], %b::int[]) WITH ORDINALITY AS r(e, ep, dev, ty, st, t, pt, ord) ORDER BY ord"
+    " RETURNING id, event_id, endpoint, status"
+)
 # A receipt (delivered) or a hold may land on a row that is held by now; a retry or a death may not take a row
 # out of held (see sqlite_writes.UPDATE_RECEIPT). One statement for a batch of distinct ids ...
 UPDATE_RECEIPTS = (
@@ -174,11 +184,10 @@ async def _merged(
         if wanted:
             if fence is not None:
                 await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))  # held already: a no-op
-                if any(st == "pending" for _, _, st in wanted):
-                    await notify(c, "new " + ",".join(sorted({ep for _, ep, st in wanted if st == "pending"})))
+                await notify(c, "new " + ",".join(sorted({ep for _, ep, _ in wanted})))
             cur = c.cursor()
             await cur.execute(
-                INSERT_DELIVERIES,
+                INSERT_DELIVERIES if fence is None else INSERT_DELIVERIES_HUB,
                 [
                     [e.id for e, _, _ in wanted],
                     [ep for _, ep, _ in wanted],
@@ -195,7 +204,7 @@ async def _merged(
                 await c.execute(UPDATE_RECEIPTS_FENCED, [parts, epochs, fence.owner, *_columns(receipts, 8)])
             else:
                 await c.cursor().executemany(
-                    UPDATE_RECEIPT_FENCED, [(parts, epochs, fence.owner, *r) for r in receipts]
+                    UPDATE_RECEIPT_FENCED, [(parts, epochs, fence.owner, r[0], *r) for r in receipts]
                 )
         elif receipts:
             if len({r[6] for r in receipts}) == len(receipts):
@@ -205,16 +214,19 @@ async def _merged(
         if endpoints:
             await _upsert_endpoints(c, endpoints)
         ids: list[int] = []
+        statuses = [st for _, _, st in wanted]
         if cur is not None:
             returned = sorted(await cur.fetchall())
-            if [(e, ep) for _, e, ep in returned] != [(e.id, ep) for e, ep, _ in wanted]:
+            if [(r[1], r[2]) for r in returned] != [(e.id, ep) for e, ep, _ in wanted]:
                 raise MappingError(f"the {len(wanted)} new deliveries came back out of order")
             ids = [r[0] for r in returned]
+            if fence is not None:
+                statuses = [r[3] for r in returned]  # as the shared endpoint rows said
     for i, start, end in slices:
         results[i] = [
             DeliveryRow(ids[k], wanted[k][0], wanted[k][1], 0, wanted[k][0].time)
             for k in range(start, end)
-            if wanted[k][2] == "pending"
+            if statuses[k] == "pending"
         ]
 
 
