@@ -870,7 +870,7 @@ async def receiver_disabled(fleet: Fleet, endpoint: str, cli_from: Daemon) -> tu
     disabled_at = fleet.mark(f"{endpoint}_disabled")
 
     async def held() -> bool:
-        return (await fleet.hub_backlog()).get("held", 0) >= 20
+        return (await fleet.hub_backlog()).get("held", 0) >= 10
 
     await waited(fleet, f"{endpoint}'s deliveries held", held, 30)
     fleet.loads["gw-a"].wave(0.3, 1.5)

@@ -1,9 +1,10 @@
-"""Fault tests of a fleet (CONTRACT §14, issue 13 item 5), small scale: 2 gateway processes with 100 devices each
-relay to hub processes sharing one PostgreSQL; the faults are real (a cut load balancer, pg_ctl stop, a failing
-receiver, SIGKILL, SIGSTOP/SIGCONT of processes). The scenarios (tests/faults/fleet_rig.py) are chained on a few
+"""Fault tests of a fleet (CONTRACT §14, issue 13 item 5), small scale: 2 gateway processes with 60 devices each
+relay to 3 hub processes sharing one PostgreSQL; the faults are real (a cut load balancer, pg_ctl stop, a failing
+receiver, SIGKILL, SIGSTOP/SIGCONT of processes). The scenarios (tests/faults/fleet_rig.py) are chained on four
 fleets to keep this file quick; after the last one, `Fleet.check()`: every event the hub acknowledged reached
 every subscribed endpoint, per-(endpoint, device) order is the gateway's, duplicates only within the faults'
-bound. The long runs (~10,000 devices) are in test_fleet_long.py.
+bound. A run that meets a known product bug (named in fleet_rig.py) ends as xfail naming it. The long run
+(~10,000 devices, every fault on one fleet) is test_fleet_long.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tests.faults.fleet_rig import (
 )
 
 HUBS = 3  # hub processes
-DEVICES = 100  # per gateway (a third of them timed)
+DEVICES = 60  # per gateway (a third of them timed): the hub takes some 30-80 relays a second on this box
 
 
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
@@ -47,8 +48,8 @@ async def test_a_hub_unreachable_then_b_postgresql_restarted_nothing_lost_in_ord
     figures = {}
     try:
         fleet.start_load()
-        await until("webhooks flow", lambda: delivered(fleet) >= 50, 30)
-        figures.update(await hub_unreachable(fleet, "gw-a", seconds=1.5, backlog_at_least=30))
+        await until("webhooks flow", lambda: delivered(fleet) >= 30, 120)
+        figures.update(await hub_unreachable(fleet, "gw-a", seconds=1.5, backlog_at_least=15))
         figures.update(await postgres_restart(fleet, cluster, seconds=1.0))
         await fleet.end_load()
         figures["drain_s"] = round(await fleet.wait_quiet(), 2)
@@ -75,7 +76,7 @@ async def test_c_receiver_disabled_once_then_enabled_d_sigkill_of_a_hub_process(
     figures = {}
     try:
         fleet.start_load()
-        await until("webhooks flow", lambda: delivered(fleet) >= 50, 30)
+        await until("webhooks flow", lambda: delivered(fleet) >= 30, 120)
         c, c_post = await receiver_disabled(fleet, "ep-flaky", cli_from=fleet.hubs[2])
         d, d_post = await hub_killed(fleet, 1)
         figures.update(c | d)
@@ -100,7 +101,7 @@ async def test_e_sigstop_of_a_hub_process_past_its_leases_then_sigcont(
     figures = {}
     try:
         fleet.start_load()
-        await until("webhooks flow", lambda: delivered(fleet) >= 50, 30)
+        await until("webhooks flow", lambda: delivered(fleet) >= 30, 120)
         e, e_post = await hub_stopped(fleet, 2, seconds=5.0)
         figures.update(e)
         await fleet.end_load()
@@ -121,7 +122,7 @@ async def test_f_a_gateway_sigkilled_one_gateway_offline_for_the_hub_no_device_o
     figures = {}
     try:
         fleet.start_load()
-        await until("webhooks flow", lambda: delivered(fleet) >= 50, 30)
+        await until("webhooks flow", lambda: delivered(fleet) >= 30, 120)
         f, f_post = await gateway_killed(fleet, "gw-a")
         figures.update(f)
         await fleet.end_load()
