@@ -323,6 +323,7 @@ class Fleet:
     load_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)  # named moments (time.monotonic()) for the figures
     known_bugs: list[str] = field(default_factory=list)  # product bugs the run ran into (see known_bug())
+    wave_share: float = 0.3  # the share of a gateway's timed devices a phase's silence wave takes
     started_at: float = field(default_factory=time.monotonic)
 
     # --- starting ---------------------------------------------------------------------------------------
@@ -343,12 +344,13 @@ class Fleet:
         gateway_silence: str = "30s",
         device_silence: str = "1s",
         timed_share: float = 0.33,
+        wave_share: float = 0.3,
         tick: float = 0.3,
         change: float = 0.02,
         hub_allow_errors: bool = False,
         gateway_allow_errors: bool = False,
     ) -> Fleet:
-        fleet = cls(daemon, tmp, pg_url, endpoints=dict(endpoints or ENDPOINTS))
+        fleet = cls(daemon, tmp, pg_url, endpoints=dict(endpoints or ENDPOINTS), wave_share=wave_share)
         for name in fleet.endpoints:
             fleet.receivers[name] = await receiver(RigReceiver(name))
         hub_cfg = {
@@ -787,7 +789,7 @@ async def hub_unreachable(fleet: Fleet, gw: str, seconds: float, backlog_at_leas
     await fleet.balancers[gw].cut()
     cut = fleet.mark(f"{gw}_cut")
     before = acked(fleet, gw)
-    fleet.loads[gw].wave(0.3, 1.8)  # offline events (timeouts) while the hub is unreachable
+    fleet.loads[gw].wave(fleet.wave_share, 1.8)  # offline events (timeouts) while the hub is unreachable
     await waited(fleet, f"{gw} buffers", lambda: fleet.upstream_backlog(gw) >= backlog_at_least, 30 + seconds)
     await asyncio.sleep(max(0.0, cut + seconds - time.monotonic()))  # the outage lasts `seconds`
     refused = [
@@ -813,7 +815,7 @@ async def postgres_restart(fleet: Fleet, cluster: Any, seconds: float) -> dict[s
     process answers /healthz 503 and the gateways' relays 503 meanwhile; then they recover by themselves."""
     await asyncio.to_thread(cluster.stop)
     stopped_at = fleet.mark("pg_stopped")
-    fleet.loads["gw-b"].wave(0.3, 1.5)
+    fleet.loads["gw-b"].wave(fleet.wave_share, 1.5)
 
     async def all_503() -> bool:
         return all([await healthz(h) == 503 for h in fleet.hubs if h.running])
@@ -873,7 +875,7 @@ async def receiver_disabled(fleet: Fleet, endpoint: str, cli_from: Daemon) -> tu
         return (await fleet.hub_backlog()).get("held", 0) >= 10
 
     await waited(fleet, f"{endpoint}'s deliveries held", held, 30)
-    fleet.loads["gw-a"].wave(0.3, 1.5)
+    fleet.loads["gw-a"].wave(fleet.wave_share, 1.5)
     await asyncio.sleep(1.5)  # every process has seen the disable by now; held rows pile up
     attempts = len(recv.hits)
     after_disable = sum(1 for h in recv.hits if h.at > disabled_at + 0.5)
@@ -945,7 +947,7 @@ async def hub_killed(fleet: Fleet, index: int) -> tuple[dict[str, Any], PostChec
     await waited(fleet, f"{name} delivers", lambda: attempts_of(fleet, name) >= seen + 10, 60)
     await victim.kill()
     killed = fleet.mark(f"{name}_killed")
-    fleet.loads["gw-a"].wave(0.3, 1.5)
+    fleet.loads["gw-a"].wave(fleet.wave_share, 1.5)
     takeover = await taken_over(fleet, owner, parts, 10)
     fleet.mark(f"{name}_taken_over")
 
@@ -969,7 +971,7 @@ async def hub_stopped(fleet: Fleet, index: int, seconds: float = 5.0) -> tuple[d
     await waited(fleet, f"{name} delivers", lambda: attempts_of(fleet, name) >= seen + 10, 60)
     fleet.sigstop(victim)
     stopped_at = fleet.mark(f"{name}_stopped")
-    fleet.loads["gw-b"].wave(0.3, 1.5)
+    fleet.loads["gw-b"].wave(fleet.wave_share, 1.5)
     before = delivered(fleet)
     try:
         takeover = await taken_over(fleet, owner, parts, 10)
