@@ -167,23 +167,14 @@ def sqlite_load(c: sqlite3.Connection) -> list[GatewayRow]:
 # --- PostgreSQL (async functions of the writer's connection, inside its transaction; reads on a pooled one) ------
 
 
-async def _pg_lock_order(c: Conn) -> None:
-    """Before any gateway row lock: the hub's delivery id lock (postgres_leases.DELIVERY_ID_LOCK), which the
-    deliveries of the events we may make need anyway. Every gateway write takes it first, so that two of them
-    (or one and a relay's record, in group commits of two processes) never wait for each other's locks in
-    opposite orders."""
-    from webhookd.store.postgres_leases import DELIVERY_ID_LOCK
-
-    await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
-
-
 async def _pg_locked(c: Conn, name: str, create: bool) -> GatewayRow | None:
     """The gateway's row, locked until the transaction ends (`create`: made first if missing, so that two
     processes touching a new gateway together serialize on it)."""
-    if create:
-        await c.execute("INSERT INTO gateways (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
-    cur = await c.execute(_pg(SELECT_ONE) + " FOR UPDATE", (name,))
-    found = await cur.fetchone()
+    async with c.pipeline():  # one round trip
+        if create:
+            await c.execute("INSERT INTO gateways (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+        cur = await c.execute(_pg(SELECT_ONE) + " FOR UPDATE", (name,))
+        found = await cur.fetchone()
     return None if found is None else from_row(found)
 
 
@@ -193,11 +184,13 @@ async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Fence |
 
     cur = await c.execute(_pg(SELECT_DEVICE), (event.device_id,))
     stored = await cur.fetchone()
-    rows: list[DeliveryRow] = (await postgres_writes.apply(c, [record_op([_change(event, targets)])], fence))[0]
+    rows: list[DeliveryRow] = (
+        await postgres_writes.apply(c, [record_op([_change(event, targets)])], fence, nested=True)
+    )[0]
     if stored is None:
         await c.execute("DELETE FROM devices WHERE id = %s", (event.device_id,))
     else:
-        await postgres_writes.apply(c, [DevicesOp([tuple(stored)])])
+        await postgres_writes.apply(c, [DevicesOp([tuple(stored)])], nested=True)
     return rows
 
 
@@ -211,7 +204,6 @@ async def pg_touch(
     relayed: Change | None = None,
     fence: Fence | None = None,
 ) -> GatewayWrite:
-    await _pg_lock_order(c)
     taken = None
     if relayed is not None:
         from webhookd.store import postgres_writes
@@ -227,7 +219,6 @@ async def pg_touch(
 
 
 async def pg_rejected(c: Conn, name: str, error: str) -> None:
-    await _pg_lock_order(c)
     await c.execute(_pg(UPSERT_ERROR), (name, error))
 
 
@@ -239,7 +230,6 @@ async def pg_due(c: Conn, now: float) -> list[str]:
 async def pg_expire(
     c: Conn, names: Sequence[str], now: float, targets: Mapping[str, Targets], fence: Fence | None = None
 ) -> list[GatewayWrite]:
-    await _pg_lock_order(c)
     out: list[GatewayWrite] = []
     for name in sorted(names):  # one lock order for every process
         if name not in targets:
@@ -262,7 +252,6 @@ async def pg_restart(c: Conn, now: float, timeouts: Mapping[str, float], started
     alive = await cur.fetchone()
     if alive is not None and alive[0]:
         return 0
-    await _pg_lock_order(c)
     cur = await c.execute(_pg(SELECT_ALL) + " FOR UPDATE")
     n = 0
     for found in await cur.fetchall():

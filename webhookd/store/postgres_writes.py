@@ -109,12 +109,13 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[r[i] for r in rows] for i in range(width)]
 
 
-async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None) -> list[Any]:
+async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None, *, nested: bool = False) -> list[Any]:
     """Run `ops` on `c` inside the caller's transaction; returns each op's result, in order. With a `fence`
     (a hub of several processes) receipts land only on rows of partitions we hold, new deliveries take their
-    ids under DELIVERY_ID_LOCK and the other processes are told of them."""
+    ids under DELIVERY_ID_LOCK and the other processes are told of them. `nested`: called from a CallOp, whose
+    batch took the lock already."""
     results: list[Any] = [None] * len(ops)
-    if fence is not None and any(isinstance(op, (RecordOp, CallOp)) for op in ops):
+    if fence is not None and not nested and any(isinstance(op, (RecordOp, CallOp)) for op in ops):
         # First, before any row lock of the batch (an event id's, a gateway's): taken later it could close a
         # cycle with another process holding such a lock and waiting for this one.
         await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
@@ -182,8 +183,7 @@ async def _merged(
             await c.execute(INSERT_EVENTS, _columns(events, 5))
         cur = None
         if wanted:
-            if fence is not None:
-                await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))  # held already: a no-op
+            if fence is not None:  # DELIVERY_ID_LOCK is held since the start of the batch (apply)
                 await notify(c, "new " + ",".join(sorted({ep for _, ep, _ in wanted})))
             cur = c.cursor()
             await cur.execute(
@@ -235,13 +235,16 @@ async def record_relayed(c: Conn, change: Change, fence: Fence | None = None) ->
     advisory lock on the id makes a second process taking the same event wait for the first one's commit, and
     then see its row."""
     assert change.event is not None
-    await c.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (change.event.id,))
-    cur = await c.execute("SELECT 1 FROM events WHERE id = %s", (change.event.id,))
-    if await cur.fetchone() is not None:
+    # One round trip: the statements run in order on the server, so the reads (each with its own snapshot, taken
+    # as it starts) see whatever a process holding the id's lock committed before we got it.
+    async with c.pipeline():
+        await c.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (change.event.id,))
+        taken = await c.execute("SELECT 1 FROM events WHERE id = %s", (change.event.id,))
+        device = await c.execute(SELECT_DEVICE.replace("?", "%s"), (change.device.id,))
+        exists, stored = await taken.fetchone(), await device.fetchone()
+    if exists is not None:
         return None
-    cur = await c.execute(SELECT_DEVICE.replace("?", "%s"), (change.device.id,))
-    stored = await cur.fetchone()
-    rows: list[DeliveryRow] = (await apply(c, [record_op([change])], fence))[0]
+    rows: list[DeliveryRow] = (await apply(c, [record_op([change])], fence, nested=True))[0]
     if newer_than(stored, change.event.time):
-        await apply(c, [DevicesOp([tuple(stored)])])  # type: ignore[arg-type]
+        await apply(c, [DevicesOp([tuple(stored)])], nested=True)  # type: ignore[arg-type]
     return rows
