@@ -97,7 +97,9 @@ async def test_e_sigstop_of_a_hub_process_past_its_leases_then_sigcont(
 ) -> None:
     """e: SIGSTOP of hub-2 under load for 5 s and until the others hold its partitions (within 10 s); after
     SIGCONT it makes no attempt on what it lost; nothing lost, duplicates within the bound."""
-    fleet = await Fleet.start(daemon, receiver, tmp_path, pg_url, devices=DEVICES, seed=15)
+    # The stopped process's database connection may be closed under it (its transaction held locks the others
+    # wait for): after SIGCONT it logs store_unavailable (an error line) and then store_recovered.
+    fleet = await Fleet.start(daemon, receiver, tmp_path, pg_url, devices=DEVICES, seed=15, hub_allow_errors=True)
     figures = {}
     try:
         fleet.start_load()

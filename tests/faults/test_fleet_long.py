@@ -55,7 +55,8 @@ async def test_fleet_of_10000_devices_through_every_fault(
         daemon, receiver, tmp_path, cluster.create_db(), hubs=3, devices=DEVICES, seed=int(time.time()) % 1000,
         endpoints=endpoints, hub_delivery={"disable_after": 20},
         # > the upstream timeout (10 s): a heartbeat that hung on a frozen hub process is not a silent gateway
-        gateway_silence="20s", device_silence="4s", tick=1.0, change=0.0002, wave_share=0.05, hub_allow_errors=True,
+        gateway_silence="20s", device_silence="4s", tick=1.0, change=0.0002, wave_share=0.05, wave_s=5.0,
+        hub_allow_errors=True,
     )  # fmt: skip
     figures: dict[str, object] = {"devices": 2 * DEVICES}
     try:
