@@ -1034,8 +1034,10 @@ async def hub_stopped(fleet: Fleet, index: int, seconds: float = 5.0) -> tuple[d
             if p in lost and o == owner and e > lost[p] and p not in regained:
                 # Its claim (or, at worst, its first renew since) was at expires_at - TTL, database time.
                 regained[p] = mono - (float(db_now) - (float(x) - ttl))
+        watched[0] = mono
         return mono - resumed > 3.0
 
+    watched = [resumed]  # the regains are known up to this moment: attempts after it are not judged
     await waited(fleet, "3 s after the resume", watch, 15)
 
     async def post() -> None:
@@ -1044,7 +1046,8 @@ async def hub_stopped(fleet: Fleet, index: int, seconds: float = 5.0) -> tuple[d
         for ep, r in fleet.receivers.items():
             for h in r.hits:
                 part = lanes.get((ep, h.event_id))
-                if h.process == name and h.at > resumed and part in lost and h.at < regained.get(part, float("inf")):
+                judged = resumed < h.at <= watched[0]
+                if h.process == name and judged and part in lost and h.at < regained.get(part, float("inf")):
                     bad.append((ep, h.event_id, part, round(h.at - resumed, 3)))
         assert not bad, f"attempts of the resumed {name} on partitions it had lost: {bad[:5]}"
         # It knows: its leases ran out locally (hub_partitions_lost) or its renew came back without them.
