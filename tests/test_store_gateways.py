@@ -134,3 +134,25 @@ async def test_a_relay_and_its_gateway_s_row_in_one_transaction(store: DeliveryS
     assert (row.relayed, row.last_seen) == (1, T0 + 1)
     assert {d.id for d in await store.load_devices()} == {"site-a:d1"}
     assert len(await pending_ids(store, "a")) == 2
+
+
+async def test_relays_touching_at_once_are_taken_as_one_after_the_other(store: DeliveryStore) -> None:
+    """Concurrent touches share a group commit (on PostgreSQL one merged run of statements): the same results
+    as one after the other: an id repeated is taken once, the device keeps its newest state."""
+    new = change("site-a:d1", [("a", "pending")], t=T0 + 10, state="utilizing")
+    late = change("site-a:d1", [("a", "pending")], t=T0 + 5, state="online")  # older, relayed after it
+    other = change("site-b:d2", [("a", "pending")], t=T0 + 6)
+    done = await asyncio.gather(
+        store.touch_gateway("site-a", T0 + 20, TIMEOUT, Seen("10.0.0.9"), [("a", "pending")], new),
+        store.touch_gateway("site-a", T0 + 20.1, TIMEOUT, Seen("10.0.0.9"), [("a", "pending")], new),
+        store.touch_gateway("site-a", T0 + 20.2, TIMEOUT, Seen("10.0.0.9"), [("a", "pending")], late),
+        store.touch_gateway("site-b", T0 + 20.3, TIMEOUT, Seen("10.0.0.8"), [("a", "pending")], other),
+    )
+    assert [d.relayed is None for d in done] == [False, True, False, False]
+    assert sum(d.event is not None for d in done) == 2  # one gateway.online for each gateway
+    devices = {d.id: d.state for d in await store.load_devices()}
+    assert devices == {"site-a:d1": "utilizing", "site-b:d2": "online"}  # the late, older event did not win
+    rows = {r.name: r for r in await store.load_gateways()}
+    assert (rows["site-a"].relayed, rows["site-a"].last_seen, rows["site-b"].relayed) == (2, T0 + 20.2, 1)
+    # every relayed event and both gateway.online have their delivery
+    assert len(await pending_ids(store, "a")) == 5

@@ -194,30 +194,6 @@ async def _pg_record(c: Conn, event: EventData, targets: Targets, fence: Fence |
     return rows
 
 
-async def pg_touch(
-    c: Conn,
-    name: str,
-    now: float,
-    silence: float,
-    seen: Seen,
-    targets: Targets,
-    relayed: Change | None = None,
-    fence: Fence | None = None,
-) -> GatewayWrite:
-    taken = None
-    if relayed is not None:
-        from webhookd.store import postgres_writes
-
-        taken = await postgres_writes.record_relayed(c, relayed, fence)
-        seen = dataclasses.replace(seen, relayed=0 if taken is None else 1)
-    found = await _pg_locked(c, name, create=True)
-    row, event = rules.seen(found, name, now, silence, seen)
-    await c.execute(_pg(UPSERT), to_row(row))
-    if event is None:
-        return GatewayWrite(row, relayed=taken)
-    return GatewayWrite(row, event, await _pg_record(c, event, targets, fence), taken)
-
-
 async def pg_rejected(c: Conn, name: str, error: str) -> None:
     await c.execute(_pg(UPSERT_ERROR), (name, error))
 

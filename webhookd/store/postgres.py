@@ -53,6 +53,7 @@ from webhookd.store.api import (
 )
 from webhookd.store.postgres_leases import Fence
 from webhookd.store.postgres_schema import Conn, connect, migrate
+from webhookd.store.postgres_touches import TouchOp
 from webhookd.store.postgres_writes import CallOp, WriteOp, apply, record_relayed
 from webhookd.store.sqlite_writes import DevicesOp, device_row, receipts_op, record_op
 
@@ -475,17 +476,10 @@ class PostgresStore:
     async def touch_gateway(
         self, name: str, now: float, silence: float, seen: Seen, targets: Targets, relayed: Change | None = None
     ) -> GatewayWrite:
-        fn = functools.partial(
-            gateway_rows.pg_touch,
-            name=name,
-            now=now,
-            silence=silence,
-            seen=seen,
-            targets=targets,
-            relayed=relayed,
-            fence=self.fence,
-        )
-        return await self.write(fn, 2 + len(targets) + (0 if relayed is None else 2 + len(relayed.targets)))
+        # Queued as data: the writer merges a run of touches into a few statements (store/postgres_touches.py).
+        rows = 2 + len(targets) + (0 if relayed is None else 2 + len(relayed.targets))
+        done: GatewayWrite = await self._queue_op(TouchOp(name, now, silence, seen, targets, relayed, rows))
+        return done
 
     async def gateway_rejected(self, name: str, error: str) -> None:
         await self.write(functools.partial(gateway_rows.pg_rejected, name=name, error=error))

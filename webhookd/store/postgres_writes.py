@@ -23,6 +23,7 @@ from webhookd.store.postgres_leases import (
     notify,
 )
 from webhookd.store.postgres_schema import Conn
+from webhookd.store.postgres_touches import TouchOp
 from webhookd.store.sqlite_writes import (
     SELECT_DEVICE,
     DeviceRow,
@@ -97,7 +98,7 @@ class CallOp:
     rows: int = 1
 
 
-WriteOp = RecordOp | DevicesOp | ReceiptsOp | CallOp
+WriteOp = RecordOp | DevicesOp | ReceiptsOp | CallOp | TouchOp
 
 
 class MappingError(RuntimeError):
@@ -115,22 +116,38 @@ async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None, *, 
     ids under DELIVERY_ID_LOCK and the other processes are told of them. `nested`: called from a CallOp, whose
     batch took the lock already."""
     results: list[Any] = [None] * len(ops)
-    if fence is not None and not nested and any(isinstance(op, (RecordOp, CallOp)) for op in ops):
+    if fence is not None and not nested and any(isinstance(op, (RecordOp, CallOp, TouchOp)) for op in ops):
         # First, before any row lock of the batch (an event id's, a gateway's): taken later it could close a
         # cycle with another process holding such a lock and waiting for this one.
         await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
     run: list[int] = []
+    touch: list[int] = []  # a run of adjacent gateway touches (postgres_touches)
     for i, op in enumerate(ops):
+        if not isinstance(op, TouchOp) and touch:
+            await _touches(c, ops, touch, results, fence)
+            touch = []
+        if isinstance(op, (CallOp, TouchOp)) and run:
+            await _merged(c, ops, run, results, fence)
+            run = []
         if isinstance(op, CallOp):
-            if run:
-                await _merged(c, ops, run, results, fence)
-                run = []
             results[i] = await op.fn(c)
+        elif isinstance(op, TouchOp):
+            touch.append(i)
         else:
             run.append(i)
+    if touch:
+        await _touches(c, ops, touch, results, fence)
     if run:
         await _merged(c, ops, run, results, fence)
     return results
+
+
+async def _touches(c: Conn, ops: Sequence[WriteOp], run: list[int], results: list[Any], fence: Fence | None) -> None:
+    from webhookd.store.postgres_touches import touches
+
+    done = await touches(c, [ops[i] for i in run], fence)  # type: ignore[misc]
+    for i, result in zip(run, done, strict=True):
+        results[i] = result
 
 
 async def upsert_endpoints(c: Conn, rows: Sequence[EndpointRow]) -> None:
