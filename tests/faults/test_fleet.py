@@ -3,7 +3,7 @@ relay to 3 hub processes sharing one PostgreSQL; the faults are real (a cut load
 receiver, SIGKILL, SIGSTOP/SIGCONT of processes). The scenarios (tests/faults/fleet_rig.py) are chained on four
 fleets to keep this file quick; after the last one, `Fleet.check()`: every event the hub acknowledged reached
 every subscribed endpoint, per-(endpoint, device) order is the gateway's, duplicates only within the faults'
-bound. A run that meets a known product bug (named in fleet_rig.py) ends as xfail naming it. The long run
+bound. A run that meets a known product bug (named in fleet_rig.py) fails naming it. The long run
 (~10,000 devices, every fault on one fleet) is test_fleet_long.py.
 """
 
@@ -19,6 +19,7 @@ from tests.faults.fleet_rig import (
     PER_FAULT,
     Fleet,
     delivered,
+    fail_on_known_bugs,
     gateway_killed,
     hub_killed,
     hub_stopped,
@@ -27,7 +28,6 @@ from tests.faults.fleet_rig import (
     print_figures,
     receiver_disabled,
     until,
-    xfail_known_bugs,
 )
 
 HUBS = 3  # hub processes
@@ -58,7 +58,7 @@ async def test_a_hub_unreachable_then_b_postgresql_restarted_nothing_lost_in_ord
     finally:
         await fleet.close()
     print_figures("a+b", figures, fleet)
-    xfail_known_bugs(fleet)
+    fail_on_known_bugs(fleet)
 
 
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
@@ -88,7 +88,7 @@ async def test_c_receiver_disabled_once_then_enabled_d_sigkill_of_a_hub_process(
     finally:
         await fleet.close()
     print_figures("c+d", figures, fleet)
-    xfail_known_bugs(fleet)
+    fail_on_known_bugs(fleet)
 
 
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
@@ -113,7 +113,7 @@ async def test_e_sigstop_of_a_hub_process_past_its_leases_then_sigcont(
     finally:
         await fleet.close()
     print_figures("e", figures, fleet)
-    xfail_known_bugs(fleet)
+    fail_on_known_bugs(fleet)
 
 
 @pytest.mark.timeout(400)  # a loaded box (the whole suite on 2 cores) slows the hub down a lot
@@ -134,4 +134,4 @@ async def test_f_a_gateway_sigkilled_one_gateway_offline_for_the_hub_no_device_o
     finally:
         await fleet.close()
     print_figures("f", figures, fleet)
-    xfail_known_bugs(fleet)
+    fail_on_known_bugs(fleet)

@@ -29,6 +29,7 @@ from tests.faults.fleet_rig import (
     PER_FAULT,
     Fleet,
     delivered,
+    fail_on_known_bugs,
     gateway_killed,
     hub_killed,
     hub_stopped,
@@ -37,7 +38,6 @@ from tests.faults.fleet_rig import (
     print_figures,
     receiver_disabled,
     waited,
-    xfail_known_bugs,
 )
 
 DEVICES = 5000  # per gateway
@@ -79,4 +79,4 @@ async def test_fleet_of_10000_devices_through_every_fault(
     finally:
         await fleet.close()
     print_figures("long", figures, fleet)
-    xfail_known_bugs(fleet)
+    fail_on_known_bugs(fleet)
