@@ -61,6 +61,7 @@ class HubClaims:
         self.store = store
         self.dispatcher = dispatcher
         self.owner = owner or member_name()
+        store.app_name = self.owner
         self.holdings = Holdings()
         self._clock = clock
         self._conn: Conn | None = None
@@ -119,7 +120,9 @@ class HubClaims:
     async def _connection(self) -> Conn:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
-            conn = self._conn = await connect(self.store.url, connect_timeout=int(TTL), options=SESSION_OPTIONS)
+            conn = self._conn = await connect(
+                self.store.url, connect_timeout=int(TTL), options=SESSION_OPTIONS, application_name=self.owner
+            )
         return conn
 
     async def _lost_connection(self, e: BaseException) -> None:
@@ -135,6 +138,10 @@ class HubClaims:
     async def _tick(self, conn: Conn) -> None:
         sent = self._clock()
         await sql.heartbeat(conn, self.owner)
+        for gone in await sql.fence_off(conn, self.owner, MEMBER_TTL + 1.0):
+            # A member that stopped renewing (SIGSTOP, a paused VM, cut off) may sit inside a transaction holding
+            # the hub's delivery-id lock and its lease rows: every other process would wait for it for good.
+            log.warning("hub_member_fenced", member=gone)
         got = await sql.renew(conn, self.owner, {p: e for p, (e, _) in self.holdings.held.items()}, TTL)
         now, rows = await sql.leases(conn)
         live = await sql.members(conn, MEMBER_TTL)

@@ -118,6 +118,9 @@ class PostgresStore:
         # Set on a hub of several processes (dispatch/claims.py): receipts are fenced by our leases, pages
         # read only our partitions, new deliveries are announced to the other processes.
         self.fence: Fence | None = None
+        # Every session of this process says who it is (pg_stat_activity): on a hub, the member name, so that the
+        # others can end the sessions of a member that stopped renewing (postgres_leases.fence_off).
+        self.app_name = "webhookd"
 
     @property
     def healthy(self) -> bool:
@@ -134,7 +137,9 @@ class PostgresStore:
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def _connect(self) -> Conn:
-        return await connect(self.url, connect_timeout=CONNECT_TIMEOUT, options=SESSION_OPTIONS)
+        return await connect(
+            self.url, connect_timeout=CONNECT_TIMEOUT, options=SESSION_OPTIONS, application_name=self.app_name
+        )
 
     async def open(self) -> None:
         conn = await self._connect()
@@ -148,7 +153,12 @@ class PostgresStore:
             self.url,
             min_size=1,
             max_size=POOL_SIZE,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "options": SESSION_OPTIONS},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT,
+                "options": SESSION_OPTIONS,
+                "application_name": self.app_name,
+            },
             timeout=READ_TIMEOUT,
             check=AsyncConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,

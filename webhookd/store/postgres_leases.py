@@ -74,6 +74,19 @@ async def heartbeat(c: Conn, me: str) -> None:
     )
 
 
+async def fence_off(c: Conn, me: str, ttl: float) -> list[str]:
+    """End the database sessions of members not seen within `ttl` (their leases have expired): a stopped process
+    can hold locks in an open transaction, mid-pipeline, where no server timeout applies. Returns the members."""
+    cur = await c.execute(
+        "WITH victims AS MATERIALIZED (SELECT a.pid, a.application_name AS member FROM pg_stat_activity a"
+        " JOIN hub_members m ON m.owner = a.application_name WHERE a.datname = current_database()"
+        f" AND a.pid <> pg_backend_pid() AND m.owner <> %s AND m.seen_at < {DB_NOW} - %s)"
+        " SELECT DISTINCT member FROM victims WHERE pg_terminate_backend(pid)",
+        (me, ttl),
+    )
+    return [r[0] for r in await cur.fetchall()]
+
+
 async def members(c: Conn, ttl: float) -> list[str]:
     cur = await c.execute(f"SELECT owner FROM hub_members WHERE seen_at > {DB_NOW} - %s ORDER BY owner", (ttl,))
     return [r[0] for r in await cur.fetchall()]
