@@ -86,7 +86,7 @@ class Holdings:
 
     def epochs(self, now: float) -> tuple[list[int], list[int]]:
         """(parts, epochs) of the valid leases: what a fenced write may touch."""
-        parts = sorted(p for p, (_, until) in self.held.items() if now < until)
+        parts = sorted(self.owned(now))
         return parts, [self.held[p][0] for p in parts]
 
     def renewed(self, got: dict[int, int], sent_at: float) -> tuple[set[int], set[int]]:

@@ -98,24 +98,26 @@ class HubClaims:
             await self._lost_connection(e)
 
     async def run(self) -> None:
-        listener = asyncio.get_running_loop().create_task(self._listen(), name="hub-notices")
         try:
-            while True:
-                started = self._clock()
-                try:
-                    await self._tick(await self._connection())
-                except (psycopg.Error, StoreError) as e:
-                    await self._lost_connection(e)
-                self.lost_any()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, RENEW_EVERY - (self._clock() - started))):
-                        await self._sync.wait()
-                self._sync.clear()
+            # The listener in a TaskGroup of ours: an unexpected exception of it ends run() (and the daemon).
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._listen(), name="hub-notices")
+                await self._renew_loop()
         finally:
-            listener.cancel()
-            with contextlib.suppress(BaseException):
-                await listener
             await self._leave()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            started = self._clock()
+            try:
+                await self._tick(await self._connection())
+            except (psycopg.Error, StoreError) as e:
+                await self._lost_connection(e)
+            self.lost_any()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, RENEW_EVERY - (self._clock() - started))):
+                    await self._sync.wait()
+            self._sync.clear()
 
     async def _connection(self) -> Conn:
         conn = self._conn
@@ -154,17 +156,15 @@ class HubClaims:
         if decided.claim:
             got.update(await sql.claim(conn, self.owner, list(decided.claim), TTL))
         gained, lost = self.holdings.renewed(got, sent)
-        if decided.release:
-            # Dropped locally first (above), then given back: no attempt of ours overlaps the next holder's.
+        if gained or lost:  # a release is a loss: dropped locally first, then given back below
             self.dispatcher.repartition()
+        if decided.release:  # no attempt of ours overlaps the next holder's
             await sql.release(conn, self.owner, list(decided.release))
         if self._failing:
             self._failing = False
             log.info("hub_leases_renewed", held=len(got))
         if gained or lost:
             log.info("hub_partitions", held=len(got), gained=len(gained), lost=len(lost), members=len(live))
-            if not decided.release:
-                self.dispatcher.repartition()
         at, shared = await sql.endpoints(conn)
         self.dispatcher.sync_endpoints(shared, at)
         self._ticks += 1

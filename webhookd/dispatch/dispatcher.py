@@ -80,7 +80,6 @@ class Dispatcher(Paging, OperatorActions, SharedEndpoints):
         self.on_outcome: Callable[[str, str], None] | None = None  # metrics hook: persisted status of an attempt
         # On a hub of several processes (attach_hub): the claims of this process, and which lanes are ours.
         self.hub: HubClaims | None = None
-        self.lane_filter: Callable[[str, str], bool] | None = None
         self._db_skew = 0.0
 
     # --- the loop ------------------------------------------------------------------------------------------

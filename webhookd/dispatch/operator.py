@@ -38,7 +38,6 @@ class OperatorActions:
     _wake: asyncio.Event
     _wall: Callable[[], float]
     hub: HubClaims | None
-    lane_filter: Callable[[str, str], bool] | None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         raise NotImplementedError
@@ -76,7 +75,7 @@ class OperatorActions:
             if ecfg.relay and row.disabled:  # the relay is never disabled: a disable from before is undone
                 row = replace(row, disabled=False, disabled_reason=None)
                 log.info("endpoint_enabled", endpoint=name, reason="the relay to a hub is never disabled")
-            rt = EndpointRuntime(cfg=ecfg, row=row, accept=self.lane_filter)
+            rt = EndpointRuntime(cfg=ecfg, row=row, accept=None if self.hub is None else self.hub.holds)
             self.endpoints[name] = rt
             if row.disabled:
                 await self.store.hold(row)

@@ -35,7 +35,6 @@ BUSY_RETRY = 0.5  # seconds before asking again for a probe the database could n
 class SharedEndpoints:
     endpoints: dict[str, EndpointRuntime]
     hub: HubClaims | None
-    lane_filter: Callable[[str, str], bool] | None
     _stale: set[int]
     _wake: asyncio.Event
     _clock: Callable[[], float]
@@ -46,7 +45,6 @@ class SharedEndpoints:
 
     def attach_hub(self, hub: HubClaims) -> None:
         self.hub = hub
-        self.lane_filter = hub.holds
         for rt in self.endpoints.values():
             rt.accept = hub.holds
 

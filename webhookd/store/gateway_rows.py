@@ -167,14 +167,10 @@ def sqlite_load(c: sqlite3.Connection) -> list[GatewayRow]:
 # --- PostgreSQL (async functions of the writer's connection, inside its transaction; reads on a pooled one) ------
 
 
-async def _pg_locked(c: Conn, name: str, create: bool) -> GatewayRow | None:
-    """The gateway's row, locked until the transaction ends (`create`: made first if missing, so that two
-    processes touching a new gateway together serialize on it)."""
-    async with c.pipeline():  # one round trip
-        if create:
-            await c.execute("INSERT INTO gateways (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
-        cur = await c.execute(_pg(SELECT_ONE) + " FOR UPDATE", (name,))
-        found = await cur.fetchone()
+async def _pg_locked(c: Conn, name: str) -> GatewayRow | None:
+    """The gateway's row, locked until the transaction ends (None: never heard from)."""
+    cur = await c.execute(_pg(SELECT_ONE) + " FOR UPDATE", (name,))
+    found = await cur.fetchone()
     return None if found is None else from_row(found)
 
 
@@ -210,7 +206,7 @@ async def pg_expire(
     for name in sorted(names):  # one lock order for every process
         if name not in targets:
             continue
-        found = await _pg_locked(c, name, create=False)
+        found = await _pg_locked(c, name)
         # Rechecked under the lock: another process may have flipped it (or it was touched) meanwhile.
         flip = None if found is None else rules.check(found, now)
         if flip is None:

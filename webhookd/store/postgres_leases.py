@@ -92,10 +92,6 @@ async def members(c: Conn, ttl: float) -> list[str]:
     return [r[0] for r in await cur.fetchall()]
 
 
-async def others_alive(c: Conn, me: str, ttl: float) -> bool:
-    return any(m != me for m in await members(c, ttl))
-
-
 async def leases(c: Conn) -> tuple[float, list[LeaseRow]]:
     """The database's now and every lease row."""
     cur = await c.execute(f"SELECT {DB_NOW}, part, owner, epoch, expires_at FROM leases ORDER BY part")
