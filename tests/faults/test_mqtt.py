@@ -4,11 +4,15 @@ SIGKILL with retained availabilities, refused logins and ACLs, TLS. No storms, n
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
+from datetime import datetime
+from typing import Any
 
 from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
 from tests.harness import Daemon, Receiver, endpoint, eventually
+from tests.mqtt_broker import Broker
 from tests.test_mqtt_daemon import connected, kinds, mqtt_cfg
 
 
@@ -107,6 +111,45 @@ async def test_a_refused_login_is_logged_and_the_http_side_goes_on(
     d.write_config()
     d.signal(signal.SIGHUP)
     await connected(d)
+
+
+def _at(line: dict[str, Any]) -> float:
+    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+async def test_an_unreachable_broker_is_retried_with_a_growing_backoff_and_the_http_side_goes_on(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory, devices: DevicesFactory
+) -> None:
+    b = await broker(start=False)  # its port is reserved, nothing listens on it yet
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "tasmota"}))
+
+    def unreachable() -> list[dict[str, Any]]:
+        return [x for x in d.logs() if x.get("event") == "mqtt_unreachable"]
+
+    await eventually(lambda: len(unreachable()) >= 4, 20)
+    lines = unreachable()
+    assert all(x["level"] == "warning" and x["broker"] == b.url and x["error"] for x in lines)
+    # 1 s doubling, each wait jittered to 0.5-1.0 of it: gaps of 0.5-1, 1-2, 2-4 s (+ slack for a busy box)
+    gaps = [_at(y) - _at(x) for x, y in itertools.pairwise(lines[:4])]
+    for k, gap in enumerate(gaps):
+        assert 0.5 * 2**k - 0.05 <= gap <= 2**k + 1.0, gaps
+    # the daemon and its HTTP side are unaffected meanwhile
+    assert not [x for x in d.logs() if x.get("event") == "daemon_crashed"]
+    await d.heartbeat("http-1")
+    await r.wait_for(1)
+    _, body = await d.admin("GET", "/v1/status")
+    assert body["mqtt"]["connected"] is False and body["mqtt"]["broker"] == b.url
+    # the broker comes up: the next attempt (at most 30 s of backoff away, 8 s here) connects by itself
+    await devices_online(b, devices)
+    await connected(d)
+    await r.wait_for(2, timeout=15)
+    assert kinds(r)[1] == ("device.online", "dev-1", "connected")
+
+
+async def devices_online(b: Broker, devices: DevicesFactory) -> None:
+    await b.start()
+    await devices(b, 1, preset="tasmota", keepalive=5)
 
 
 async def test_a_password_broker_with_an_acl(
