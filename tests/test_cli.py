@@ -409,11 +409,15 @@ def test_cut_and_times() -> None:
     assert cli.cut("line\nbreak", 20) == "line break"
     now = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
     assert cli.format_time(None, now) == "-"
-    assert cli.format_time("2026-11-22T11:58:00.000Z", now) == "2m ago"
+    assert cli.format_time("2026-11-22T11:58:00.000Z", now) == "2m 0s ago"
+    assert cli.format_time("2026-11-22T12:05:59.478Z", now) == "in 5m 59s"
     assert cli.format_time("2026-11-22T12:00:30Z", now) == "in 30s"
     assert cli.format_time("2026-11-22T09:30:00Z", now) == "2h 30m ago"
     assert cli.format_time("2026-10-01T08:15:00Z", now) == "2026-10-01 08:15Z"
     assert cli.format_duration(3 * 86400 + 4 * 3600 + 5) == "3d 4h"
+    # as people read them (issue 10, item 9), the way the console log writes them
+    durations = {0.4: "0s", 42: "42s", 359.478: "5m 59s", 360: "6m 0s", 3599: "59m 59s", 3600: "1h", 7500: "2h 5m"}
+    assert {s: cli.format_duration(s) for s in durations} == durations
 
 
 # -------------------------------------------------------------------------------- admin client (fake daemon)

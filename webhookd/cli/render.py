@@ -95,12 +95,14 @@ def parse_time(value: object) -> datetime | None:
 
 
 def format_duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``3h 5m``, ``2d 4h``."""
+    """``45s``, ``6m 0s``, ``3h 5m``, ``2d 4h``: two units at most, as the console log writes durations (a retry
+    due in 359.5 s reads ``in 5m 59s`` here and ``retry_in=5m 59s`` there); ``--json`` keeps the seconds."""
     s = int(max(0.0, seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m"
+        m, sec = divmod(s, 60)
+        return f"{m}m {sec}s"
     if s < 86400:
         h, m = divmod(s // 60, 60)
         return f"{h}h {m}m" if m else f"{h}h"
