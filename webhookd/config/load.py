@@ -117,7 +117,10 @@ def _endpoint(c: Converter, item: object, path: str, delivery: DeliveryConfig) -
     values.setdefault("timeout", delivery.timeout)
     if len(c.problems) != n_before:
         return None
-    return EndpointConfig(**values)
+    try:
+        return EndpointConfig(**values)
+    except TypeError:  # a required key missing, its problem reported before us (a ${VAR} not set in url)
+        return None
 
 
 TEMPLATE_KEYS = ("template", "template_file", "content_type")
