@@ -7,7 +7,9 @@ import time
 from datetime import datetime
 
 from tests.conftest import BrokerFactory, DaemonFactory, ReceiverFactory
-from tests.harness import Receiver, endpoint
+from tests.harness import SECRET, Receiver, endpoint
+
+PEOPLE = ("slack", "ntfy")
 
 
 def seen(r: Receiver) -> list[tuple[str, str, str]]:
@@ -129,3 +131,69 @@ async def test_an_mqtt_device_back_within_the_debounce_makes_no_event(
     assert seen(r)[1] == ("device.offline", "plug", "disconnected")
     _, dev = await d.admin("GET", "/v1/devices/plug")
     assert dev["source"] == "mqtt"
+
+
+async def test_a_kill_during_the_debounce_loses_nothing_and_invents_nothing(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], presence={"debounce": "4s"})
+    await d.heartbeat("back-1")
+    await d.heartbeat("gone-1")
+    await r.wait_for(2)
+    t0 = time.time()
+    assert (await d.heartbeat("back-1", "reboot"))["changed"] is False  # held: no event yet
+    assert (await d.heartbeat("gone-1", "shutdown"))["changed"] is False
+    await d.kill()  # no goodbye: what is held must already be durable
+    await d.start()
+    assert time.time() - t0 < 3.5, "the restart took longer than the debounce: the test proves nothing"
+    assert (await d.heartbeat("back-1"))["changed"] is False  # back within the debounce: no event at all
+    await r.wait_for(3, timeout=8)
+    await asyncio.sleep(1.5)
+    assert seen(r) == [
+        ("device.online", "back-1", "heartbeat"),
+        ("device.online", "gone-1", "heartbeat"),
+        ("device.offline", "gone-1", "shutdown"),
+    ]
+    off = r.events()[2]
+    assert abs(when(off) - t0) < 0.5 and off["device"]["previous_state"] == "online"
+    _, dev = await d.admin("GET", "/v1/devices/back-1")
+    assert dev["state"] == "online"
+
+
+async def test_reminders_reach_people_and_remoteit_kobiton_receivers_as_offline(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    rs = {name: await receiver() for name in ("remoteit", "kobiton", "slack", "ntfy")}
+    d = await daemon(
+        [
+            endpoint(name, r, format=name, events=["still_offline"], secret=None if name in PEOPLE else SECRET)
+            for name, r in rs.items()
+        ],
+        presence={"silence_timeout": "1s", "remind_every": "1s"},
+    )
+    await d.heartbeat("pump", name="Pumpe")
+    got = {name: (await r.wait_for(1, timeout=8))[0] for name, r in rs.items()}
+    assert {k: got["remoteit"].json[k] for k in ("Device", "Name", "State", "Type")} == {
+        "Device": "pump",
+        "Name": "Pumpe",
+        "State": "offline",
+        "Type": "device_state",
+    }
+    kob = got["kobiton"].json
+    assert (kob["eventActivity"], kob["eventDescription"], kob["deviceUdid"]) == (
+        "device.status.offline",
+        "Offline",
+        "pump",
+    )
+    assert got["slack"].json["text"].startswith("pump (Pumpe) is still offline after 1s (reminder 1); no heartbeat")
+    n = got["ntfy"]
+    assert n.body.decode() == got["slack"].json["text"]
+    assert (n.headers["Title"], n.headers["Priority"], n.headers["Tags"]) == (
+        "pump (Pumpe) is still offline",
+        "high",
+        "hourglass,still_offline",
+    )
+    # Only reminders are subscribed: the first webhook of each is the same event (the offline went to none).
+    assert len({x.headers["Webhook-Id"] for x in got.values()}) == 1
+    assert all("still offline" in x.json["text"] for x in rs["slack"].got)

@@ -260,3 +260,33 @@ async def test_forget_drops_the_device_and_its_mute_and_its_pending_deliveries_c
     await d.start()
     assert set(await devices(d)) == {"old-1"}
     assert not (await devices(d))["old-1"]["muted"]
+
+
+async def test_forget_stops_the_device_s_silence_timer_held_offline_and_reminders(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon(
+        [endpoint("sink", r)],
+        presence={"debounce": "1s", "remind_every": "1s"},
+        devices=[{"match": "timed-*", "silence_timeout": "1s"}],
+    )
+    for dev in ("timed-1", "held-1", "nag-1"):
+        await d.heartbeat(dev)
+    await r.wait_for(3)
+    assert (await d.admin("DELETE", "/v1/devices/timed-1"))[0] == 200  # before its 1 s silence timeout
+    await d.heartbeat("held-1", "reboot")  # held by the 1 s debounce
+    assert (await d.admin("DELETE", "/v1/devices/held-1"))[0] == 200
+    await d.heartbeat("nag-1", "shutdown")
+    await r.wait_for(5, timeout=6)  # its offline after the debounce, then reminder 1
+    assert seen(r)[3:] == [("device.offline", "nag-1"), ("device.still_offline", "nag-1")]
+    assert (await d.admin("DELETE", "/v1/devices/nag-1"))[0] == 200
+    n = len(r.got)
+    await asyncio.sleep(2.5)  # past every timer the three had
+    assert len(r.got) == n and n <= 6  # a reminder 2 at most, if it was due while the DELETE was on its way
+    assert {x["device"] for x in logged(d, "device_offline")} == {"nag-1"}
+    assert await devices(d) == {}
+    await d.stop()
+    await d.start()
+    await asyncio.sleep(1.5)  # nothing comes back from the store either
+    assert len(r.got) == n and await devices(d) == {}
