@@ -255,6 +255,10 @@ def test_template_is_sandboxed_and_strict() -> None:
         render(ev(), ep("template", template="{{ ''.__class__.__mro__ }}", content_type="text/plain"))
     with pytest.raises(RenderError, match="did not produce valid JSON"):
         render(ev(name='say "hi"'), ep("template", template='{"n": "{{ event.device.name }}"}'))
+    # Python's json would take these; JSON and the receivers' parsers do not.
+    for word in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(RenderError, match=f"did not produce valid JSON for application/json: {word} is not"):
+            render(ev(), ep("template", template='{"v": ' + word + "}"))
 
 
 def write(tmp_path: Path, endpoints: str, files: dict[str, str] | None = None) -> Path:

@@ -307,11 +307,18 @@ def render_template(source: str, content_type: str, context: Mapping[str, Any], 
         raise RenderError(_problem(e, where)) from None
     if is_json_type(content_type):
         try:
-            json.loads(text)
+            json.loads(text, parse_constant=_not_json)
         except json.JSONDecodeError as e:
             why = f"{e.msg} at line {e.lineno}, column {e.colno} of its output"
             raise RenderError(f"the {where} did not produce valid JSON for {content_type}: {why}") from None
+        except ValueError as e:
+            raise RenderError(f"the {where} did not produce valid JSON for {content_type}: {e}") from None
     return text.encode("utf-8")
+
+
+def _not_json(word: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON (RFC 8259) and most receivers' parsers refuse.
+    raise ValueError(f"{word} is not a JSON value (write null or a number)")
 
 
 def sample_events(kinds: Iterable[str]) -> list[EventData]:
