@@ -270,16 +270,24 @@ def test_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["-c", "/a.yaml", "gen-secret"], "gen-secret reads no config"),
         (["--config", "/a.yaml", "sink"], "sink reads no config"),
-        (["gen-secret", "-c", "/a.yaml"], "unrecognized arguments: -c"),
-        (["sink", "--port", "0", "-c", "/a.yaml"], "unrecognized arguments: -c"),
+        # after the command, the same words as before it (not argparse's "unrecognized arguments")
+        (["gen-secret", "-c", "/a.yaml"], "gen-secret reads no config"),
+        (["gen-secret", "--config=/a.yaml"], "gen-secret reads no config"),
+        (["sink", "--port", "0", "-c", "/a.yaml"], "sink reads no config"),
+        (["sink", "-c/a.yaml"], "sink reads no config"),
         (["--json", "gen-secret"], "gen-secret has no JSON output"),
         (["--json", "run"], "run has no JSON output"),
-        (["check-config", "--json"], "unrecognized arguments: --json"),
+        (["check-config", "--json"], "check-config has no JSON output"),
+        (["sink", "--json"], "sink has no JSON output"),
+        # anything else left over is still argparse's error
+        (["gen-secret", "--bogus"], "unrecognized arguments: --bogus"),
+        (["status", "extra"], "unrecognized arguments: extra"),
     ],
 )
 def test_gen_secret_and_sink_refuse_config(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(argv, capsys)
     assert (rc, out) == (2, "") and message in err
+    assert err.startswith("usage: webhookd") and err.count("webhookd: error:") == 1, err
 
 
 def test_help_says_gen_secret_and_sink_refuse_config(capsys: pytest.CaptureFixture[str]) -> None:

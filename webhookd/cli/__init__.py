@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="webhookd",
         description="Device presence daemon: heartbeats in, signed durable webhooks out.",
         epilog="-c and --json may come before or after the command. gen-secret and sink read no config "
-        "and refuse -c; --json is for the commands that ask the daemon.",
+        "and refuse -c wherever it is; --json is for the commands that ask the daemon.",
         parents=[data],
     )
     parser.add_argument("--version", action="version", version=f"webhookd {__version__}", help="print the version")
@@ -296,11 +296,16 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
-def _misplaced_option(args: argparse.Namespace) -> str | None:
-    """-c or --json given before a command that has no use for it (after it, argparse refuses it itself)."""
-    if hasattr(args, "config") and not getattr(args, "takes_config", True):
+def _is_config_option(arg: str) -> bool:
+    return arg.startswith("-c") or arg == "--config" or arg.startswith("--config=")  # -c PATH, -cPATH, --config=PATH
+
+
+def _misplaced_option(args: argparse.Namespace, extra: Sequence[str] = ()) -> str | None:
+    """-c or --json given to a command that has no use for it: before the command it parses (the top-level
+    parser has both), after it it is left over in ``extra``; either way the same words (issue 10, item 9)."""
+    if (hasattr(args, "config") or any(map(_is_config_option, extra))) and not getattr(args, "takes_config", True):
         return f"{args.command} reads no config: -c/--config is not accepted"
-    if getattr(args, "json", False) and not getattr(args, "takes_json", True):
+    if (getattr(args, "json", False) or "--json" in extra) and not getattr(args, "takes_json", True):
         return f"{args.command} has no JSON output: --json is not accepted"
     return None
 
@@ -310,15 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _tolerant_output()
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # parse_args() is parse_known_args() plus "unrecognized arguments" for what is left over; a left-over -c
+        # or --json is named the way one given before the command is
+        args, extra = parser.parse_known_args(argv)
         handler: Handler | None = getattr(args, "handler", None)
-        if handler is None:
-            parser.print_help(sys.stderr)
-            return EXIT_ERROR
-        misplaced = _misplaced_option(args)
+        misplaced = _misplaced_option(args, extra) if handler is not None else None
         if misplaced:
             parser.print_usage(sys.stderr)
             print(f"webhookd: error: {misplaced}", file=sys.stderr)
+            return EXIT_ERROR
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if handler is None:
+            parser.print_help(sys.stderr)
             return EXIT_ERROR
         return handler(args)
     except SystemExit as e:
