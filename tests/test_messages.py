@@ -446,6 +446,7 @@ async def test_heartbeat_reaches_receivers_as_messages_for_people(
     teams = got["teams"].json
     assert got["teams"].headers["Content-Type"] == "application/json"
     assert teams["attachments"][0]["content"]["body"][1]["text"] == text
+    assert _adaptive_card_problems([teams["attachments"][0]["content"]]) == [[]]  # the card as it was sent
 
     n = got["ntfy"]
     assert n.headers["Content-Type"] == "text/plain; charset=utf-8"
