@@ -171,6 +171,8 @@ async def test_unmute_names_the_glob_that_mutes_a_device_and_bad_input_changes_n
         {"match": "x", "for": "0s"},
         {"match": "x", "for": "-1h"},
         {"match": "x", "reason": 7},
+        {"match": "x", "reason": "two\nlines"},
+        {"match": "x", "reason": "\x1b[31mred"},
         {"match": "x", "until": "tomorrow"},
         [1],
     ):

@@ -300,6 +300,9 @@ class AdminAPI:
             return error_response(400, "reason must be a string", "reason")
         if isinstance(reason, str) and len(reason) > REASON_MAX:
             return error_response(400, f"reason must be at most {REASON_MAX} characters", "reason")
+        if isinstance(reason, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in reason):
+            # The CLI prints it and the log keeps it: no line breaks or terminal escapes in an operator's words.
+            return error_response(400, "reason must be one line without control characters", "reason")
         who = peer_user(request)
         rule = MuteRule(match, until, reason or None, wall, who)
         try:
