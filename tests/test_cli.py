@@ -509,7 +509,7 @@ DELIVERIES: list[dict[str, Any]] = [
         "attempts": 2,
         "next_attempt_at": iso(NOW + timedelta(minutes=5, seconds=30)),
         "last_status": 503,
-        "last_error": "Service Unavailable",
+        "last_error": "HTTP 503",  # as the daemon words it (webhookd/dispatch/sender.py)
         "created_at": iso(NOW - timedelta(minutes=6)),
     },
     {
@@ -714,6 +714,20 @@ def test_deliveries_table_and_query(fake_admin: tuple[FakeAdmin, Path], capsys: 
     lines = out.splitlines()
     assert all(len(line) <= 100 for line in lines)
     assert "101" in lines[1] and re.search(r"in [1-5]m", lines[1]) and "503" in lines[1]
+    assert " HTTP 503 " in lines[1] and "503 HTTP 503" not in lines[1]  # the status is said once
+
+
+def test_last_result_says_the_status_once() -> None:
+    row = msgspec.convert(DELIVERIES[0], api_types.DeliveryInfo)
+    result = cli.commands._last_result
+    assert result(msgspec.structs.replace(row, last_error="redirect 302 not followed", last_status=302)) == (
+        "redirect 302 not followed"
+    )
+    assert result(row) == "HTTP 503"
+    assert result(msgspec.structs.replace(row, last_error="Service Unavailable")) == "503 Service Unavailable"
+    assert result(msgspec.structs.replace(row, last_error=None, last_status=200)) == "200"
+    assert result(msgspec.structs.replace(row, last_error="timeout after 5s", last_status=None)) == "timeout after 5s"
+    assert result(msgspec.structs.replace(row, last_error=None, last_status=None)) == "-"
 
 
 def test_deliveries_cut_by_the_limit(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -341,7 +341,12 @@ def _print_test(name: str, result: EndpointTestResult, document: object | None) 
 
 
 def _last_result(d: DeliveryInfo) -> str:
+    """``HTTP 503``, ``redirect 302 not followed``, ``connection refused (10.0.0.9:443)``, ``200``. The daemon's
+    error names an HTTP status itself, so the status goes in front only of an error without it (an older daemon
+    stored the reason phrase: ``503 Service Unavailable``)."""
     if d.last_status is not None and d.last_error:
+        if str(d.last_status) in d.last_error.split():
+            return d.last_error
         return f"{d.last_status} {d.last_error}"
     if d.last_status is not None:
         return str(d.last_status)
