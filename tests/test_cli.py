@@ -783,11 +783,14 @@ def test_endpoint_test(fake_admin: tuple[FakeAdmin, Path], capsys: pytest.Captur
     rc, out, _ = run(["endpoints", "test", "ops", "-c", str(cfg)], capsys)
     assert rc == 0 and out == "ops: 200 OK in 12.3 ms\n"
     rc, _, err = run(["endpoints", "test", "bad", "-c", str(cfg)], capsys)
-    assert rc == 1 and err.startswith("bad: 500 Internal Server Error in 8.2 ms")
+    assert (rc, err) == (1, "bad: 500 Internal Server Error in 8.2 ms\n")  # not again as "(HTTP 500)"
     rc, _, err = run(["endpoints", "test", "down", "-c", str(cfg)], capsys)
     assert rc == 1 and "connection refused" in err
     rc, out, _ = run(["endpoints", "test", "bad", "--json", "-c", str(cfg)], capsys)
     assert rc == 1 and json.loads(out)["status"] == 500
+    moved = api_types.EndpointTestResult("ops", False, 302, 3.0, "redirect 302 not followed")
+    assert cli.commands._print_test("ops", moved, None) == 1
+    assert capsys.readouterr().err == "ops: 302 Found in 3.0 ms (redirect 302 not followed)\n"
 
 
 def last_body(server: FakeAdmin) -> Any:

@@ -329,7 +329,8 @@ def _print_test(name: str, result: EndpointTestResult, document: object | None) 
         except ValueError:
             phrase = ""
         line = f"{name}: {result.status}{' ' + phrase if phrase else ''}{took}"
-        if result.error and not result.ok:
+        # `HTTP 500` says nothing the status line does not; `redirect 302 not followed` does
+        if result.error and not result.ok and result.error != f"HTTP {result.status}":
             line += f" ({result.error})"
     else:
         line = f"{name}: failed{took}: {result.error or 'no answer'}"
