@@ -197,3 +197,20 @@ async def test_reminders_reach_people_and_remoteit_kobiton_receivers_as_offline(
     # Only reminders are subscribed: the first webhook of each is the same event (the offline went to none).
     assert len({x.headers["Webhook-Id"] for x in got.values()}) == 1
     assert all("still offline" in x.json["text"] for x in rs["slack"].got)
+
+
+async def test_back_within_the_debounce_at_a_new_address_is_an_address_change(
+    daemon: DaemonFactory, receiver: ReceiverFactory
+) -> None:
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], presence={"debounce": "2s"})
+    await d.heartbeat("ap-1", address="10.0.0.1")
+    await r.wait_for(1)
+    await d.heartbeat("ap-1", "reboot")
+    answer = await d.heartbeat("ap-1", address="10.0.0.2")  # DHCP gave it another lease while it rebooted
+    assert answer == {"device": "ap-1", "state": "online", "changed": True}
+    await r.wait_for(2)
+    await asyncio.sleep(2.5)
+    assert seen(r) == [("device.online", "ap-1", "heartbeat"), ("device.address_changed", "ap-1", "heartbeat")]
+    moved = r.events()[1]["device"]
+    assert (moved["address"], moved["state"], moved["previous_state"]) == ("10.0.0.2", "online", "online")

@@ -151,7 +151,9 @@ class PresenceEngine:
         # Going offline leaves the heap entry to be discarded lazily when it is popped.
         if not dev.in_heap:
             self._push(dev)
-        if target == previous and previous != "offline" and address_moved:
+        # Back within the debounce is, to receivers, no change of state: a new address is still news.
+        unseen_offline = target != previous and kind is None and target == shown
+        if address_moved and (unseen_offline or (target == previous and previous != "offline")):
             kind, reason = "address_changed", "heartbeat"
 
         if dev.state == previous and kind is None:
