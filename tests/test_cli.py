@@ -719,7 +719,7 @@ def test_deliveries_table_and_query(fake_admin: tuple[FakeAdmin, Path], capsys: 
 
 def test_last_result_says_the_status_once() -> None:
     row = msgspec.convert(DELIVERIES[0], api_types.DeliveryInfo)
-    result = cli.commands._last_result
+    result = cli.deliveries._last_result
     assert result(msgspec.structs.replace(row, last_error="redirect 302 not followed", last_status=302)) == (
         "redirect 302 not followed"
     )
@@ -742,11 +742,11 @@ def test_deliveries_cut_by_the_limit(fake_admin: tuple[FakeAdmin, Path], capsys:
     assert rc == 0 and err == ""
     rc, out, err = run(["deliveries", "--limit", "1", "--json", "-c", str(cfg)], capsys)
     assert rc == 0 and json.loads(out) == DELIVERIES[:1] and err == ""
-    assert cli.commands._cut_line(1035, 1035) == "1,035 shown (limit 1,035; --limit N for more)"
+    assert cli.deliveries._cut_line(1035, 1035) == "1,035 shown (limit 1,035; --limit N for more)"
 
 
 def test_plurals() -> None:
-    assert [cli.commands._deliveries(n) for n in (0, 1, 2, 1035)] == [
+    assert [cli.render.n_deliveries(n) for n in (0, 1, 2, 1035)] == [
         "0 deliveries",
         "1 delivery",
         "2 deliveries",

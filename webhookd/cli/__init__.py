@@ -2,7 +2,8 @@
 
 ``run`` runs the daemon; ``check-config``, ``gen-secret`` and ``sink`` work locally; every other command is
 a thin client of the daemon's admin API (HTTP over the unix socket ``admin.socket``, CONTRACT §8).
-``client.py`` reaches the daemon, ``render.py`` prints tables and times, ``commands.py`` holds the commands.
+``client.py`` reaches the daemon, ``render.py`` prints tables and times, ``commands.py`` and
+``deliveries.py`` hold the commands.
 
 Exit codes: 0 ok; 1 failure (bad config, API error, failed test delivery); 2 usage error or unexpected error;
 3 the daemon is not running; 130 interrupted. Never a traceback (``WEBHOOKD_DEBUG=1`` shows one for
@@ -32,7 +33,6 @@ from webhookd.cli.client import (
 )
 from webhookd.cli.commands import (
     cmd_check_config,
-    cmd_deliveries,
     cmd_devices,
     cmd_endpoints,
     cmd_gateways,
@@ -41,6 +41,7 @@ from webhookd.cli.commands import (
     cmd_sink,
     cmd_status,
 )
+from webhookd.cli.deliveries import cmd_deliveries
 from webhookd.cli.render import cut, format_duration, format_time, render_table
 from webhookd.states import DELIVERY_STATUSES, DEVICE_STATES
 

@@ -1,4 +1,5 @@
-"""One function per command (CONTRACT §2): ``args`` in, the exit code out; failures raise ``CLIError``.
+"""One function per command (CONTRACT §2, ``deliveries.py`` has the deliveries'): ``args`` in, the exit code
+out; failures raise ``CLIError``.
 
 ``--json`` prints the API's document as the daemon sent it; the tables decode it into ``webhookd.api_types``
 first, so a wrong answer is a clear error. Each command imports what only it needs, when it runs.
@@ -14,8 +15,6 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from webhookd.cli.client import (
-    DEFAULT_LIMIT,
-    EXIT_ERROR,
     EXIT_FAILURE,
     EXIT_OK,
     AdminError,
@@ -25,15 +24,20 @@ from webhookd.cli.client import (
     config_path,
     load_config,
 )
-from webhookd.cli.render import aware, dash, format_duration, format_time, print_json, render_table
+from webhookd.cli.render import (
+    aware,
+    dash,
+    format_duration,
+    format_time,
+    n_deliveries,
+    print_json,
+    render_table,
+    wants_json,
+)
 from webhookd.states import DELIVERY_STATUSES, DEVICE_STATES
 
 if TYPE_CHECKING:
-    from webhookd.api_types import DeliveryInfo, EndpointInfo, EndpointTestResult, Replayed
-
-
-def _json(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "json", False))
+    from webhookd.api_types import EndpointInfo, EndpointTestResult
 
 
 # ------------------------------------------------------------------------------------------- local commands
@@ -78,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from webhookd.api_types import Status
 
     client = admin_client(args)
-    if _json(args):
+    if wants_json(args):
         print_json(client.get("/v1/status", dict[str, object]))
         return EXIT_OK
     s = client.get("/v1/status", Status)
@@ -144,7 +148,7 @@ def _mute(args: argparse.Namespace, action: str) -> int:
     else:
         body = UnmuteRequest(match)
     raw = client.request("POST", f"/v1/devices/{action}", body)
-    if _json(args):
+    if wants_json(args):
         print_json(client.decode(raw, object))
         return EXIT_OK
     rule = client.decode(raw, MuteInfo)
@@ -167,7 +171,7 @@ def _forget(args: argparse.Namespace) -> int:
     dev_id: str = args.id
     client = admin_client(args)
     raw = client.request("DELETE", "/v1/devices/" + quote(dev_id, safe=""))
-    if _json(args):
+    if wants_json(args):
         print_json(client.decode(raw, object))
         return EXIT_OK
     dev = client.decode(raw, DeviceInfo)
@@ -186,7 +190,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         return _forget(args)
     state = getattr(args, "state", None)
     client = admin_client(args)
-    if _json(args):
+    if wants_json(args):
         print_json(client.get("/v1/devices", object, {"state": state}))
         return EXIT_OK
     devices = client.get("/v1/devices", list[DeviceInfo], {"state": state})
@@ -224,7 +228,7 @@ def cmd_gateways(args: argparse.Namespace) -> int:
         if e.status == 404:  # a daemon without hub: (or one older than the gateway list)
             raise CLIError(NOT_A_HUB if e.message == NOT_A_HUB else f"no gateway list here: {e.message}") from e
         raise
-    if _json(args):
+    if wants_json(args):
         print_json(client.decode(raw, object))
         return EXIT_OK
     now = datetime.now(UTC)
@@ -260,7 +264,7 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
     if action in ("enable", "disable", "test"):
         return _endpoint_action(args, action)
     client = admin_client(args)
-    if _json(args):
+    if wants_json(args):
         print_json(client.get("/v1/endpoints", object))
         return EXIT_OK
     endpoints = client.get("/v1/endpoints", list[EndpointInfo])
@@ -300,16 +304,16 @@ def _endpoint_action(args: argparse.Namespace, action: str) -> int:
         raise
     if action == "test":
         result = client.decode(raw, EndpointTestResult)
-        return _print_test(name, result, client.decode(raw, object) if _json(args) else None)
-    if _json(args):
+        return _print_test(name, result, client.decode(raw, object) if wants_json(args) else None)
+    if wants_json(args):
         print_json(client.decode(raw, object))
         return EXIT_OK
     info = client.decode(raw, EndpointInfo)
     if action == "enable":
-        extra = f" ({_deliveries(info.pending)} pending)" if info.pending else ""
+        extra = f" ({n_deliveries(info.pending)} pending)" if info.pending else ""
         print(f"endpoint {name!r} enabled{extra}")
     else:
-        extra = f" ({_deliveries(info.held)} held)" if info.held else ""
+        extra = f" ({n_deliveries(info.held)} held)" if info.held else ""
         print(f"endpoint {name!r} disabled{extra}")
     return EXIT_OK
 
@@ -336,138 +340,3 @@ def _print_test(name: str, result: EndpointTestResult, document: object | None) 
         line = f"{name}: failed{took}: {result.error or 'no answer'}"
     print(line, file=sys.stdout if result.ok else sys.stderr)
     return code
-
-
-# --------------------------------------------------------------------------------------------- deliveries
-
-
-def _last_result(d: DeliveryInfo) -> str:
-    """``HTTP 503``, ``redirect 302 not followed``, ``connection refused (10.0.0.9:443)``, ``200``. The daemon's
-    error names an HTTP status itself, so the status goes in front only of an error without it (an older daemon
-    stored the reason phrase: ``503 Service Unavailable``)."""
-    if d.last_status is not None and d.last_error:
-        if str(d.last_status) in d.last_error.split():
-            return d.last_error
-        return f"{d.last_status} {d.last_error}"
-    if d.last_status is not None:
-        return str(d.last_status)
-    return dash(d.last_error)
-
-
-def cmd_deliveries(args: argparse.Namespace) -> int:
-    from webhookd.api_types import DeliveryInfo
-
-    if getattr(args, "action", None) == "replay":
-        return _replay(args)
-    query = {
-        "status": getattr(args, "status", None),
-        "endpoint": getattr(args, "endpoint", None),
-        "limit": getattr(args, "limit", None),
-    }
-    client = admin_client(args)
-    if _json(args):
-        print_json(client.get("/v1/deliveries", object, query))
-        return EXIT_OK
-    answer_headers: dict[str, str] = {}
-    deliveries = client.get("/v1/deliveries", list[DeliveryInfo], query, headers_out=answer_headers)
-    if not deliveries:
-        print("no deliveries")
-        return EXIT_OK
-    now = datetime.now(UTC)
-    rows = [
-        [
-            str(d.id),
-            dash(d.endpoint),
-            dash(d.device),
-            dash(d.type).removeprefix("device."),
-            d.status,
-            str(d.attempts),
-            format_time(d.next_attempt_at, now) if d.status == "pending" else "-",
-            _last_result(d),
-            format_time(d.created_at, now),
-        ]
-        for d in deliveries
-    ]
-    headers = ["ID", "ENDPOINT", "DEVICE", "TYPE", "STATUS", "TRIES", "NEXT", "LAST RESULT", "CREATED"]
-    print(render_table(headers, rows, flexible=(7, 2)))
-    limit: int = getattr(args, "limit", None) or DEFAULT_LIMIT
-    total = _total(answer_headers)
-    if len(deliveries) >= limit and (total is None or total > len(deliveries)):
-        # stderr, so that a table piped on stays a table
-        print(_cut_line(len(deliveries), limit, total), file=sys.stderr)
-    return EXIT_OK
-
-
-def _total(headers: dict[str, str]) -> int | None:
-    """How many deliveries matched, from the answer's header (None from a daemon that does not send it)."""
-    from webhookd.api_types import TOTAL_HEADER
-
-    value = next((v for k, v in headers.items() if k.lower() == TOTAL_HEADER.lower()), None)
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def _cut_line(shown: int, limit: int, total: int | None = None) -> str:
-    """Below a listing that was cut: ``100 of 1,035 shown (--limit N for more)``; without a total from the
-    daemon, ``100 shown (limit 100; --limit N for more)``."""
-    if total is not None:
-        return f"{shown:,} of {total:,} shown (--limit N for more)"
-    return f"{shown:,} shown (limit {limit:,}; --limit N for more)"
-
-
-def _replay(args: argparse.Namespace) -> int:
-    from webhookd.api_types import Replayed, ReplayRequest
-
-    ids: list[int] = list(getattr(args, "ids", None) or [])
-    endpoint = getattr(args, "endpoint", None)
-    status = getattr(args, "status", None)
-    if ids and (endpoint or status):
-        raise CLIError("deliveries replay: give delivery IDs or --endpoint NAME --status dead, not both", EXIT_ERROR)
-    if ids:
-        body = ReplayRequest(ids=ids)
-    elif endpoint:
-        body = ReplayRequest(endpoint=endpoint, status=status or "dead")
-    else:
-        raise CLIError("deliveries replay: give delivery IDs or --endpoint NAME [--status dead]", EXIT_ERROR)
-    client = admin_client(args)
-    try:
-        raw = client.request("POST", "/v1/deliveries/replay", body)
-    except AdminError as e:
-        if e.status == 404 and endpoint:
-            raise AdminError(404, f"unknown endpoint {endpoint!r}") from e
-        raise
-    done = client.decode(raw, Replayed)
-    if _json(args):
-        print_json(client.decode(raw, object))
-    elif done.replayed or not done.missing:
-        print(_replayed_line(done))
-    if done.missing:
-        if not _json(args):
-            print(_missing_line(done.missing), file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
-
-
-def _replayed_line(done: Replayed) -> str:
-    """``replayed 3 deliveries``, and what the held ones wait for: ``, 1 held until 'webhookd endpoints enable
-    sink2'`` (all of them held: ``, held until ...``)."""
-    line = f"replayed {_deliveries(done.replayed)}"
-    if not done.held:
-        return line
-    waits = [
-        f"'webhookd endpoints enable {name}'" if why == "disabled" else f"endpoint {name!r} is configured again"
-        for name, why in sorted(done.held_endpoints.items())
-    ]
-    until = " and ".join(waits) or "their endpoints are enabled (see 'webhookd endpoints')"
-    return f"{line}, {'' if done.held == done.replayed else f'{done.held} '}held until {until}"
-
-
-def _missing_line(ids: list[int], show: int = 10) -> str:
-    """``no delivery 99999``, ``no deliveries 7, 8`` (past ``show`` of them: ``..., 16 and 5 more``)."""
-    named = ", ".join(str(i) for i in ids[:show])
-    more = f" and {len(ids) - show} more" if len(ids) > show else ""
-    return f"no deliver{'y' if len(ids) == 1 else 'ies'} {named}{more}"
-
-
-def _deliveries(n: int) -> str:
-    """``1 delivery``, ``2 deliveries``, ``1,035 deliveries``."""
-    return f"{n:,} deliver{'y' if n == 1 else 'ies'}"

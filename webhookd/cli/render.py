@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -131,3 +132,13 @@ def print_json(data: object) -> None:
     import json
 
     print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    """``--json`` given (before or after the command)."""
+    return bool(getattr(args, "json", False))
+
+
+def n_deliveries(n: int) -> str:
+    """``1 delivery``, ``2 deliveries``, ``1,035 deliveries``."""
+    return f"{n:,} deliver{'y' if n == 1 else 'ies'}"
