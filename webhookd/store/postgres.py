@@ -54,7 +54,7 @@ from webhookd.store.api import (
 from webhookd.store.postgres_leases import Fence
 from webhookd.store.postgres_schema import Conn, connect, migrate
 from webhookd.store.postgres_touches import TouchOp
-from webhookd.store.postgres_writes import CallOp, WriteOp, apply, record_relayed
+from webhookd.store.postgres_writes import CallOp, WriteOp, apply, needs_id_lock, record_relayed, take_id_lock
 from webhookd.store.sqlite_writes import DevicesOp, device_row, receipts_op, record_op
 
 log = get_logger("webhookd.store")
@@ -278,13 +278,10 @@ class PostgresStore:
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            rows = batch[0][0].rows
-            while len(batch) < MAX_BATCH and rows < MAX_BATCH_ROWS and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                rows += batch[-1][0].rows
+            self._take(batch)
             self._inflight = batch
             started = time.perf_counter()
-            results, error, bug = await self._commit_batch([op for op, _ in batch])
+            results, error, bug = await self._commit_batch(batch)
             elapsed = time.perf_counter() - started
             if bug is not None:
                 self._resolve(batch[: len(results)], results)
@@ -313,11 +310,23 @@ class PostgresStore:
             else:
                 fut.set_result(res)
 
-    async def _commit_batch(self, ops: Sequence[WriteOp]) -> tuple[list[Any], str | None, Exception | None]:
-        """The results of `ops` (StoreUnavailable for those that failed), the error of the last transaction
-        (None: it committed), and an unexpected exception that stopped it (see SQLiteStore._commit_batch)."""
+    def _take(self, batch: list[_Queued]) -> list[WriteOp]:
+        """Move what is queued into `batch`, up to the batch limits; returns the operations added."""
+        start = len(batch)
+        rows = sum(op.rows for op, _ in batch)
+        while len(batch) < MAX_BATCH and rows < MAX_BATCH_ROWS and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+            rows += batch[-1][0].rows
+        return [op for op, _ in batch[start:]]
+
+    async def _commit_batch(self, batch: list[_Queued]) -> tuple[list[Any], str | None, Exception | None]:
+        """The results of the batch's operations (StoreUnavailable for those that failed), the error of the last
+        transaction (None: it committed), and an unexpected exception that stopped it (see
+        SQLiteStore._commit_batch). On a hub the batch may grow while its transaction waits for the delivery-id
+        lock (see _transaction)."""
+        ops = [op for op, _ in batch]
         try:
-            return await self._transaction(ops), None, None
+            return await self._transaction(ops, batch), None, None
         except (psycopg.Error, StoreError) as e:
             if len(ops) == 1 or self._conn is None:  # one op, or the connection is gone: all fail alike
                 return [StoreUnavailable(f"store unavailable: {_reason(e)}")] * len(ops), _reason(e), None
@@ -346,7 +355,12 @@ class PostgresStore:
             conn = self._conn = await self._connect()
         return conn
 
-    async def _transaction(self, ops: Sequence[WriteOp]) -> list[Any]:
+    async def _transaction(self, ops: list[WriteOp], batch: list[_Queued] | None = None) -> list[Any]:
+        """One transaction of `ops`. With `batch` (the writer's group commit, whose operations `ops` are) on a
+        hub, the delivery-id lock is taken first and what was queued while we waited for it joins the batch
+        (appended to both): the other processes commit in turns under that lock, so the wait is most of a
+        turn, and sealing the batch at the grant instead of before it about doubles the events per commit
+        (bench row 13)."""
         for attempt in (1, 2):
             conn = await self._writer_conn()
             stack = contextlib.AsyncExitStack()
@@ -361,16 +375,22 @@ class PostgresStore:
                 continue
             try:
                 async with stack:
-                    return await self._apply(conn, ops)
+                    locked = False
+                    if batch is not None and self.fence is not None and needs_id_lock(ops):
+                        await take_id_lock(conn)
+                        ops.extend(self._take(batch))
+                        locked = True
+                    return await self._apply(conn, ops, locked)
             except psycopg.OperationalError:
                 if conn.closed or conn.broken:
                     self._conn = None
                 raise
         raise AssertionError("unreachable")
 
-    async def _apply(self, conn: Conn, ops: Sequence[WriteOp]) -> list[Any]:
-        """The statements of one transaction (the seam a fault test may inject at)."""
-        return await apply(conn, ops, self.fence)
+    async def _apply(self, conn: Conn, ops: Sequence[WriteOp], locked: bool = False) -> list[Any]:
+        """The statements of one transaction (the seam a fault test may inject at); `locked`: the delivery-id
+        lock is held already."""
+        return await apply(conn, ops, self.fence, nested=locked)
 
     async def probe(self) -> bool:
         try:

@@ -110,16 +110,26 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[r[i] for r in rows] for i in range(width)]
 
 
+def needs_id_lock(ops: Sequence[WriteOp]) -> bool:
+    """On a hub: whether a batch of `ops` may insert deliveries (and so must hold DELIVERY_ID_LOCK)."""
+    return any(isinstance(op, (RecordOp, CallOp, TouchOp)) for op in ops)
+
+
+async def take_id_lock(c: Conn) -> None:
+    """DELIVERY_ID_LOCK, first in the transaction, before any row lock of the batch (an event id's, a
+    gateway's): taken later it could close a cycle with another process holding such a lock and waiting for
+    this one."""
+    await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
+
+
 async def apply(c: Conn, ops: Sequence[WriteOp], fence: Fence | None = None, *, nested: bool = False) -> list[Any]:
     """Run `ops` on `c` inside the caller's transaction; returns each op's result, in order. With a `fence`
     (a hub of several processes) receipts land only on rows of partitions we hold, new deliveries take their
     ids under DELIVERY_ID_LOCK and the other processes are told of them. `nested`: called from a CallOp, whose
     batch took the lock already."""
     results: list[Any] = [None] * len(ops)
-    if fence is not None and not nested and any(isinstance(op, (RecordOp, CallOp, TouchOp)) for op in ops):
-        # First, before any row lock of the batch (an event id's, a gateway's): taken later it could close a
-        # cycle with another process holding such a lock and waiting for this one.
-        await c.execute("SELECT pg_advisory_xact_lock(%s)", (DELIVERY_ID_LOCK,))
+    if fence is not None and not nested and needs_id_lock(ops):
+        await take_id_lock(c)
     run: list[int] = []
     touch: list[int] = []  # a run of adjacent gateway touches (postgres_touches)
     for i, op in enumerate(ops):
@@ -218,14 +228,18 @@ async def _merged(
         if receipts and fence is not None:
             parts, epochs = fence.fence()
             if len({r[6] for r in receipts}) == len(receipts):
-                await c.execute(UPDATE_RECEIPTS_FENCED, [parts, epochs, fence.owner, *_columns(receipts, 8)])
+                # A join by id: planned at each run, as postgres_touches' lookups are (a generic plan cached while
+                # the table was small would scan it whole).
+                await c.execute(
+                    UPDATE_RECEIPTS_FENCED, [parts, epochs, fence.owner, *_columns(receipts, 8)], prepare=False
+                )
             else:
                 await c.cursor().executemany(
                     UPDATE_RECEIPT_FENCED, [(parts, epochs, fence.owner, r[0], *r) for r in receipts]
                 )
         elif receipts:
             if len({r[6] for r in receipts}) == len(receipts):
-                await c.execute(UPDATE_RECEIPTS, _columns(receipts, 8))
+                await c.execute(UPDATE_RECEIPTS, _columns(receipts, 8), prepare=False)
             else:
                 await c.cursor().executemany(UPDATE_RECEIPT, receipts)
         if endpoints:
