@@ -224,6 +224,7 @@ async def _ingest(
     sq_p99: list[float] = []
     split: list[dict[str, int]] = []
     pg_cpu: list[float] = []  # CPU-s per s of the hub processes + PostgreSQL (all on the daemon core)
+    hub_cpu: list[float] = []  # the hub processes' part of it
     sq_cpu: list[float] = []
     load_cpu: list[float] = []
     pg_urls = [d.base for d in pg]
@@ -241,10 +242,11 @@ async def _ingest(
         await asyncio.sleep(0.5)
         before = (await pg_counts(url)).get("held", 0)
         pids = [d.pid for d in pg] + pg_pids(c)
-        c0, t0 = busy(pids), time.monotonic()
+        c0, h0, t0 = busy(pids), busy([d.pid for d in pg]), time.monotonic()
         async with ctx.profile(pg[0].pid, f"row{key}-relay-postgresql", r):
             res = await relay_load(wd, pg_urls, f"p{key}{r}-", seconds=secs, gateways=gws)
         pg_cpu.append((busy(pids) - c0) / (time.monotonic() - t0))
+        hub_cpu.append((busy([d.pid for d in pg]) - h0) / (time.monotonic() - t0))
         got = (await pg_counts(url)).get("held", 0) - before
         if res["requests"] == 0 or got < res["requests"]:
             raise RuntimeError(f"PostgreSQL hub: {res['requests']} relays answered 2xx, {got} held: {res}")
@@ -272,7 +274,8 @@ async def _ingest(
             f" load into one hub process on SQLite is the baseline; runs PostgreSQL"
             f" {', '.join(fmt(x) for x in pg_runs)}, SQLite {', '.join(fmt(x) for x in sq_runs)}; 2xx per process"
             f" (last run): {list(split[-1].values())}; CPU of the daemon core used: hub + PostgreSQL"
-            f" {median(pg_cpu):.0%}, SQLite process {median(sq_cpu):.0%}; the load generator"
+            f" {median(pg_cpu):.0%} (the hub processes {median(hub_cpu):.0%}), SQLite process {median(sq_cpu):.0%};"
+            f" the load generator"
             f" {median(load_cpu):.0%} of the other core"
         ],
         data={
@@ -282,6 +285,7 @@ async def _ingest(
             "ratio": ratio,
             "per_url": split,
             "pg_cpu": pg_cpu,
+            "hub_cpu": hub_cpu,
             "sqlite_cpu": sq_cpu,
         },
     )
