@@ -34,6 +34,7 @@ from webhookd.config.mqtt import MqttConfig
 from webhookd.logs import get_logger
 from webhookd.mqtt.settle import Settle
 from webhookd.mqtt.sources import Ignored, Reading, Sources
+from webhookd.mqtt.wire import Client
 from webhookd.presence import Heartbeat
 from webhookd.store import StoreError
 from webhookd.tracker import Tracker
@@ -80,37 +81,6 @@ def _inbox_type(counters: MqttCounters, created: list[asyncio.Queue[aiomqtt.Mess
             super().put_nowait(item)
 
     return Inbox
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client, registering paho's wish to write at once when paho asks from the loop's own thread.
-
-    aiomqtt always defers `add_writer` with call_soon_threadsafe (paho may ask from the connect thread). Deferred,
-    it can run after paho has already written and unregistered, or after the socket closed: under uvloop that
-    left a closed poll handle (an error logged by asyncio) and, measured in tests/faults/test_mqtt.py under
-    load, a broker's close unnoticed until the keep-alive ran out (8.8 s) while its wills were taken as power
-    losses. Registered at once on the loop's thread, the order of register/unregister is paho's own."""
-
-    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        if threading.get_ident() != self._loop_thread:
-            super()._on_socket_register_write(client, userdata, sock)
-            return
-
-        def callback() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
-
-        self._loop.add_writer(sock.fileno(), callback)
-
-    _loop_thread: int = 0
-    session_present: bool = False  # the CONNACK's flag: False when the broker kept no session of ours
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
-        self.session_present = bool(getattr(flags, "session_present", False))
-        super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
 def _tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
@@ -227,7 +197,7 @@ class MqttPresence:
         will = None
         if cfg.status_topic:
             will = aiomqtt.Will(cfg.status_topic, b"offline", qos=1, retain=True)
-        client = _Client(
+        client = Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
