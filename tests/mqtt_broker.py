@@ -418,6 +418,8 @@ class Watcher:
         self.clean_session = clean_session
         self.qos = qos
         creds = (username, password) if username is not None else broker.credentials()
+        self.username: str | None
+        self.password: str | None
         self.username, self.password = creds if creds is not None else (None, None)
         self.messages: list[Seen] = []
         self._changed = asyncio.Event()

@@ -6,11 +6,12 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
 from tests.harness import Daemon, Receiver, endpoint
-from tests.mqtt_broker import Broker, Watcher
+from tests.mqtt_broker import Broker, Seen, Watcher
 from tests.test_metrics import scrape
 
 
@@ -56,10 +57,7 @@ async def test_tasmota_devices_online_then_a_power_loss_within_a_second_of_the_w
 
     async with Watcher(b, ["tele/+/LWT"]) as w:
         fleet.freeze()  # power loss: no FIN; the broker publishes the wills after 1.5 x keep-alive
-        wills = [
-            await w.wait_for(lambda m, i=i: m.topic == f"tele/dev-{i}/LWT" and m.text == "Offline", 20)
-            for i in (1, 2, 3)
-        ]
+        wills = [await w.wait_for(offline_will(f"dev-{i}"), 20) for i in (1, 2, 3)]
     await r.wait_for(6, timeout=5)
     offline = {e.json["device"]["id"]: e.at for e in r.got[3:]}
     assert sorted(kinds(r)[3:]) == [("device.offline", f"dev-{i}", "disconnected") for i in (1, 2, 3)]
@@ -71,6 +69,10 @@ async def test_tasmota_devices_online_then_a_power_loss_within_a_second_of_the_w
     forgot = await d.cli("devices", "forget", "dev-3")
     assert forgot.returncode == 0, forgot.stderr
     assert (await connected(d))["sources"] == {"tasmota": 2}  # a forgotten device leaves the source's count
+
+
+def offline_will(device: str) -> Callable[[Seen], bool]:
+    return lambda m: m.topic == f"tele/{device}/LWT" and m.text == "Offline"
 
 
 async def publish(b: Broker, topic: str, payload: bytes, *, retain: bool = False, will: Any = None) -> None:
