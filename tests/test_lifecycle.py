@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from webhookd.config import Config, parse_config
-from webhookd.lifecycle import changes, keep_bound
+from webhookd.lifecycle import changes, keep_bound, restart_required
 from webhookd.logs import SCRUBBED, scrub_secrets
 
 SECRET_A = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
@@ -128,3 +128,18 @@ def test_what_the_log_line_carries_survives_the_scrubber_and_holds_no_secret() -
     for secret in (SECRET_A, SECRET_B, TOKEN_A, TOKEN_B):
         assert secret not in text
     assert fields["changed"] == ["listen.tokens", "logging.level", "endpoints"]
+
+
+def test_adding_or_removing_hub_needs_a_restart_and_a_reload_keeps_the_running_one() -> None:
+    hub = {"gateways": [{"name": "gw-1", "secret": "gw-1-Shared-Secret-0123456789abcdef"}]}
+    plain, with_hub = cfg(BASE), cfg(edited(hub=hub))
+    assert restart_required(plain, with_hub) == ["hub"]
+    assert restart_required(with_hub, plain) == ["hub"]
+    assert keep_bound(plain, with_hub).hub is None
+    assert keep_bound(with_hub, plain).hub == with_hub.hub
+    # a running hub's gateways do reload
+    more = cfg(
+        edited(hub={"gateways": [*hub["gateways"], {"name": "gw-2", "secret": "gw-2-Shared-Secret-0123456789abcdef"}]})
+    )
+    assert restart_required(with_hub, more) == []
+    assert keep_bound(with_hub, more).hub == more.hub

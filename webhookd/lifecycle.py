@@ -25,8 +25,13 @@ def _value(cfg: Config, key: str) -> object:
 
 
 def restart_required(old: Config, new: Config) -> list[str]:
-    """The keys of RESTART_KEYS whose value differs between the running and the new config."""
-    return [key for key in RESTART_KEYS if _value(old, key) != _value(new, key)]
+    """The keys of RESTART_KEYS whose value differs between the running and the new config, and `hub` when the
+    new config adds or removes it (its routes, leases and liveness loop are made at startup; a reload only
+    changes the gateways of a running hub)."""
+    keys = [key for key in RESTART_KEYS if _value(old, key) != _value(new, key)]
+    if (old.hub is None) != (new.hub is None):
+        keys.append("hub")
+    return keys
 
 
 def keep_bound(old: Config, new: Config) -> Config:
@@ -38,6 +43,7 @@ def keep_bound(old: Config, new: Config) -> Config:
         admin=old.admin,
         state_dir=old.state_dir,
         store=old.store,
+        hub=new.hub if (old.hub is None) == (new.hub is None) else old.hub,
     )
 
 
