@@ -88,3 +88,15 @@ def test_a_will_followed_by_online_leaves_no_stale_wakeup_and_a_new_will_its_own
     s.offer(R("a", OFF), 12.0)
     assert s.next_wakeup() == 12.0 + WILL_GRACE
     assert s.due(11.0 + WILL_GRACE) == [] and s.due(12.0 + WILL_GRACE) == [R("a", OFF)]
+
+
+def test_held_due_hands_over_only_wills_past_their_grace_and_leaves_the_window_alone() -> None:
+    s = settled()
+    assert s.offer(R("a", OFF), 11.0) == [] and s.offer(R("b", OFF), 11.1) == []
+    assert s.held_due(11.0 + WILL_GRACE) == [R("a", OFF)]  # b's grace is not over yet
+    assert s.offer(R("a", ON), 11.3) == [R("a", ON)]  # a is no longer held: its online applies alone
+    assert s.next_wakeup() == 11.1 + WILL_GRACE and s.held_due(12.0) == [R("b", OFF)] and s.waiting() == 0
+    s.disconnect()
+    s.connect(20.0)  # a window: held_due never ends it, only due() does
+    assert s.offer(R("c", OFF), 20.1) == [] and s.held_due(40.0) == [] and s.settling
+    assert s.due(30.0) == [R("c", OFF)]

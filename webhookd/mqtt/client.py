@@ -281,7 +281,9 @@ class MqttPresence:
 
     async def _route(self, messages: Sequence[aiomqtt.Message]) -> None:
         now = self._clock()
-        ready: list[Reading] = []
+        # Wills whose grace is over go with this batch (before its own readings, which may be for the same
+        # devices): one commit for both, not the ticker's own beside it.
+        ready: list[Reading] = self.settle.held_due(now)
         waiting = self.settle.waiting()
         for m in messages:
             payload = m.payload if isinstance(m.payload, bytes) else str(m.payload or "").encode()

@@ -90,6 +90,13 @@ class Settle(Generic[R]):
             out.extend(self._window.values())
             self._window.clear()
             self.until = None
+        out.extend(self.held_due(now))
+        return out
+
+    def held_due(self, now: float) -> list[R]:
+        """The held offline readings past their grace (while connected), oldest first; the window is left as
+        it is. The client takes them with each batch it routes, so that they share its commit."""
+        out: list[R] = []
         if self.connected:
             dues = self._dues
             while dues and dues[0][0] <= now:
