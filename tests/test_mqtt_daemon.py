@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
@@ -107,6 +108,11 @@ async def test_zigbee2mqtt_bridge_loss_takes_its_devices_offline_and_ids_with_sl
     out = await d.cli("status")
     assert out.returncode == 0 and f"mqtt:       {b.url}, connected since" in out.stdout
     assert "devices by source: zigbee2mqtt 3" in out.stdout
+    out = await d.cli("status", "--json")
+    mqtt = json.loads(out.stdout)["mqtt"]
+    assert mqtt["connected"] is True and mqtt["broker"] == b.url and mqtt["sources"] == {"zigbee2mqtt": 3}
+    since = datetime.fromisoformat(mqtt["since"].replace("Z", "+00:00"))  # RFC 3339: the connection's wall clock
+    assert abs(since.timestamp() - time.time()) < 60
 
 
 def sparkplug_birth(bd_seq: int) -> bytes:
