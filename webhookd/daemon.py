@@ -31,7 +31,7 @@ from webhookd.lifecycle import changes, keep_bound, restart_required, socket_ans
 from webhookd.listener import HeartbeatAPI
 from webhookd.logs import batch_logs, configure_logging, get_logger, lean_records
 from webhookd.metrics import Metrics
-from webhookd.mutes import Mutes
+from webhookd.mutes import Mutes, sync
 from webhookd.presence import DeviceDefaults, PresenceEngine
 from webhookd.store import StoreError, retention_loop, store_for
 from webhookd.tracker import Tracker
@@ -104,6 +104,7 @@ class Daemon:
 
             assert isinstance(self.store, PostgresStore)
             self.claims = HubClaims(self.store, self.dispatcher)
+            self.claims.on_mutes = self._sync_mutes  # a mute made through any process applies to the whole hub
             self.store.fence = self.claims
             self.dispatcher.attach_hub(self.claims)
         self.api.hub = self.hub
@@ -111,6 +112,9 @@ class Daemon:
         self.metrics.attach(self.tracker, self.api)
         if self.hub is not None:
             self.hub.on_event = self.metrics.on_event  # relayed events count like the hub's own
+            self.hub.on_suppressed = self.metrics.on_suppressed
+            # The tracker's set, looked up at each relay (a reload of the mutes replaces it)
+            self.hub.muted = lambda device_id, wall: self.tracker.mutes.covering(device_id, wall)
         self.metrics.udp = lambda: self.udp
         self.metrics.mqtt = lambda: self.mqtt
         self.admin = AdminAPI(
@@ -189,6 +193,15 @@ class Daemon:
         expired = self.tracker.mutes.prune(time.time())
         if expired:
             await self.store.delete_mutes([r.match for r in expired])
+
+    async def _sync_mutes(self) -> None:
+        """On a hub, after a mutes notice (and as a backstop): the store's rules, which any process may have
+        changed, become this process's. Expired ones are left to the store's next mute write (every process
+        deleting them would only notify the others again)."""
+        change = sync(self.tracker.mutes, await self.store.load_mutes(), time.time())
+        if change:
+            self.tracker.mutes.reset(change.rules)
+            log.info("mutes_synced", added=list(change.added), removed=list(change.removed), mutes=len(change.rules))
 
     async def _serve_tcp(self, runner: web.BaseRunner, host: str, port: int, what: str) -> None:
         # aiohttp has no header-read timeout: it closes a connection that has not completed a request head

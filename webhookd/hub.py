@@ -43,6 +43,7 @@ from webhookd.store.api import GatewayWrite, Targets
 
 if TYPE_CHECKING:
     from webhookd.listener import HeartbeatAPI
+    from webhookd.mutes import MuteRule
 
 log = get_logger("webhookd.hub")
 
@@ -199,6 +200,10 @@ class Hub:
         self.configure(cfg)
         # metrics hook: one call per event recorded (a relayed event's type, gateway.online, gateway.offline)
         self.on_event: Callable[[str], None] | None = None
+        # The mute covering a relayed device at a time (the daemon's rules, the same on every hub process): its
+        # events are recorded without deliveries, as a gateway records its own muted devices' events.
+        self.muted: Callable[[str, float], MuteRule | None] = lambda _device, _wall: None
+        self.on_suppressed: Callable[[str], None] | None = None  # metrics hook: an event recorded undelivered
 
     def configure(self, cfg: HubConfig) -> None:
         """Startup and reload: the gateways and their secrets."""
@@ -291,7 +296,8 @@ class Hub:
         gw = self._verify(request, raw)
         event = parse_relayed(api.decode_json(request, raw), gw.name)
         device = relayed_device(event)
-        change = Change(device, event, self.dispatcher.targets(event))
+        rule = self.muted(event.device_id, self._wall())
+        change = Change(device, event, self.dispatcher.targets(event) if rule is None else [])
         rows = (await self._touch(gw, gateways.Seen(request.remote), change)).relayed
         if rows is None:
             log.debug("relay_duplicate", gateway=gw.name, event_id=event.id)
@@ -302,6 +308,8 @@ class Hub:
         self.dispatcher.enqueue(rows)
         if self.on_event is not None:
             self.on_event(event.type)
+        if rule is not None and self.on_suppressed is not None:
+            self.on_suppressed("muted")
         log.info(
             "relay_recorded",
             gateway=gw.name,
@@ -310,6 +318,7 @@ class Hub:
             state=event.state,
             event_id=event.id,
             deliveries=len(rows),
+            **({} if rule is None else {"muted_by": rule.match}),
         )
         return json_response(200, {"status": "recorded", "id": event.id})
 

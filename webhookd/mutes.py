@@ -10,7 +10,7 @@ retroactive.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 _GLOB_CHARS = frozenset("*?[")
@@ -54,6 +54,10 @@ class Mutes:
     def __bool__(self) -> bool:
         return bool(self._rules)
 
+    def __iter__(self) -> Iterator[MuteRule]:
+        """Every rule held, expired ones included (nothing is pruned)."""
+        return iter(list(self._rules.values()))
+
     def get(self, match: str) -> MuteRule | None:
         return self._rules.get(match)
 
@@ -62,6 +66,10 @@ class Mutes:
         old = self._rules.get(rule.match)
         self._rules[rule.match] = rule
         return old
+
+    def reset(self, rules: Iterable[MuteRule]) -> None:
+        """Replace every rule with `rules` in place (holders of this set see the new rules)."""
+        self._rules = {r.match: r for r in rules}
 
     def remove(self, match: str) -> MuteRule | None:
         """Remove the rule whose match is exactly `match`; returns it (None: there was none)."""
@@ -112,6 +120,29 @@ class Mutes:
         if any(r.until is None for r in rules):
             return True, None
         return True, max(r.until for r in rules if r.until is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class MuteSync:
+    """What the stored rules change in the set held (a hub process learning of another's mute or unmute)."""
+
+    rules: tuple[MuteRule, ...]  # the rules to hold from now on: the stored ones in force
+    added: tuple[str, ...]  # matches in force now that were not, or whose rule changed (a mute made again)
+    removed: tuple[str, ...]  # matches no longer stored (unmuted, forgotten)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+def sync(held: Mutes, stored: Iterable[MuteRule], wall: float) -> MuteSync:
+    """The set to hold given the store's rules at `wall`: the store is the truth on a hub (every process writes
+    it), expired rules are left out (nothing has to happen at expiry) and one that merely expired is not
+    `removed`."""
+    now = {r.match: r for r in stored if r.live(wall)}
+    before = {r.match: r for r in held if r.live(wall)}
+    added = tuple(m for m in sorted(now) if before.get(m) != now[m])
+    removed = tuple(m for m in sorted(before) if m not in now)
+    return MuteSync(tuple(now[m] for m in sorted(now)), added, removed)
 
 
 def _ends_later(a: MuteRule, b: MuteRule) -> bool:

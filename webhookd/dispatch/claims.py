@@ -7,7 +7,8 @@ dispatcher's lanes away (they are read again from the store, now for the partiti
 renew in time is dropped locally first, so no attempt starts on a partition another process may have taken. The
 store fences receipts by the same leases (store/postgres_leases.py), so a process that was stopped past its lease
 and resumes changes nothing. A second connection LISTENs for the others' notices (new rows, replays, endpoint
-changes); a poke of every endpoint each loop is the backstop for a notice lost while reconnecting.
+changes, mute rules); a poke of every endpoint each loop, and a read of the mutes every RESCAN_TICKS, are the
+backstop for a notice lost while reconnecting.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class HubClaims:
         self._clock = clock
         self._conn: Conn | None = None
         self._sync = asyncio.Event()  # an endpoint notice: read the endpoint rows now
+        self._mutes_due = asyncio.Event()  # a mutes notice (or the backstop): read the mute rules now
+        # Reads the store's mute rules into this process (the daemon's); None: mutes are not followed.
+        self.on_mutes: Callable[[], Awaitable[None]] | None = None
         self._failing = False
         self._ticks = 0
 
@@ -102,6 +106,7 @@ class HubClaims:
             # The listener in a TaskGroup of ours: an unexpected exception of it ends run() (and the daemon).
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._listen(), name="hub-notices")
+                tg.create_task(self._mutes_loop(), name="hub-mutes")
                 await self._renew_loop()
         finally:
             await self._leave()
@@ -170,6 +175,7 @@ class HubClaims:
         self._ticks += 1
         if self._ticks % RESCAN_TICKS == 0:
             self.dispatcher.rescan_all()
+            self._mutes_due.set()
         else:
             self.dispatcher.poke(None)
 
@@ -196,6 +202,7 @@ class HubClaims:
             try:
                 await conn.execute(f"LISTEN {sql.CHANNEL}")
                 self.dispatcher.poke(None)  # whatever was announced while we were not listening
+                self._mutes_due.set()
                 async for n in conn.notifies():
                     self._notice(n.payload)
             except psycopg.Error:
@@ -213,6 +220,19 @@ class HubClaims:
             self.dispatcher.rescan_from(name, int(after) if after.isdigit() else 0)
         elif kind == "endpoint":
             self._sync.set()
+        elif kind == sql.MUTES_NOTICE:
+            self._mutes_due.set()
+
+    async def _mutes_loop(self) -> None:
+        """One read of the mutes at a time, again if a notice came during it: a read that began before the
+        last write committed is followed by one that sees it (notices of a burst of mutes cost one or two)."""
+        while True:
+            await self._mutes_due.wait()
+            self._mutes_due.clear()
+            if self.on_mutes is None:
+                continue
+            with contextlib.suppress(StoreError):  # the backstop tries again (the store logs its outage itself)
+                await self.on_mutes()
 
     # --- the shared endpoint row -----------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ from typing import Protocol
 from webhookd.leases import LeaseRow
 from webhookd.store.postgres_schema import Conn
 
-CHANNEL = "webhookd_pending"  # NOTIFY channel: "new <endpoints>", "rescan <endpoint> <after id>", "endpoint <name>"
+CHANNEL = "webhookd_pending"  # NOTIFY channel: "new <endpoints>", "rescan <endpoint> <after id>", "endpoint <name>",
+# "mutes"
+MUTES_NOTICE = "mutes"  # the mute rules changed: read them again (sent by the transaction that changed them)
 # pg_advisory_xact_lock key held by every transaction that inserts deliveries on a hub: ids then commit in id
 # order, so that a process paging by id never passes a row another process's transaction commits later.
 DELIVERY_ID_LOCK = int.from_bytes(b"wh-ids!!", "big", signed=True)
@@ -142,6 +144,12 @@ async def leave(c: Conn, me: str) -> None:
 
 async def notify(c: Conn, payload: str) -> None:
     await c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+async def mutes_changed(c: Conn) -> None:
+    """Inside the transaction that wrote the mutes: PostgreSQL delivers the notice at its commit and never for a
+    rollback, so the other processes read the rules only once they are there."""
+    await notify(c, MUTES_NOTICE)
 
 
 # --- the shared endpoint row -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from webhookd.presence import Device
 from webhookd.states import DELIVERY_STATUSES
 from webhookd.store.api import DeliveryRow, EndpointRow, Pruned, Requeued
 from webhookd.store.chunked import LIST_KEYS, PRUNE_BATCH, REQUEUE_CHUNK, prune_rows
+from webhookd.store.postgres_leases import mutes_changed
 from webhookd.store.postgres_schema import Conn
 from webhookd.store.postgres_writes import upsert_endpoints
 
@@ -106,7 +107,9 @@ async def load_endpoints(c: Conn) -> dict[str, EndpointRow]:
 
 
 async def forget_device(c: Conn, device_id: str) -> bool:
-    await c.execute("DELETE FROM mutes WHERE match = %s", (device_id,))
+    cur = await c.execute("DELETE FROM mutes WHERE match = %s", (device_id,))
+    if cur.rowcount:
+        await mutes_changed(c)  # the other hub processes drop it too
     cur = await c.execute("DELETE FROM devices WHERE id = %s", (device_id,))
     return cur.rowcount > 0
 
@@ -123,12 +126,15 @@ async def save_mute(c: Conn, rule: MuteRule) -> None:
         " created_at=excluded.created_at, created_by=excluded.created_by",
         (rule.match, rule.until, rule.reason, rule.created_at, rule.created_by),
     )
+    await mutes_changed(c)  # the other hub processes mute too
 
 
 async def delete_mutes(c: Conn, matches: Sequence[str]) -> int:
     if not matches:
         return 0
     cur = await c.execute("DELETE FROM mutes WHERE match = ANY(%s::text[])", (list(matches),))
+    if cur.rowcount:
+        await mutes_changed(c)  # the other hub processes unmute too
     return cur.rowcount
 
 
