@@ -8,9 +8,11 @@ import itertools
 import signal
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, ReceiverFactory
+from tests.faults.test_storage import StateDir, _fill, _injecting, state_dir  # noqa: F401 (a fixture)
 from tests.harness import Daemon, Receiver, endpoint, eventually
 from tests.mqtt_broker import Broker
 from tests.test_mqtt_daemon import connected, kinds, mqtt_cfg
@@ -202,3 +204,42 @@ async def test_a_broker_restarted_without_persistence_still_reports_the_device_t
     await settled(d, 2)
     await asyncio.sleep(0.5)
     assert events_of(r, "offline") == ["dev-4"] and len(r.got) == 5, kinds(r)
+
+
+async def test_a_full_disk_holds_mqtt_readings_until_the_store_is_back_and_loses_none(
+    tmp_path: Path,
+    state_dir: StateDir,  # noqa: F811 (the fixture imported above)
+    daemon: DaemonFactory,
+    receiver: ReceiverFactory,
+    broker: BrokerFactory,
+    devices: DevicesFactory,
+) -> None:
+    b = await broker()
+    r = await receiver()
+    await devices(b, 3, preset="esphome", keepalive=5)
+    # a real full tmpfs when it can be mounted (root), else the injected "disk is full" of test_storage.py
+    flag, env = (None, {}) if state_dir.mounted else _injecting(tmp_path)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "esphome"}), env=env, allow_errors=True)
+    await r.wait_for(3, timeout=15)
+    await settled(d)
+    ballast = await asyncio.to_thread(_fill, state_dir.path) if flag is None else None
+    if flag is not None:
+        flag.write_text("database or disk is full")
+    await b.pub("dev-1/status", "offline", retain=True)  # each device says so itself: no grace to wait out
+    await b.pub("dev-2/status", "offline", retain=True)
+    await eventually(lambda: [x for x in d.logs() if x.get("event") == "mqtt_not_recorded"], 10)
+    await asyncio.sleep(1.0)
+    assert len(r.got) == 3  # nothing delivered for what is not durable
+    _, body = await d.admin("GET", "/v1/status")
+    assert body["mqtt"]["connected"] is True  # the connection is not what failed
+    if ballast is not None:
+        ballast.unlink()
+    if flag is not None:
+        flag.unlink()
+    await r.wait_for(5, timeout=10)  # the held batch applied again once the store is back: nothing lost
+    assert sorted(kinds(r)[3:]) == [
+        ("device.offline", "dev-1", "disconnected"),
+        ("device.offline", "dev-2", "disconnected"),
+    ]
+    await asyncio.sleep(0.5)
+    assert len(r.got) == 5
