@@ -43,17 +43,20 @@ def owner_of(d: Daemon, url: str) -> set[int]:
 async def hubs(
     daemon: DaemonFactory, tmp_path: Path, url: str, receiver: Receiver, n: int, **extra: Any
 ) -> list[Daemon]:
-    out = []
-    for i in range(n):
-        out.append(
-            await daemon(
-                [endpoint(HOOK, receiver, events=DEVICE_EVENTS, concurrency=4)],
-                tmp=tmp_path / f"hub{i}",
-                hub=hub_config(),
-                store=url,
-                **extra,
-            )
+    out = [
+        await daemon(
+            [endpoint(HOOK, receiver, events=DEVICE_EVENTS, concurrency=4)],
+            tmp=tmp_path / f"hub{i}",
+            hub=hub_config(),
+            store=url,
+            start=False,
+            **extra,
         )
+        for i in range(n)
+    ]
+    # The first process creates and migrates the schema alone; the others then start together.
+    await out[0].start()
+    await asyncio.gather(*(d.start() for d in out[1:]))
     return out
 
 
