@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.conftest import BrokerFactory, DaemonFactory, DevicesFactory, Receive
 from tests.faults.test_storage import StateDir, _fill, _injecting, state_dir  # noqa: F401 (a fixture)
 from tests.harness import Daemon, Receiver, endpoint, eventually
 from tests.mqtt_broker import Broker
+from tests.test_metrics import Samples, scrape_until
 from tests.test_mqtt_daemon import connected, kinds, mqtt_cfg
 
 
@@ -243,3 +245,54 @@ async def test_a_full_disk_holds_mqtt_readings_until_the_store_is_back_and_loses
     ]
     await asyncio.sleep(0.5)
     assert len(r.got) == 5
+
+
+async def test_the_incoming_queue_is_bounded_while_the_store_holds_a_batch(
+    tmp_path: Path,
+    state_dir: StateDir,  # noqa: F811 (the fixture imported above)
+    daemon: DaemonFactory,
+    receiver: ReceiverFactory,
+    broker: BrokerFactory,
+) -> None:
+    """A stuck store stops the routing, not the reading: past INBOX_MAX (100,000) messages are counted as
+    dropped and warned about (the first, then every 10,000th), the daemon stays connected, and what the queue
+    held is routed once the store is back."""
+    from webhookd.mqtt.client import INBOX_MAX
+
+    b = await broker(extra="max_queued_messages 0")  # the broker itself queues all of them for us, drops none
+    r = await receiver()
+    flag, env = (None, {}) if state_dir.mounted else _injecting(tmp_path)
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "esphome"}), env=env, allow_errors=True)
+    await connected(d)
+    await settled(d)
+    ballast = await asyncio.to_thread(_fill, state_dir.path) if flag is None else None
+    if flag is not None:
+        flag.write_text("database or disk is full")
+    await b.pub("dev-0/status", "online")  # a new device: its event cannot be recorded, the routing waits
+    await eventually(lambda: [x for x in d.logs() if x.get("event") == "mqtt_not_recorded"], 10)
+    n = INBOX_MAX + 20_000
+    pub = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.mqtt", "pub", "--port", str(b.port), "--template", "{id}/status",
+        "--devices", "1000", "--n", str(n), "--online-only", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(pub.communicate(), 120)
+    assert pub.returncode == 0 and b'"acked": %d' % n in out, out[-500:]
+    m = await scrape_until(d, lambda m: m.get(("webhookd_mqtt_dropped_total", ()), 0) > 0, 60)
+    full = [x for x in d.logs() if x.get("event") == "mqtt_queue_full"]
+    assert full[0]["dropped"] == 1 and all(x["level"] == "warning" and x["limit"] == INBOX_MAX for x in full)
+    assert [x["dropped"] for x in full[1:]] == [10_000 * k for k in range(1, len(full))]  # not one line each
+    assert (await connected(d))["broker"] == b.url
+    if ballast is not None:
+        ballast.unlink()
+    if flag is not None:
+        flag.unlink()
+    # everything that was queued is routed once the batch is recorded; the dropped ones are the rest
+    routed = ("webhookd_mqtt_messages_total", (("source", "esphome"),))
+
+    def all_accounted(m: Samples) -> bool:
+        return m.get(routed, 0) + m.get(("webhookd_mqtt_dropped_total", ()), 0) >= n + 1
+
+    m = await scrape_until(d, all_accounted, 60)
+    assert INBOX_MAX <= m[routed] < n + 1
+    await r.wait_for(1000, timeout=30)  # dev-0 .. dev-999, each online once: none lost that was queued
+    assert {e["device"]["id"] for e in r.events()} == {f"dev-{i}" for i in range(1000)}
