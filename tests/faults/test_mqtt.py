@@ -296,3 +296,20 @@ async def test_the_incoming_queue_is_bounded_while_the_store_holds_a_batch(
     assert INBOX_MAX <= m[routed] < n + 1
     await r.wait_for(1000, timeout=30)  # dev-0 .. dev-999, each online once: none lost that was queued
     assert {e["device"]["id"] for e in r.events()} == {f"dev-{i}" for i in range(1000)}
+
+
+async def test_tls_without_our_ca_is_refused_clearly_and_tls_verify_false_connects(
+    daemon: DaemonFactory, receiver: ReceiverFactory, broker: BrokerFactory
+) -> None:
+    b = await broker(tls=True)
+    r = await receiver()
+    d = await daemon([endpoint("sink", r)], mqtt=mqtt_cfg(b, {"preset": "shelly"}))  # the system's CAs only
+    await eventually(lambda: [x for x in d.logs() if x.get("event") == "mqtt_unreachable"], 15)
+    line = next(x for x in d.logs() if x.get("event") == "mqtt_unreachable")
+    assert "CERTIFICATE_VERIFY_FAILED" in line["error"] or "certificate verify failed" in line["error"], line
+    _, body = await d.admin("GET", "/v1/status")
+    assert body["mqtt"]["connected"] is False
+    d.cfg["mqtt"]["tls_verify"] = False  # a test broker's self-made certificate, taken as it is
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    assert (await connected(d))["broker"] == b.url
