@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, overload
@@ -13,7 +16,7 @@ import pytest
 from tests.harness import Daemon, Receiver
 from tests.mqtt_broker import Broker, missing_tools
 from tests.mqtt_devices import Devices
-from tests.postgres_cluster import Cluster
+from tests.postgres_cluster import SHARED_TEMPLATE_ENV, Cluster
 from tests.postgres_cluster import missing_tools as missing_postgres
 from webhookd.store import Store
 
@@ -305,6 +308,26 @@ async def postgres() -> AsyncIterator[PostgresFactory]:
     factory = PostgresFactory()
     yield factory
     factory.teardown()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the run's first process (pytest-xdist's controller, or the only one): a directory for the run's shared
+    PostgreSQL template (tests/postgres_cluster.py), inherited by the workers through the environment."""
+    if hasattr(config, "workerinput") or os.environ.get(SHARED_TEMPLATE_ENV):
+        return
+    shared = tempfile.mkdtemp(prefix="webhookd-pg-run-")
+    os.environ[SHARED_TEMPLATE_ENV] = shared
+    config.stash[_shared_template_key] = shared
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_shared_template_key, None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        os.environ.pop(SHARED_TEMPLATE_ENV, None)
+
+
+_shared_template_key = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -23,6 +24,9 @@ import psycopg
 
 TOOLS = ("initdb", "pg_ctl")
 _template: Path | None = None  # a fresh initdb's data dir, copied for every later cluster of this process
+# A directory for the test run's template (made and removed by tests/conftest.py in the controller, inherited by the
+# pytest-xdist workers): one initdb per run instead of one per worker.
+SHARED_TEMPLATE_ENV = "WEBHOOKD_TEST_PG_TEMPLATE_DIR"
 
 
 def bin_dir() -> Path | None:
@@ -71,15 +75,11 @@ class Cluster:
         if self.as_postgres:
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        global _template
-        if _template is None or not _template.exists():
-            # initdb once per test process (~2.5 s); later clusters start from a copy of it (cp -a keeps the owner).
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale")
-            _template = Path(tempfile.mkdtemp(prefix="webhookd-pg-template-"))
-            subprocess.run(["cp", "-a", f"{self.data}/.", str(_template)], check=True)
-            atexit.register(shutil.rmtree, _template, True)
+        shared = os.environ.get(SHARED_TEMPLATE_ENV)
+        if shared and Path(shared).is_dir():
+            self._from_shared_template(Path(shared))
         else:
-            subprocess.run(["cp", "-a", str(_template), str(self.data)], check=True)
+            self._from_own_template()
         # Only TCP on 127.0.0.1, trust there and nowhere else.
         (self.data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
         with (self.data / "postgresql.conf").open("a") as f:
@@ -87,6 +87,37 @@ class Cluster:
                 "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nfsync = on\n"
                 "synchronous_commit = on\nshared_buffers = 32MB\nmax_connections = 60\n"
             )
+
+    def _initdb(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale")
+
+    def _from_own_template(self) -> None:
+        global _template
+        if _template is None or not _template.exists():
+            # initdb once per test process (~2.5 s); later clusters start from a copy of it (cp -a keeps the owner).
+            self._initdb()
+            _template = Path(tempfile.mkdtemp(prefix="webhookd-pg-template-"))
+            subprocess.run(["cp", "-a", f"{self.data}/.", str(_template)], check=True)
+            atexit.register(shutil.rmtree, _template, True)
+        else:
+            subprocess.run(["cp", "-a", str(_template), str(self.data)], check=True)
+
+    def _from_shared_template(self, shared: Path) -> None:
+        """initdb once per test run: the first process (of all the pytest-xdist workers) to need a cluster makes the
+        template under a lock, the others copy it. The run's controller made `shared` and removes it."""
+        template = shared / "data"
+        with (shared / "lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not template.exists():
+                    self._initdb()
+                    partial = shared / f"data.{os.getpid()}"
+                    subprocess.run(["cp", "-a", f"{self.data}/.", str(partial)], check=True)
+                    partial.rename(template)
+                    return
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        subprocess.run(["cp", "-a", str(template), str(self.data)], check=True)
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bins / tool), *args]
