@@ -319,6 +319,20 @@ async def test_hold_and_release_with_a_fresh_attempt_budget(store: DeliveryStore
     assert await store.release(EndpointRow("a")) == 0
 
 
+async def test_an_enable_resets_the_failure_count_and_keeps_last_error(backend: Backend) -> None:
+    """`webhookd endpoints enable` saves the endpoint enabled with no failures and the last_error it had (what
+    went wrong last stays readable; the next success clears it), on a hub as on one box."""
+    store = backend.store
+    await add(store, "d1", ("a", "pending"))
+    failing = EndpointRow("a", True, "5 consecutive failures", consecutive_failures=5, last_error="HTTP 500")
+    assert await store.hold(failing) == 1
+    enabled = EndpointRow("a", consecutive_failures=0, last_error="HTTP 500")  # the dispatcher's row at an enable
+    assert await store.release(enabled) == 1
+    assert (await store.load_endpoints())["a"] == enabled
+    await store.close()
+    assert (await (await backend.reopen()).load_endpoints())["a"] == enabled
+
+
 # --- requeue ---------------------------------------------------------------------------------------------------
 
 

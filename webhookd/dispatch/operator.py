@@ -6,7 +6,6 @@ A mixin of Dispatcher, kept apart so that dispatcher.py holds only the delivery 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -137,11 +136,10 @@ class OperatorActions:
         rt.row.consecutive_failures = 0
         rt.health = retry.Health()
         self._stale |= rt.clear()  # paging starts over: the released rows come back in id order
+        # The count goes, last_error stays (on a hub too: the release reopens the shared pause and probe in its
+        # commit); the next success clears it.
         released = await self.store.release(replace(rt.row))
-        if self.hub is not None:
-            with contextlib.suppress(StoreError):
-                await self.hub.succeeded(name)  # the shared pause and probe go with the failures
-            self._announce(f"endpoint {name}")
+        self._announce(f"endpoint {name}")
         log.info("endpoint_enabled", endpoint=name, released=released)
         self._wake.set()
         return rt

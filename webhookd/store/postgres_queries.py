@@ -167,6 +167,14 @@ async def hold(c: Conn, endpoint: EndpointRow | str, now: float) -> int:
 
 async def release(c: Conn, endpoint: EndpointRow, now: float) -> int:
     await upsert_endpoints(c, (endpoint,))
+    if endpoint.consecutive_failures == 0:
+        # An enable resets the failure count (CONTRACT §7): on a hub the shared pause and probe go with it, in
+        # this commit. last_error stays, as on SQLite (it is what went wrong last; the next success clears it).
+        await c.execute(
+            "UPDATE endpoints SET paused_until = 0, pause_step = 0, probe_by = NULL, probe_until = 0"
+            " WHERE name = %s AND (paused_until <> 0 OR pause_step <> 0 OR probe_by IS NOT NULL)",
+            (endpoint.name,),
+        )
     cur = await c.execute(
         "UPDATE deliveries SET status='pending', attempts=0, next_attempt_at=%s, updated_at=%s"
         " WHERE endpoint=%s AND status='held'",
