@@ -64,8 +64,14 @@ async def learns(d: Daemon, since: int, key: str, match: str, timeout: float = 3
     return time.monotonic() - started
 
 
-def recorded(d: Daemon, event_id: str) -> dict[str, Any]:
-    (line,) = [e for e in d.logs() if e.get("event") == "relay_recorded" and e.get("event_id") == event_id]
+async def recorded(d: Daemon, event_id: str) -> dict[str, Any]:
+    """The relay_recorded line of `event_id` (written after the answer, at the end of the loop's turn)."""
+
+    def lines() -> list[dict[str, Any]]:
+        return [e for e in d.logs() if e.get("event") == "relay_recorded" and e.get("event_id") == event_id]
+
+    await eventually(lambda: bool(lines()))
+    (line,) = lines()
     return line
 
 
@@ -90,7 +96,7 @@ async def test_a_glob_muted_through_one_process_mutes_the_relays_of_another(
     await asyncio.sleep(0.5)
     assert not set(muted) & got(at)
     for ev in muted:
-        line = recorded(b, ev)
+        line = await recorded(b, ev)
         assert line["muted_by"] == f"{GATEWAY}:printer-*" and line["deliveries"] == 0, line
     status, devices = await b.admin("GET", "/v1/devices")
     assert status == 200
@@ -104,7 +110,7 @@ async def test_a_glob_muted_through_one_process_mutes_the_relays_of_another(
     again = await relay(b, relays, "printer-2")
     await eventually(lambda: again in got(at))
     assert not set(muted) & got(at)  # nothing is sent for what happened while muted
-    assert "muted_by" not in recorded(b, again)
+    assert "muted_by" not in await recorded(b, again)
 
 
 async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
@@ -122,7 +128,7 @@ async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
     assert status == 200, body
     await learns(b, mark, "added", dev)
     muted = await relay(b, relays, "sensor-9")
-    assert recorded(b, muted)["deliveries"] == 0
+    assert (await recorded(b, muted))["deliveries"] == 0
 
     mark = len(b.logs())
     status, body = await a.admin("DELETE", f"/v1/devices/{dev}")
@@ -132,6 +138,32 @@ async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
     after = await relay(b, relays, "sensor-9")
     await eventually(lambda: after in got(at))
     assert muted not in got(at)
+
+
+async def test_forget_through_a_process_that_never_saw_the_device(
+    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    at = await receiver()
+    a, b = await hubs(daemon, tmp_path, pg_url, at, 2)
+    await balanced(pg_url, [a, b])
+    relays = Relay()
+    dev = f"{GATEWAY}:sensor-7"
+    first = await relay(b, relays, "sensor-7")  # through B only: A never holds the device in memory
+    await eventually(lambda: first in got(at))
+    status, body = await a.admin("POST", "/v1/devices/mute", {"match": dev})
+    assert status == 200, body
+    mark = len(b.logs())
+    status, body = await a.admin("DELETE", f"/v1/devices/{dev}")
+    assert status == 200, body
+    assert body["id"] == dev and body["muted"] is True  # the device as it was
+    await learns(b, mark, "removed", dev)
+    for d in (a, b):  # gone from every process's listing, and a second forget knows nothing of it
+        status, listed = await d.admin("GET", "/v1/devices")
+        assert status == 200 and dev not in {x["id"] for x in listed}
+    status, body = await b.admin("DELETE", f"/v1/devices/{dev}")
+    assert status == 404, body
+    after = await relay(b, relays, "sensor-7")  # no mute left anywhere: delivered
+    await eventually(lambda: after in got(at))
 
 
 async def test_a_mute_whose_notice_never_came_is_read_by_the_backstop(
@@ -149,4 +181,4 @@ async def test_a_mute_whose_notice_never_came_is_read_by_the_backstop(
     await learns(b, mark, "added", f"{GATEWAY}:lost-*", timeout=15.0)  # the read every 10 lease loops
     relays = Relay()
     ev = await relay(b, relays, "lost-1")
-    assert recorded(b, ev)["muted_by"] == f"{GATEWAY}:lost-*"
+    assert (await recorded(b, ev))["muted_by"] == f"{GATEWAY}:lost-*"

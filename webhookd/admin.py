@@ -354,12 +354,23 @@ class AdminAPI:
     async def forget(self, request: web.Request) -> web.Response:
         """Drop a device (its state, timer and the mute of its id) -> the device as it was."""
         dev_id = request.match_info["id"]
-        doc = self._device(dev_id)
+        # On a hub of several processes the store says what is known (the listings show it): a device whose
+        # relays reached other processes only is not in this one's memory, and one forgotten through another
+        # process may still be.
+        hub = self.dispatcher.hub is not None
+        doc = self._device(dev_id, devices=await self._known()) if hub else self._device(dev_id)
+        elsewhere = hub and dev_id not in self.engine.devices
         if doc is None:
             return error_response(404, f"unknown device {dev_id!r}")
         had_mute = self.tracker.mutes.get(dev_id) is not None
         try:
-            known = await self.tracker.forget(dev_id)
+            if elsewhere:
+                # The store drops its row and mute and tells the other processes (their mutes follow); none
+                # of them times a relayed device, so nothing else of it runs anywhere.
+                known = await self.store.forget_device(dev_id)
+                self.tracker.mutes.remove(dev_id)
+            else:
+                known = await self.tracker.forget(dev_id)
         except StoreError as e:
             return error_response(503, f"the device was not forgotten: {e}")
         if not known:  # forgotten meanwhile by another call
