@@ -113,19 +113,30 @@ async def test_a_glob_muted_through_one_process_mutes_the_relays_of_another(
     assert "muted_by" not in await recorded(b, again)
 
 
-async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
-    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
-) -> None:
+async def two_hubs(
+    daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path, pg_url: str
+) -> tuple[Receiver, Daemon, Daemon, Relay]:
     at = await receiver()
     a, b = await hubs(daemon, tmp_path, pg_url, at, 2)
     await balanced(pg_url, [a, b])
-    relays = Relay()
-    dev = f"{GATEWAY}:sensor-9"
-    first = await relay(a, relays, "sensor-9")  # through A, so that A knows the device it will forget
+    return at, a, b, Relay()
+
+
+async def seen_then_muted(via: Daemon, muter: Daemon, relays: Relay, at: Receiver, device: str) -> None:
+    """`device` relayed through `via` and delivered, then muted through `muter`."""
+    first = await relay(via, relays, device)
     await eventually(lambda: first in got(at))
-    mark = len(b.logs())
-    status, body = await a.admin("POST", "/v1/devices/mute", {"match": dev})
+    status, body = await muter.admin("POST", "/v1/devices/mute", {"match": f"{GATEWAY}:{device}"})
     assert status == 200, body
+
+
+async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
+    pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
+) -> None:
+    at, a, b, relays = await two_hubs(daemon, receiver, tmp_path, pg_url)
+    dev = f"{GATEWAY}:sensor-9"
+    mark = len(b.logs())
+    await seen_then_muted(a, a, relays, at, "sensor-9")  # relayed through A, so that A knows what it forgets
     await learns(b, mark, "added", dev)
     muted = await relay(b, relays, "sensor-9")
     assert (await recorded(b, muted))["deliveries"] == 0
@@ -143,15 +154,9 @@ async def test_forget_through_one_process_ends_the_device_s_mute_on_another(
 async def test_forget_through_a_process_that_never_saw_the_device(
     pg_url: str, daemon: DaemonFactory, receiver: ReceiverFactory, tmp_path: Path
 ) -> None:
-    at = await receiver()
-    a, b = await hubs(daemon, tmp_path, pg_url, at, 2)
-    await balanced(pg_url, [a, b])
-    relays = Relay()
+    at, a, b, relays = await two_hubs(daemon, receiver, tmp_path, pg_url)
     dev = f"{GATEWAY}:sensor-7"
-    first = await relay(b, relays, "sensor-7")  # through B only: A never holds the device in memory
-    await eventually(lambda: first in got(at))
-    status, body = await a.admin("POST", "/v1/devices/mute", {"match": dev})
-    assert status == 200, body
+    await seen_then_muted(b, a, relays, at, "sensor-7")  # relayed through B only: A never holds it in memory
     mark = len(b.logs())
     status, body = await a.admin("DELETE", f"/v1/devices/{dev}")
     assert status == 200, body
