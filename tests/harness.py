@@ -129,6 +129,9 @@ class Daemon:
         self.killed = False  # SIGKILLed by kill() and not started again
         self.last_healthz: int | None = None  # what /healthz answered when last asked (wait_ready, probe_healthz)
         self.probe_on_stop = False  # stop() asks /healthz first (the conftest `daemon` fixture sets it)
+        self._log_file: tuple[int, int] | None = None  # logs(): (inode, device) of the file parsed so far,
+        self._log_offset = 0  # how far (bytes, whole lines) ...
+        self._log_records: list[dict[str, Any]] = []  # ... and its records
         self.write_config()
 
     def write_config(self) -> None:
@@ -268,13 +271,23 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.logs_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                out.append({"event": "<not json>", "line": line})
-        return out
+        """The output's lines, parsed (a line that is not JSON as {"event": "<not json>", "line": ...}). Tests poll
+        this many times a second while the daemon writes debug lines: each call parses only the complete lines
+        appended since the last one (the records before are kept), and the unfinished last line, if any, anew."""
+        try:
+            with self.log_path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_ino, st.st_dev) != self._log_file or st.st_size < self._log_offset:  # a new file
+                    self._log_file, self._log_offset, self._log_records = (st.st_ino, st.st_dev), 0, []
+                f.seek(self._log_offset)
+                data = f.read()
+        except FileNotFoundError:
+            self._log_file, self._log_offset, self._log_records = None, 0, []
+            return []
+        complete = data.rfind(b"\n") + 1  # a whole line ends with \n: cut there, never inside a UTF-8 sequence
+        self._log_records += _parse_lines(data[:complete].decode(errors="replace"))
+        self._log_offset += complete
+        return self._log_records + _parse_lines(data[complete:].decode(errors="replace"))
 
     async def heartbeat(self, device: str, state: str | None = None, **fields: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"device": device, **fields}
@@ -310,6 +323,16 @@ class Daemon:
             text=True,
             timeout=30,
         )
+
+
+def _parse_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append({"event": "<not json>", "line": line})
+    return out
 
 
 @dataclass
