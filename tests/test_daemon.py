@@ -197,7 +197,7 @@ async def test_restart_after_long_downtime_no_offline_storm(daemon: DaemonFactor
     await d.heartbeat("silent")
     await r.wait_for(2)
     assert await d.stop() == 0
-    await asyncio.sleep(2.5)  # down for longer than the timeout
+    await asyncio.sleep(1.7)  # down for longer than the timeout
     started = time.monotonic()
     await d.start()
     ready = time.monotonic()
@@ -402,16 +402,25 @@ async def test_cli_against_running_daemon_and_without_one(daemon: DaemonFactory,
     d = await daemon([endpoint("r", r)])
     await d.heartbeat("lab-1", name="Lab one")
     await r.wait_for(1)
-    out = await d.cli("status", "--json")
+    await eventually_admin(d, lambda eps: eps[0]["delivered"] == 1)  # recorded as delivered, for `deliveries`
+    # The read-only commands run concurrently (each is a Python start-up).
+    status_out, devices_out, endpoints_out, deliveries_out, table_out = await asyncio.gather(
+        d.cli("status", "--json"),
+        d.cli("devices", "--json"),
+        d.cli("endpoints", "--json"),
+        d.cli("deliveries", "--json", "--status", "delivered"),
+        d.cli("endpoints"),
+    )
+    out = status_out
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["devices"]["online"] == 1 and status["endpoints"]["enabled"] == 1
-    out = await d.cli("devices", "--json")
+    out = devices_out
     devices = json.loads(out.stdout)
     assert devices[0]["id"] == "lab-1" and devices[0]["last_seen"].endswith("Z")
     assert set(devices[0]) == {"id", "name", "state", "address", "owner", "last_seen", "muted", "muted_until", "source"}
     assert devices[0]["muted"] is False and devices[0]["muted_until"] is None
-    out = await d.cli("endpoints", "--json")
+    out = endpoints_out
     eps = json.loads(out.stdout)
     assert set(eps[0]) == {
         "name",
@@ -425,10 +434,10 @@ async def test_cli_against_running_daemon_and_without_one(daemon: DaemonFactory,
         "dead",
         "last_error",
     }
-    out = await d.cli("deliveries", "--json", "--status", "delivered")
+    out = deliveries_out
     rows = json.loads(out.stdout)
     assert rows[0]["status"] == "delivered" and rows[0]["device"] == "lab-1"
-    out = await d.cli("endpoints")
+    out = table_out
     assert out.returncode == 0 and "r" in out.stdout
     assert all(len(line) <= 100 for line in out.stdout.splitlines())
     out = await d.cli("endpoints", "test", "r")

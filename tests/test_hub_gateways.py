@@ -136,10 +136,12 @@ async def test_two_hub_processes_on_postgresql_make_one_offline(
 ) -> None:
     # pg_url first: its database is dropped only after the daemons have stopped
     at_hub = await receiver()
-    hubs = [
-        await daemon([endpoint("hub-hook", at_hub)], tmp=tmp_path / f"hub-{i}", hub=hub_section(), store=pg_url)
-        for i in (1, 2)
-    ]
+    hubs = await asyncio.gather(  # the two processes start together
+        *(
+            daemon([endpoint("hub-hook", at_hub)], tmp=tmp_path / f"hub-{i}", hub=hub_section(), store=pg_url)
+            for i in (1, 2)
+        )
+    )
     gw = await start_gateway(daemon, tmp_path, hubs[0])  # heartbeats reach the first hub process only
     await eventually(lambda: of_type(at_hub, "gateway.online"), timeout=10)
     # The second process shows the whole hub: the gateway the first one hears.
@@ -154,7 +156,7 @@ async def test_two_hub_processes_on_postgresql_make_one_offline(
     assert len(made) == 1, made  # by whichever process noticed first
     for hub in hubs:
         assert (await gateways_json(hub))[GATEWAY]["state"] == "offline"
-        out = await hub.cli("deliveries", "--json")
+    for out in await asyncio.gather(*(hub.cli("deliveries", "--json") for hub in hubs)):
         assert [d["type"] for d in json.loads(out.stdout)].count("gateway.offline") == 1
     assert len(of_type(at_hub, "gateway.online")) == 1
     await gw.start()  # the teardown checks it stops cleanly

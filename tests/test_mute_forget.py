@@ -69,11 +69,10 @@ async def test_a_timed_glob_mute_records_events_delivers_none_and_ends_by_itself
     assert get(m, "webhookd_events_suppressed_total", reason="muted") == 2
     assert get(m, "webhookd_events_total", type="device.offline") == 2  # the muted one is recorded
 
-    devs = await devices(d)
+    devs, table = await asyncio.gather(devices(d), d.cli("devices"))  # two Python start-ups at once
     assert devs["printer-1"]["muted"] is True and devs["printer-2"]["muted"] is True
     assert abs(ts(devs["printer-1"]["muted_until"]) - (muted_at + 3600)) < 2.0
     assert devs["scanner-1"]["muted"] is False and devs["scanner-1"]["muted_until"] is None
-    table = await d.cli("devices")
     assert table.returncode == 0 and "MUTED" in table.stdout
     row = next(line for line in table.stdout.splitlines() if line.startswith("printer-1"))
     assert "until " in row and row.rstrip().endswith("http")
@@ -126,9 +125,8 @@ async def test_a_mute_survives_a_restart_and_a_reload_until_unmuted(
     d.signal(signal.SIGHUP)
     await eventually(lambda: logged(d, "config_reloaded"))
     await d.heartbeat("lab-2")
-    devs = await devices(d)
+    devs, table = await asyncio.gather(devices(d), d.cli("devices"))
     assert devs["lab-1"]["muted"] is True and devs["lab-1"]["muted_until"] is None and devs["lab-2"]["muted"]
-    table = await d.cli("devices")
     assert next(x for x in table.stdout.splitlines() if x.startswith("lab-1")).split()[2:4] == ["online", "yes"]
 
     p = await d.cli("devices", "unmute", "lab-*")
@@ -156,9 +154,14 @@ async def test_unmute_names_the_glob_that_mutes_a_device_and_bad_input_changes_n
 
     status, body = await d.admin("POST", "/v1/devices/unmute", {"match": "printer-1"})
     assert status == 409 and body == {"error": "printer-1 is muted by 'printer-*': unmute that"}
-    p = await d.cli("devices", "unmute", "printer-1")
+    # Refused commands, none changes anything: they run concurrently (each is a Python start-up).
+    p, p2, p3 = await asyncio.gather(
+        d.cli("devices", "unmute", "printer-1"),
+        d.cli("devices", "unmute", "scanner-*"),
+        d.cli("devices", "mute", "x", "--for", "soon"),
+    )
     assert p.returncode == 1 and p.stderr.strip() == "printer-1 is muted by 'printer-*': unmute that"
-    p = await d.cli("devices", "unmute", "scanner-*")
+    p = p2
     assert p.returncode == 1 and "no mute for 'scanner-*'" in p.stderr
     status, _ = await d.admin("POST", "/v1/devices/unmute", {"match": "nothing"})
     assert status == 404
@@ -180,7 +183,7 @@ async def test_unmute_names_the_glob_that_mutes_a_device_and_bad_input_changes_n
         assert status == 400 and isinstance(body["error"], str), (bad, status, body)
     status, body = await d.admin("POST", "/v1/devices/mute", {"match": "x", "for": "soon"})
     assert "invalid duration 'soon'" in body["error"]
-    p = await d.cli("devices", "mute", "x", "--for", "soon")
+    p = p3
     assert p.returncode == 1 and "invalid duration 'soon'" in p.stderr and "Traceback" not in p.stderr
     assert len(logged(d, "device_muted")) == 1  # nothing else was muted
 
@@ -260,8 +263,9 @@ async def test_forget_drops_the_device_and_its_mute_and_its_pending_deliveries_c
     # Forgotten for good: not back after a restart.
     await d.stop()
     await d.start()
-    assert set(await devices(d)) == {"old-1"}
-    assert not (await devices(d))["old-1"]["muted"]
+    after_restart = await devices(d)
+    assert set(after_restart) == {"old-1"}
+    assert not after_restart["old-1"]["muted"]
 
 
 async def test_forget_stops_the_device_s_silence_timer_held_offline_and_reminders(
