@@ -244,8 +244,9 @@ async def test_redirects_are_not_followed(daemon: ModuleDaemon, receiver: Receiv
     d = await daemon([ep(f"redir-{c}", recv.url(f"/r{c}"), devices=[f"d{c}"]) for c in codes])
     for c in codes:
         await d.heartbeat(f"d{c}")
+    # Settled together: each settled() ends with a quiet wait of its own.
+    await asyncio.gather(*(assert_dead_after_schedule(d, f"redir-{c}", c, f"redirect {c} not followed") for c in codes))
     for c in codes:
-        await assert_dead_after_schedule(d, f"redir-{c}", c, f"redirect {c} not followed")
         hits = recv.on(f"/r{c}")
         assert [h.attempt for h in hits] == [1, 2, 3]
         assert len({h.headers["Webhook-Id"] for h in hits}) == 1
@@ -261,8 +262,8 @@ async def check_retried_until_dead(
     d = await daemon([ep(f"c{c}", recv.url(f"/c{c}"), devices=[f"d{c}"]) for c in codes])
     for c in codes:
         await d.heartbeat(f"d{c}")
+    await asyncio.gather(*(assert_dead_after_schedule(d, f"c{c}", c, f"HTTP {c}") for c in codes))  # together
     for c in codes:
-        await assert_dead_after_schedule(d, f"c{c}", c, f"HTTP {c}")
         hits = recv.on(f"/c{c}")
         assert [h.attempt for h in hits] == [1, 2, 3]
         assert_paced([h.at for h in hits])
@@ -347,8 +348,8 @@ async def check_retry_after(
     )
     for n in names.values():
         await d.heartbeat(f"{n}.dev")
-    for path, n in names.items():
-        (row,) = await settled(d, n, "delivered", timeout=10)
+    rows = await asyncio.gather(*(settled(d, n, "delivered", timeout=10) for n in names.values()))  # together
+    for (path, n), (row,) in zip(names.items(), rows, strict=True):
         assert row["attempts"] == 2, row
         hits = recv.on(path)
         assert [(h.attempt, h.answered) for h in hits] == [(1, values[path][0]), (2, 200)]
