@@ -283,7 +283,15 @@ async def test_no_secret_or_token_in_any_log_line_or_cli_output(
     assert (await d.request("POST", "/v1/heartbeat", json={"device": "x"}, headers={"Authorization": wrong}))[0] == 401
     assert (await d.request("GET", f"/v1/heartbeat/x?token={wrong}"))[0] == 401
     await good.wait_for(events * 3, timeout=10)  # std, apikey and file endpoints get every event
-    await asyncio.sleep(1.0)  # the echoing endpoints fail their attempts (logged with their errors)
+    # The echoing endpoints fail every attempt (logged with their errors) until each of their deliveries is dead.
+    deadline = time.monotonic() + 10
+    while True:
+        _, eps = await d.admin("GET", "/v1/endpoints")
+        echoing_eps = [e for e in eps if e["name"] in ("list", "field", "hdr", "creds")]
+        if len(echoing_eps) == 4 and all(e["dead"] == events and e["pending"] == 0 for e in echoing_eps):
+            break
+        assert time.monotonic() < deadline, eps
+        await asyncio.sleep(0.05)
 
     # Good reload: a new endpoint with a new secret; the list rotated.
     s_list.reverse()
