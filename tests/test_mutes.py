@@ -79,3 +79,16 @@ def test_active_lists_the_rules_in_force_by_match() -> None:
     m = Mutes([MuteRule("z", None), MuteRule("b", T + 5), MuteRule("a", T - 5)])
     assert [r.match for r in m.active(T)] == ["b", "z"]
     assert MuteRule("b", T + 5).live(T) and not MuteRule("b", T + 5).live(T + 5)
+
+
+def test_every_local_change_moves_the_generation_a_hub_s_stale_read_is_checked_against() -> None:
+    m = Mutes()
+    start = m.generation
+    m.add(MuteRule("a-*", None))
+    assert m.generation == start + 1
+    m.remove("a-*")
+    m.remove("never-there")  # asked for, even if nothing was held: a read overlapping it is as stale
+    m.reset([MuteRule("b", None)])
+    assert m.generation == start + 4
+    m.prune(1e12)  # expiry is no local change: the store's rules expire alike
+    assert m.generation == start + 4

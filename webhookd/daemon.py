@@ -198,7 +198,13 @@ class Daemon:
         """On a hub, after a mutes notice (and as a backstop): the store's rules, which any process may have
         changed, become this process's. Expired ones are left to the store's next mute write (every process
         deleting them would only notify the others again)."""
-        change = sync(self.tracker.mutes, await self.store.load_mutes(), time.time())
+        before = self.tracker.mutes.generation
+        stored = await self.store.load_mutes()
+        if self.tracker.mutes.generation != before:
+            # A mute or unmute through this process committed while we read: the read may predate it. Its own
+            # notice reaches our listener after its commit and reads again.
+            return
+        change = sync(self.tracker.mutes, stored, time.time())
         if change:
             self.tracker.mutes.reset(change.rules)
             log.info("mutes_synced", added=list(change.added), removed=list(change.removed), mutes=len(change.rules))

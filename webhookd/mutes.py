@@ -45,6 +45,9 @@ class Mutes:
 
     def __init__(self, rules: Iterable[MuteRule] = ()) -> None:
         self._rules: dict[str, MuteRule] = {}
+        # Counts the changes made here (add, remove, reset): a hub's read of the stored rules that overlapped a
+        # local change is stale for it and must not replace the set (see daemon._sync_mutes).
+        self.generation = 0
         for rule in rules:
             self.add(rule)
 
@@ -65,14 +68,17 @@ class Mutes:
         """Add `rule`, replacing the rule with the same match; returns the replaced one."""
         old = self._rules.get(rule.match)
         self._rules[rule.match] = rule
+        self.generation += 1
         return old
 
     def reset(self, rules: Iterable[MuteRule]) -> None:
         """Replace every rule with `rules` in place (holders of this set see the new rules)."""
         self._rules = {r.match: r for r in rules}
+        self.generation += 1
 
     def remove(self, match: str) -> MuteRule | None:
         """Remove the rule whose match is exactly `match`; returns it (None: there was none)."""
+        self.generation += 1
         return self._rules.pop(match, None)
 
     def prune(self, wall: float) -> list[MuteRule]:

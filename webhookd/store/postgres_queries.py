@@ -78,10 +78,12 @@ def _rows(rows: Sequence[tuple[Any, ...]]) -> list[DeliveryRow]:
 async def pending_page(
     c: Conn, endpoint: str, after_id: int, limit: int, parts: list[int] | None = None
 ) -> list[DeliveryRow]:
+    # A join with events: planned at each read (prepare=False), as the writer's by-key statements are, not from
+    # a generic plan cached while the tables were empty (postgres_touches.touches says why).
     if parts is None:
-        cur = await c.execute(_PAGE, (endpoint, after_id, limit))
+        cur = await c.execute(_PAGE, (endpoint, after_id, limit), prepare=False)
     else:
-        cur = await c.execute(_PAGE_PARTS, (endpoint, after_id, parts, limit))
+        cur = await c.execute(_PAGE_PARTS, (endpoint, after_id, parts, limit), prepare=False)
     return _rows(await cur.fetchall())
 
 
@@ -89,9 +91,9 @@ async def pending_lane(
     c: Conn, endpoint: str, device_id: str, after_id: int, limit: int, parts: list[int] | None = None
 ) -> list[DeliveryRow]:
     if parts is None:
-        cur = await c.execute(_LANE, (endpoint, device_id, after_id, limit))
+        cur = await c.execute(_LANE, (endpoint, device_id, after_id, limit), prepare=False)
     else:
-        cur = await c.execute(_LANE_PARTS, (endpoint, device_id, after_id, parts, limit))
+        cur = await c.execute(_LANE_PARTS, (endpoint, device_id, after_id, parts, limit), prepare=False)
     return _rows(await cur.fetchall())
 
 
