@@ -357,9 +357,8 @@ class AdminAPI:
         # On a hub of several processes the store says what is known (the listings show it): a device whose
         # relays reached other processes only is not in this one's memory, and one forgotten through another
         # process may still be.
-        hub = self.dispatcher.hub is not None
-        doc = self._device(dev_id, devices=await self._known()) if hub else self._device(dev_id)
-        elsewhere = hub and dev_id not in self.engine.devices
+        doc = self._device(dev_id, devices=await self._known())
+        elsewhere = self.dispatcher.hub is not None and dev_id not in self.engine.devices
         if doc is None:
             return error_response(404, f"unknown device {dev_id!r}")
         had_mute = self.tracker.mutes.get(dev_id) is not None

@@ -78,8 +78,10 @@ class Mutes:
 
     def remove(self, match: str) -> MuteRule | None:
         """Remove the rule whose match is exactly `match`; returns it (None: there was none)."""
-        self.generation += 1
-        return self._rules.pop(match, None)
+        rule = self._rules.pop(match, None)
+        if rule is not None:  # removing nothing is no change (a forget of an unmuted device sends no notice)
+            self.generation += 1
+        return rule
 
     def prune(self, wall: float) -> list[MuteRule]:
         """Drop the rules that have expired by `wall`; returns them."""
