@@ -53,10 +53,9 @@ UPDATE_RECEIPTS_FENCED = FENCED + (
     " WHERE d.id = r.id AND d.status IN ('pending', r.also) AND d.part IN (SELECT part FROM f)"
 )
 UPDATE_RECEIPT_FENCED = FENCED + (  # parameters: the fence's, then the status twice, then the receipt's
-    "UPDATE deliveries d SET status=CASE WHEN %s = 'held' AND NOT EXISTS (SELECT 1 FROM endpoints x"
-    " WHERE x.name = d.endpoint AND x.disabled) THEN 'pending' ELSE %s END, attempts=%s, next_attempt_at=%s,"
-    " last_status=%s, last_error=%s, updated_at=%s WHERE d.id=%s AND d.status IN ('pending', %s)"
-    " AND d.part IN (SELECT part FROM f)"
+    f"UPDATE deliveries d SET status={HELD_UNLESS_ENABLED.replace('r.status', '%s')}, attempts=%s,"
+    " next_attempt_at=%s, last_status=%s, last_error=%s, updated_at=%s WHERE d.id=%s"
+    " AND d.status IN ('pending', %s) AND d.part IN (SELECT part FROM f)"
 )
 
 
